@@ -138,6 +138,12 @@ var (
 	// ErrNotOwner is returned by Renew, Complete and Release when the key is
 	// not held by the given token.
 	ErrNotOwner = errors.New("idempotency: key is not held by this owner")
+	// ErrRolledBack is returned (wrapped) by Complete when the record could
+	// not be stored and the handler's own writes, made in the same
+	// transaction (see pgstore), were rolled back with it: the call had no
+	// effect. The interceptors then answer Aborted instead of the handler's
+	// outcome, so that the caller retries.
+	ErrRolledBack = errors.New("idempotency: record not stored; the handler's transaction was rolled back")
 	// ErrClosed is returned by a Store's methods after Close.
 	ErrClosed = errors.New("idempotency: store is closed")
 )
