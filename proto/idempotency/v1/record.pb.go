@@ -48,9 +48,15 @@ type Record struct {
 	// When the first execution completed.
 	CreatedAt *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
 	// When the record stops being replayed and is swept.
-	ExpiresAt     *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=expires_at,json=expiresAt,proto3" json:"expires_at,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	ExpiresAt *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=expires_at,json=expiresAt,proto3" json:"expires_at,omitempty"`
+	// For client and bidirectional streams: how many request messages the
+	// first execution read, and whether it read the end of the request stream.
+	// A replay reads as many (and the end, if the first did) before it compares
+	// fingerprints, so a handler that stopped reading early is replayed too.
+	RequestsRead   int64 `protobuf:"varint,9,opt,name=requests_read,json=requestsRead,proto3" json:"requests_read,omitempty"`
+	RequestsClosed bool  `protobuf:"varint,10,opt,name=requests_closed,json=requestsClosed,proto3" json:"requests_closed,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *Record) Reset() {
@@ -139,6 +145,20 @@ func (x *Record) GetExpiresAt() *timestamppb.Timestamp {
 	return nil
 }
 
+func (x *Record) GetRequestsRead() int64 {
+	if x != nil {
+		return x.RequestsRead
+	}
+	return 0
+}
+
+func (x *Record) GetRequestsClosed() bool {
+	if x != nil {
+		return x.RequestsClosed
+	}
+	return false
+}
+
 // Metadata is one metadata key with its values, in order. Values are bytes so
 // that binary ("-bin") headers round-trip exactly.
 type Metadata struct {
@@ -197,7 +217,7 @@ var File_idempotency_v1_record_proto protoreflect.FileDescriptor
 
 const file_idempotency_v1_record_proto_rawDesc = "" +
 	"\n" +
-	"\x1bidempotency/v1/record.proto\x12\x0eidempotency.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\"\xe8\x02\n" +
+	"\x1bidempotency/v1/record.proto\x12\x0eidempotency.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\"\xb6\x03\n" +
 	"\x06Record\x12\x16\n" +
 	"\x06method\x18\x01 \x01(\tR\x06method\x12 \n" +
 	"\vfingerprint\x18\x02 \x01(\fR\vfingerprint\x12*\n" +
@@ -208,7 +228,10 @@ const file_idempotency_v1_record_proto_rawDesc = "" +
 	"\n" +
 	"created_at\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\x129\n" +
 	"\n" +
-	"expires_at\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\texpiresAt\"4\n" +
+	"expires_at\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\texpiresAt\x12#\n" +
+	"\rrequests_read\x18\t \x01(\x03R\frequestsRead\x12'\n" +
+	"\x0frequests_closed\x18\n" +
+	" \x01(\bR\x0erequestsClosed\"4\n" +
 	"\bMetadata\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x16\n" +
 	"\x06values\x18\x02 \x03(\fR\x06valuesBDZBgithub.com/grpcidem/idempotency/proto/idempotency/v1;idempotencyv1b\x06proto3"

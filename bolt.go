@@ -1,0 +1,532 @@
+package idempotency
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	bolt "go.etcd.io/bbolt"
+	berrors "go.etcd.io/bbolt/errors"
+)
+
+// BoltStore is the default Store: records on disk in a bbolt file, for one
+// server process. A first execution costs one durable commit, when its record
+// is complete; concurrent completions share one commit (group commit) without
+// waiting for company, so a lone call commits at once. Leases of running
+// calls are held in memory: a bbolt file serves one process, and when that
+// process dies its leases die with it. A background sweeper deletes expired
+// records.
+//
+// For several server replicas, use a store they share (redisstore, pgstore).
+type BoltStore struct {
+	db      *bolt.DB
+	ownsDB  bool
+	records []byte // bucket names
+	expiry  []byte
+	table   leaseTable[struct{}]
+
+	writes chan *boltWrite
+	stop   chan struct{}
+	wg     sync.WaitGroup
+	closed atomic.Bool
+	once   sync.Once
+
+	sweepEvery time.Duration
+	sweepBatch int
+	logger     *slog.Logger
+}
+
+// A BoltOption configures a BoltStore.
+type BoltOption func(*boltConfig)
+
+type boltConfig struct {
+	lockTimeout time.Duration
+	sweepEvery  time.Duration
+	sweepBatch  int
+	bucket      string
+	boltOptions *bolt.Options
+	logger      *slog.Logger
+}
+
+// Defaults of the bbolt store.
+const (
+	DefaultBoltLockTimeout   = 2 * time.Second
+	DefaultBoltSweepInterval = time.Minute
+	DefaultBoltSweepBatch    = 1000
+	DefaultBoltBucket        = "idempotency"
+)
+
+// WithLockTimeout bounds how long OpenBolt waits for the file lock that
+// another process holds before it fails. Zero or less keeps the default,
+// 2 seconds.
+func WithLockTimeout(d time.Duration) BoltOption {
+	return func(c *boltConfig) {
+		if d > 0 {
+			c.lockTimeout = d
+		}
+	}
+}
+
+// WithSweepInterval sets how often expired records are deleted. Zero or less
+// keeps the default, one minute. Expired records act as absent before they
+// are swept.
+func WithSweepInterval(d time.Duration) BoltOption {
+	return func(c *boltConfig) {
+		if d > 0 {
+			c.sweepEvery = d
+		}
+	}
+}
+
+// WithSweepBatch bounds how many records one sweep transaction deletes, so
+// that a sweep never holds the writer for long. Zero or less keeps the
+// default, 1000.
+func WithSweepBatch(n int) BoltOption {
+	return func(c *boltConfig) {
+		if n > 0 {
+			c.sweepBatch = n
+		}
+	}
+}
+
+// WithBucket sets the name of the bucket that holds the records (another,
+// named with the suffix ".expiry", indexes them by expiry). Use it to share
+// a bbolt file with the application. The default is "idempotency".
+func WithBucket(name string) BoltOption {
+	return func(c *boltConfig) {
+		if name != "" {
+			c.bucket = name
+		}
+	}
+}
+
+// WithBoltOptions sets the options OpenBolt passes to bbolt.Open; their
+// Timeout is replaced by WithLockTimeout's.
+func WithBoltOptions(o *bolt.Options) BoltOption {
+	return func(c *boltConfig) { c.boltOptions = o }
+}
+
+// WithBoltLogger sets the logger for the sweeper's failures; the default is
+// slog.Default().
+func WithBoltLogger(l *slog.Logger) BoltOption {
+	return func(c *boltConfig) {
+		if l != nil {
+			c.logger = l
+		}
+	}
+}
+
+func newBoltConfig(opts []BoltOption) boltConfig {
+	c := boltConfig{
+		lockTimeout: DefaultBoltLockTimeout,
+		sweepEvery:  DefaultBoltSweepInterval,
+		sweepBatch:  DefaultBoltSweepBatch,
+		bucket:      DefaultBoltBucket,
+		logger:      slog.Default(),
+	}
+	for _, o := range opts {
+		o(&c)
+	}
+	return c
+}
+
+// ErrLocked is returned (wrapped) by OpenBolt when another process holds the
+// file.
+var ErrLocked = errors.New("idempotency: bbolt file is in use by another process")
+
+// OpenBolt opens or creates the bbolt file at path (mode 0600) and returns a
+// store on it. Close closes the file. If another process holds the file,
+// OpenBolt fails after WithLockTimeout with an error that wraps ErrLocked.
+func OpenBolt(path string, opts ...BoltOption) (*BoltStore, error) {
+	c := newBoltConfig(opts)
+	bo := bolt.Options{}
+	if c.boltOptions != nil {
+		bo = *c.boltOptions
+	}
+	bo.Timeout = c.lockTimeout
+	db, err := bolt.Open(path, 0o600, &bo)
+	if errors.Is(err, berrors.ErrTimeout) {
+		return nil, fmt.Errorf("%w: %s stayed locked for %v; a bbolt store serves one process at a time "+
+			"(stop the other process, or use redisstore or pgstore to share records between replicas)",
+			ErrLocked, path, c.lockTimeout)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("idempotency: open bbolt file %s: %w", path, err)
+	}
+	s, err := newBoltStore(db, c)
+	if err != nil {
+		db.Close()
+		return nil, err
+	}
+	s.ownsDB = true
+	return s, nil
+}
+
+// NewBoltStore returns a store on an open bbolt database, in its own buckets.
+// Close stops the store's work but leaves db open.
+func NewBoltStore(db *bolt.DB, opts ...BoltOption) (*BoltStore, error) {
+	return newBoltStore(db, newBoltConfig(opts))
+}
+
+func newBoltStore(db *bolt.DB, c boltConfig) (*BoltStore, error) {
+	if db.IsReadOnly() {
+		return nil, errors.New("idempotency: the bbolt database is read-only")
+	}
+	s := &BoltStore{
+		db:         db,
+		records:    []byte(c.bucket),
+		expiry:     []byte(c.bucket + ".expiry"),
+		writes:     make(chan *boltWrite, 1024),
+		stop:       make(chan struct{}),
+		sweepEvery: c.sweepEvery,
+		sweepBatch: c.sweepBatch,
+		logger:     c.logger,
+	}
+	s.table.init()
+	err := db.Update(func(tx *bolt.Tx) error {
+		if _, err := tx.CreateBucketIfNotExists(s.records); err != nil {
+			return err
+		}
+		_, err := tx.CreateBucketIfNotExists(s.expiry)
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("idempotency: create buckets in %s: %w", db.Path(), err)
+	}
+	s.wg.Add(2)
+	go s.commitLoop()
+	go s.sweepLoop()
+	return s, nil
+}
+
+var _ Store = (*BoltStore)(nil)
+
+// DB returns the underlying database.
+func (s *BoltStore) DB() *bolt.DB { return s.db }
+
+// A record's value is its expiry (Unix nanoseconds, big-endian) followed by
+// the record. Its expiry index key is the same expiry followed by the key, so
+// that the sweeper finds expired records in order without a scan.
+const expiryLen = 8
+
+func (s *BoltStore) read(key string, now time.Time) (Entry, bool, error) {
+	var e Entry
+	found := false
+	err := s.db.View(func(tx *bolt.Tx) error {
+		v := tx.Bucket(s.records).Get([]byte(key))
+		if len(v) < expiryLen {
+			return nil
+		}
+		exp := time.Unix(0, int64(binary.BigEndian.Uint64(v)))
+		if !now.Before(exp) {
+			return nil
+		}
+		found = true
+		e = Entry{State: Completed, Record: bytes.Clone(v[expiryLen:]), Expires: exp}
+		return nil
+	})
+	return e, found, err
+}
+
+// Reserve implements Store.
+func (s *BoltStore) Reserve(ctx context.Context, key string, c Claim) (Entry, error) {
+	if s.closed.Load() {
+		return Entry{}, ErrClosed
+	}
+	sh := s.table.shard(key)
+	now := time.Now()
+	sh.mu.Lock()
+	defer sh.mu.Unlock()
+	if l := sh.live(key, now); l != nil {
+		return l.pending(), nil
+	}
+	// Under the shard's lock, so that the key cannot be acquired twice.
+	// A record being written is under a completing lease until its commit,
+	// so a record that is not yet visible here is still seen as pending.
+	e, found, err := s.read(key, now)
+	if err != nil {
+		return Entry{}, fmt.Errorf("idempotency: bbolt read: %w", err)
+	}
+	if found {
+		return e, nil
+	}
+	return sh.acquire(key, c, now), nil
+}
+
+// Renew implements Store.
+func (s *BoltStore) Renew(ctx context.Context, key, token string, lease time.Duration) error {
+	if s.closed.Load() {
+		return ErrClosed
+	}
+	return s.table.renew(key, token, lease)
+}
+
+// Release implements Store. It writes nothing to disk.
+func (s *BoltStore) Release(ctx context.Context, key, token string) error {
+	if s.closed.Load() {
+		return ErrClosed
+	}
+	return s.table.release(key, token)
+}
+
+// Complete implements Store. It returns once the record is durable.
+func (s *BoltStore) Complete(ctx context.Context, key, token string, record []byte, retention time.Duration) error {
+	if s.closed.Load() {
+		return ErrClosed
+	}
+	sh := s.table.shard(key)
+	now := time.Now()
+	sh.mu.Lock()
+	l := sh.live(key, now)
+	if l != nil && (l.token != token || l.completing) {
+		sh.mu.Unlock()
+		return ErrNotOwner
+	}
+	// An absent key may hold another owner's record: the write checks.
+	checkAbsent := l == nil
+	if l == nil {
+		l = &lease{token: token}
+		sh.leases[key] = l
+	}
+	l.completing = true
+	sh.mu.Unlock()
+
+	w := &boltWrite{
+		key:         []byte(key),
+		value:       make([]byte, expiryLen+len(record)),
+		checkAbsent: checkAbsent,
+		now:         now,
+		done:        make(chan error, 1),
+	}
+	binary.BigEndian.PutUint64(w.value, uint64(now.Add(retention).UnixNano()))
+	copy(w.value[expiryLen:], record)
+	err := s.submit(w)
+
+	sh.mu.Lock()
+	sh.end(key, l)
+	sh.mu.Unlock()
+	return err
+}
+
+// Lookup implements Store.
+func (s *BoltStore) Lookup(ctx context.Context, key string) (Entry, error) {
+	if s.closed.Load() {
+		return Entry{}, ErrClosed
+	}
+	sh := s.table.shard(key)
+	now := time.Now()
+	sh.mu.Lock()
+	defer sh.mu.Unlock()
+	if l := sh.live(key, now); l != nil {
+		return l.pending(), nil
+	}
+	e, found, err := s.read(key, now)
+	if err != nil {
+		return Entry{}, fmt.Errorf("idempotency: bbolt read: %w", err)
+	}
+	if !found {
+		return Entry{State: Absent}, nil
+	}
+	return e, nil
+}
+
+// Wait implements Store.
+func (s *BoltStore) Wait(ctx context.Context, key string, seen Entry) error {
+	if s.closed.Load() {
+		return ErrClosed
+	}
+	return s.table.wait(ctx, key, seen)
+}
+
+// Close implements Store: it stops the sweeper, lets the writes under way
+// commit, ends every lease, and closes the file if OpenBolt opened it.
+func (s *BoltStore) Close() error {
+	var err error
+	s.once.Do(func() {
+		s.closed.Store(true)
+		close(s.stop)
+		s.wg.Wait()
+		for i := range s.table.shards {
+			sh := &s.table.shards[i]
+			sh.mu.Lock()
+			for k, l := range sh.leases {
+				sh.end(k, l)
+			}
+			sh.mu.Unlock()
+		}
+		if s.ownsDB {
+			err = s.db.Close()
+		}
+	})
+	return err
+}
+
+// boltWrite is one record write waiting for a commit.
+type boltWrite struct {
+	key, value  []byte
+	checkAbsent bool
+	now         time.Time
+	done        chan error
+}
+
+func (s *BoltStore) submit(w *boltWrite) error {
+	select {
+	case s.writes <- w:
+	case <-s.stop:
+		return ErrClosed
+	}
+	return <-w.done
+}
+
+// commitLoop is the group commit: it takes every write that is waiting and
+// commits them in one transaction. A lone write commits at once; writes that
+// arrive during a commit wait for it, and share the next one.
+func (s *BoltStore) commitLoop() {
+	defer s.wg.Done()
+	batch := make([]*boltWrite, 0, 256)
+	for {
+		select {
+		case w := <-s.writes:
+			batch = append(batch[:0], w)
+		case <-s.stop:
+			s.drainWrites()
+			return
+		}
+	gather:
+		for len(batch) < cap(batch) {
+			select {
+			case w := <-s.writes:
+				batch = append(batch, w)
+			default:
+				break gather
+			}
+		}
+		s.commit(batch)
+	}
+}
+
+// drainWrites commits what was submitted before Close.
+func (s *BoltStore) drainWrites() {
+	for {
+		select {
+		case w := <-s.writes:
+			s.commit([]*boltWrite{w})
+		default:
+			return
+		}
+	}
+}
+
+func (s *BoltStore) commit(batch []*boltWrite) {
+	results := make([]error, len(batch))
+	err := s.db.Update(func(tx *bolt.Tx) error {
+		records, expiry := tx.Bucket(s.records), tx.Bucket(s.expiry)
+		for i, w := range batch {
+			results[i] = s.put(records, expiry, w)
+		}
+		return nil
+	})
+	for i, w := range batch {
+		if err != nil {
+			w.done <- fmt.Errorf("idempotency: bbolt commit: %w", err)
+		} else {
+			w.done <- results[i]
+		}
+		clear(batch[i : i+1])
+	}
+}
+
+func (s *BoltStore) put(records, expiry *bolt.Bucket, w *boltWrite) error {
+	if old := records.Get(w.key); len(old) >= expiryLen {
+		oldExp := int64(binary.BigEndian.Uint64(old))
+		if w.checkAbsent && w.now.UnixNano() < oldExp {
+			return ErrNotOwner
+		}
+		if err := expiry.Delete(expiryKey(old[:expiryLen], w.key)); err != nil {
+			return err
+		}
+	}
+	if err := records.Put(w.key, w.value); err != nil {
+		return err
+	}
+	return expiry.Put(expiryKey(w.value[:expiryLen], w.key), nil)
+}
+
+func expiryKey(exp, key []byte) []byte {
+	k := make([]byte, 0, len(exp)+len(key))
+	return append(append(k, exp...), key...)
+}
+
+func (s *BoltStore) sweepLoop() {
+	defer s.wg.Done()
+	t := time.NewTicker(s.sweepEvery)
+	defer t.Stop()
+	for {
+		select {
+		case <-t.C:
+			if _, err := s.Sweep(); err != nil {
+				s.logger.Error("idempotency: bbolt sweep failed", "path", s.db.Path(), "err", err)
+			}
+		case <-s.stop:
+			return
+		}
+	}
+}
+
+// Sweep deletes the records that have expired, in transactions of at most
+// WithSweepBatch records each, and returns how many it deleted. The store
+// calls it every WithSweepInterval; call it yourself to reclaim space now.
+func (s *BoltStore) Sweep() (int, error) {
+	deleted := 0
+	for {
+		select {
+		case <-s.stop:
+			return deleted, nil
+		default:
+		}
+		var now [expiryLen]byte
+		binary.BigEndian.PutUint64(now[:], uint64(time.Now().UnixNano()))
+		// Collect under a read transaction, so that the writer is held only
+		// for the deletes.
+		var due [][]byte
+		err := s.db.View(func(tx *bolt.Tx) error {
+			c := tx.Bucket(s.expiry).Cursor()
+			for k, _ := c.First(); k != nil && len(due) < s.sweepBatch; k, _ = c.Next() {
+				if bytes.Compare(k[:expiryLen], now[:]) >= 0 {
+					break
+				}
+				due = append(due, bytes.Clone(k))
+			}
+			return nil
+		})
+		if err != nil || len(due) == 0 {
+			return deleted, err
+		}
+		err = s.db.Update(func(tx *bolt.Tx) error {
+			records, expiry := tx.Bucket(s.records), tx.Bucket(s.expiry)
+			for _, k := range due {
+				key := k[expiryLen:]
+				// The record may have been written again since.
+				if v := records.Get(key); len(v) >= expiryLen && bytes.Equal(v[:expiryLen], k[:expiryLen]) {
+					if err := records.Delete(key); err != nil {
+						return err
+					}
+					deleted++
+				}
+				if err := expiry.Delete(k); err != nil {
+					return err
+				}
+			}
+			return nil
+		})
+		if err != nil || len(due) < s.sweepBatch {
+			return deleted, err
+		}
+	}
+}

@@ -1,0 +1,353 @@
+package idempotency
+
+import (
+	"context"
+	"errors"
+	"io"
+	"math/rand/v2"
+	"sync"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+)
+
+// A CallOption configures the client interceptors. The same value works at
+// dial time, given to UnaryClientInterceptor or StreamClientInterceptor, and
+// per call, given to the generated client method among its grpc.CallOptions;
+// per-call values win.
+type CallOption struct {
+	grpc.EmptyCallOption
+	apply func(*clientOptions)
+}
+
+type clientOptions struct {
+	key            string
+	noKey          bool
+	replayed       *bool
+	attempts       *int
+	maxAttempts    int
+	initialBackoff time.Duration
+	maxBackoff     time.Duration
+	perAttempt     time.Duration
+	retryCodes     []codes.Code
+}
+
+// Defaults of the retry helper.
+const (
+	DefaultInitialBackoff = 50 * time.Millisecond
+	DefaultMaxBackoff     = 2 * time.Second
+)
+
+// DefaultRetryCodes are the status codes the retry helper retries: the
+// ones an idempotent server answers when a retry with the same key can
+// succeed.
+var DefaultRetryCodes = []codes.Code{codes.Unavailable, codes.Aborted, codes.ResourceExhausted}
+
+func defaultClientOptions() clientOptions {
+	return clientOptions{
+		maxAttempts:    1,
+		initialBackoff: DefaultInitialBackoff,
+		maxBackoff:     DefaultMaxBackoff,
+		retryCodes:     DefaultRetryCodes,
+	}
+}
+
+// WithKey sets the idempotency key of one logical call, instead of a fresh
+// random one. Use it per call, with a key your application keeps (an order
+// id, a payment intent), so that a retry after a crash of the client reuses it.
+func WithKey(key string) CallOption {
+	return CallOption{apply: func(o *clientOptions) { o.key, o.noKey = key, false }}
+}
+
+// WithoutKey sends the call without an idempotency key (and without retries).
+func WithoutKey() CallOption {
+	return CallOption{apply: func(o *clientOptions) { o.noKey = true }}
+}
+
+// Replayed makes the call report, in *replayed, whether its answer was a
+// replay of an earlier execution. For streams it is set when the first
+// response (or the end of the stream) arrives.
+func Replayed(replayed *bool) CallOption {
+	return CallOption{apply: func(o *clientOptions) { o.replayed = replayed }}
+}
+
+// Attempts makes the call report, in *n, how many attempts it took.
+func Attempts(n *int) CallOption {
+	return CallOption{apply: func(o *clientOptions) { o.attempts = n }}
+}
+
+// WithMaxAttempts turns on the retry helper: a call is tried up to n times in
+// all, with the same key, while it fails with a retryable code
+// (DefaultRetryCodes, and DeadlineExceeded of a per-attempt timeout) and the
+// caller's deadline allows. Between attempts it sleeps a random time between
+// zero and an exponentially growing, capped bound (full jitter). The default
+// is 1: no retries. Retry only calls to servers that run the idempotency
+// interceptor: the key is what makes a retry safe.
+func WithMaxAttempts(n int) CallOption {
+	return CallOption{apply: func(o *clientOptions) { o.maxAttempts = max(1, n) }}
+}
+
+// WithBackoff sets the bound of the first retry's sleep and the cap of the
+// bound, which doubles with each retry. Zero or less keeps the defaults,
+// DefaultInitialBackoff and DefaultMaxBackoff.
+func WithBackoff(initial, maxBackoff time.Duration) CallOption {
+	return CallOption{apply: func(o *clientOptions) {
+		if initial > 0 {
+			o.initialBackoff = initial
+		}
+		if maxBackoff > 0 {
+			o.maxBackoff = maxBackoff
+		}
+	}}
+}
+
+// WithPerAttemptTimeout bounds each attempt of a unary call; an attempt that
+// runs out is retried (within the caller's own deadline). Zero means no
+// bound but the caller's.
+func WithPerAttemptTimeout(d time.Duration) CallOption {
+	return CallOption{apply: func(o *clientOptions) { o.perAttempt = d }}
+}
+
+// WithRetryCodes replaces the status codes that are retried
+// (DefaultRetryCodes).
+func WithRetryCodes(cs ...codes.Code) CallOption {
+	return CallOption{apply: func(o *clientOptions) { o.retryCodes = cs }}
+}
+
+// split applies the idempotency options among callOpts to a copy of base
+// and returns the other options.
+func split(base clientOptions, callOpts []grpc.CallOption) (clientOptions, []grpc.CallOption) {
+	o := base
+	rest := callOpts[:0:0]
+	for _, co := range callOpts {
+		if ours, ok := co.(CallOption); ok {
+			ours.apply(&o)
+			continue
+		}
+		rest = append(rest, co)
+	}
+	return o, rest
+}
+
+// withKey returns ctx with the call's idempotency key, keeping a key the
+// caller already put in the outgoing metadata.
+func (o *clientOptions) withKey(ctx context.Context) (context.Context, bool) {
+	if o.noKey {
+		return ctx, false
+	}
+	if _, ok := keyFromOutgoing(ctx); ok {
+		return ctx, true
+	}
+	key := o.key
+	if key == "" {
+		key = NewKey()
+	}
+	return metadata.AppendToOutgoingContext(ctx, KeyHeader, key), true
+}
+
+func (o *clientOptions) retryable(err error, ctx, attemptCtx context.Context) bool {
+	code := status.Code(err)
+	if code == codes.DeadlineExceeded {
+		// A per-attempt timeout ran out, not the caller's deadline.
+		return attemptCtx.Err() != nil && ctx.Err() == nil
+	}
+	for _, c := range o.retryCodes {
+		if c == code {
+			return true
+		}
+	}
+	return false
+}
+
+// sleep waits before retry number n (1 for the first retry). It returns
+// false when the caller's context would end first, so the caller gets the
+// last real error rather than a deadline of the helper's making.
+func (o *clientOptions) sleep(ctx context.Context, n int) bool {
+	bound := o.initialBackoff
+	for i := 1; i < n && bound < o.maxBackoff; i++ {
+		bound *= 2
+	}
+	bound = min(bound, o.maxBackoff)
+	d := time.Duration(rand.Int64N(int64(bound) + 1))
+	if dl, ok := ctx.Deadline(); ok && time.Until(dl) <= d {
+		return false
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-ctx.Done():
+		return false
+	}
+}
+
+// UnaryClientInterceptor returns an interceptor that gives every call an
+// idempotency key (a fresh random one unless the call has one, or WithKey
+// sets it) and keeps it for every retry of that call: its own
+// (WithMaxAttempts), and grpc-go's retry policy and transparent retries,
+// which happen below it. opts are defaults for every call; per-call options
+// override them.
+func UnaryClientInterceptor(opts ...CallOption) grpc.UnaryClientInterceptor {
+	base := defaultClientOptions()
+	for _, o := range opts {
+		o.apply(&base)
+	}
+	return func(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, callOpts ...grpc.CallOption) error {
+		o, rest := split(base, callOpts)
+		ctx, keyed := o.withKey(ctx)
+		var header metadata.MD
+		if o.replayed != nil {
+			rest = append(rest, grpc.Header(&header))
+		}
+		maxAttempts := o.maxAttempts
+		if !keyed {
+			maxAttempts = 1 // without a key, a retry is not safe
+		}
+		var err error
+		attempt := 0
+		for {
+			attempt++
+			actx, cancel := ctx, context.CancelFunc(func() {})
+			if o.perAttempt > 0 {
+				actx, cancel = context.WithTimeout(ctx, o.perAttempt)
+			}
+			err = invoker(actx, method, req, reply, cc, rest...)
+			retry := err != nil && attempt < maxAttempts && o.retryable(err, ctx, actx)
+			cancel()
+			if !retry || !o.sleep(ctx, attempt) {
+				break
+			}
+		}
+		if o.attempts != nil {
+			*o.attempts = attempt
+		}
+		if o.replayed != nil {
+			*o.replayed = IsReplayed(header)
+		}
+		return err
+	}
+}
+
+// StreamClientInterceptor returns an interceptor that gives every stream an
+// idempotency key, as UnaryClientInterceptor does for unary calls. With
+// WithMaxAttempts, a server-streaming call that fails with a retryable code
+// before its first response is opened again with the same key and request;
+// other streams are not retried, since their requests are not all known when
+// they fail.
+func StreamClientInterceptor(opts ...CallOption) grpc.StreamClientInterceptor {
+	base := defaultClientOptions()
+	for _, o := range opts {
+		o.apply(&base)
+	}
+	return func(ctx context.Context, desc *grpc.StreamDesc, cc *grpc.ClientConn, method string, streamer grpc.Streamer, callOpts ...grpc.CallOption) (grpc.ClientStream, error) {
+		o, rest := split(base, callOpts)
+		ctx, keyed := o.withKey(ctx)
+		cs := &clientStream{o: o, ctx: ctx, desc: desc, cc: cc, method: method, streamer: streamer, opts: rest}
+		cs.retry = keyed && o.maxAttempts > 1 && desc.ServerStreams && !desc.ClientStreams
+		if err := cs.open(); err != nil {
+			cs.report()
+			return nil, err
+		}
+		return cs, nil
+	}
+}
+
+// clientStream reports whether a stream was replayed, and reopens a
+// server stream that failed before its first response.
+type clientStream struct {
+	grpc.ClientStream
+	o        clientOptions
+	ctx      context.Context
+	desc     *grpc.StreamDesc
+	cc       *grpc.ClientConn
+	method   string
+	streamer grpc.Streamer
+	opts     []grpc.CallOption
+
+	retry    bool
+	attempt  int
+	request  proto.Message // the one request of a server stream, to resend
+	closed   bool          // CloseSend was called
+	received bool          // a response has arrived: no more retries
+	once     sync.Once
+}
+
+func (s *clientStream) open() error {
+	for {
+		s.attempt++
+		cs, err := s.streamer(s.ctx, s.desc, s.cc, s.method, s.opts...)
+		if err == nil {
+			s.ClientStream = cs
+			return nil
+		}
+		if !s.retry || s.attempt >= s.o.maxAttempts || !s.o.retryable(err, s.ctx, s.ctx) || !s.o.sleep(s.ctx, s.attempt) {
+			return err
+		}
+	}
+}
+
+func (s *clientStream) SendMsg(m any) error {
+	if s.retry && s.request == nil {
+		if pm, ok := m.(proto.Message); ok {
+			s.request = proto.Clone(pm)
+		}
+	}
+	return s.ClientStream.SendMsg(m)
+}
+
+func (s *clientStream) CloseSend() error {
+	s.closed = true
+	return s.ClientStream.CloseSend()
+}
+
+func (s *clientStream) RecvMsg(m any) error {
+	for {
+		err := s.ClientStream.RecvMsg(m)
+		if err == nil || errors.Is(err, io.EOF) || !s.canRetry(err) {
+			if err == nil {
+				s.received = true
+			}
+			s.report()
+			return err
+		}
+		if !s.o.sleep(s.ctx, s.attempt) {
+			s.report()
+			return err
+		}
+		if oerr := s.open(); oerr != nil {
+			s.report()
+			return oerr
+		}
+		if err := s.ClientStream.SendMsg(s.request); err != nil {
+			continue // its status comes from RecvMsg
+		}
+		if s.closed {
+			if err := s.ClientStream.CloseSend(); err != nil {
+				s.report()
+				return err
+			}
+		}
+	}
+}
+
+func (s *clientStream) canRetry(err error) bool {
+	return s.retry && !s.received && s.request != nil && s.attempt < s.o.maxAttempts && s.o.retryable(err, s.ctx, s.ctx)
+}
+
+// report sets the Replayed and Attempts outputs once the outcome is known.
+func (s *clientStream) report() {
+	s.once.Do(func() {
+		if s.o.attempts != nil {
+			*s.o.attempts = s.attempt
+		}
+		if s.o.replayed != nil && s.ClientStream != nil {
+			md, _ := s.ClientStream.Header()
+			*s.o.replayed = IsReplayed(md)
+		}
+	})
+}

@@ -1,0 +1,287 @@
+package idempotency_test
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"io"
+	"net"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+	"google.golang.org/grpc/test/bufconn"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/grpcidem/idempotency"
+	paymentsv1 "github.com/grpcidem/idempotency/proto/payments/v1"
+)
+
+// payments is a test PaymentService. Every execution makes a fresh charge
+// id, so a repeated id proves a replay. It sets header and trailer metadata
+// (one of them binary) so that replays can be compared byte for byte.
+type payments struct {
+	paymentsv1.UnimplementedPaymentServiceServer
+	execs atomic.Int64
+	// hold, when set, blocks each execution until it is closed.
+	hold chan struct{}
+	// started receives once per execution, if set.
+	started chan struct{}
+	// failFirst makes the first n executions fail with Unavailable.
+	failFirst  atomic.Int64
+	mu         sync.Mutex
+	keys       []string // the idempotency key each execution saw
+	executions []*idempotency.Execution
+}
+
+func chargeID() string {
+	var b [8]byte
+	_, _ = rand.Read(b[:])
+	return "ch_" + hex.EncodeToString(b[:])
+}
+
+func (p *payments) begin(ctx context.Context) error {
+	p.execs.Add(1)
+	p.mu.Lock()
+	p.keys = append(p.keys, metadata.ValueFromIncomingContext(ctx, idempotency.KeyHeader)...)
+	p.executions = append(p.executions, idempotency.ExecutionFromContext(ctx))
+	p.mu.Unlock()
+	if p.started != nil {
+		p.started <- struct{}{}
+	}
+	if p.hold != nil {
+		select {
+		case <-p.hold:
+		case <-ctx.Done():
+			// Like a real payment: once started, it finishes.
+			<-p.hold
+		}
+	}
+	if p.failFirst.Add(-1) >= 0 {
+		return status.Error(codes.Unavailable, "bank link down, try again")
+	}
+	return nil
+}
+
+func (p *payments) seenKeys() []string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return append([]string(nil), p.keys...)
+}
+
+func (p *payments) seenExecutions() []*idempotency.Execution {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return append([]*idempotency.Execution(nil), p.executions...)
+}
+
+func validate(account string, amount int64) error {
+	if account == "" || amount <= 0 {
+		st := status.New(codes.InvalidArgument, "account and a positive amount are required")
+		st, _ = st.WithDetails(&errdetails.BadRequest{FieldViolations: []*errdetails.BadRequest_FieldViolation{
+			{Field: "account", Description: "must not be empty"},
+		}})
+		return st.Err()
+	}
+	if account == "flaky" {
+		return status.Error(codes.Internal, "ledger hiccup")
+	}
+	return nil
+}
+
+func (p *payments) Charge(ctx context.Context, req *paymentsv1.ChargeRequest) (*paymentsv1.ChargeResponse, error) {
+	if err := p.begin(ctx); err != nil {
+		return nil, err
+	}
+	id := chargeID()
+	_ = grpc.SetHeader(ctx, metadata.Pairs("x-charge-id", id, "x-sig-bin", string([]byte{0, 1, 0xfe, 0xff})))
+	_ = grpc.SetTrailer(ctx, metadata.Pairs("x-ledger", "entry-"+id))
+	if err := validate(req.Account, req.AmountCents); err != nil {
+		return nil, err
+	}
+	return &paymentsv1.ChargeResponse{ChargeId: id, Account: req.Account, AmountCents: req.AmountCents, Currency: req.Currency}, nil
+}
+
+func (p *payments) ChargeInstallments(req *paymentsv1.InstallmentsRequest, ss grpc.ServerStreamingServer[paymentsv1.ChargeResponse]) error {
+	if err := p.begin(ss.Context()); err != nil {
+		return err
+	}
+	if err := validate(req.Account, req.AmountCents); err != nil {
+		return err
+	}
+	if req.Count <= 0 {
+		return status.Error(codes.InvalidArgument, "count must be positive")
+	}
+	_ = ss.SetHeader(metadata.Pairs("x-plan", "installments"))
+	for i := int32(0); i < req.Count; i++ {
+		amount := req.AmountCents / int64(req.Count)
+		if i == req.Count-1 {
+			amount = req.AmountCents - amount*int64(req.Count-1)
+		}
+		if err := ss.Send(&paymentsv1.ChargeResponse{ChargeId: chargeID(), Account: req.Account, AmountCents: amount, Currency: req.Currency}); err != nil {
+			return err
+		}
+	}
+	ss.SetTrailer(metadata.Pairs("x-count", "done"))
+	return nil
+}
+
+func (p *payments) ChargeBatch(ss grpc.ClientStreamingServer[paymentsv1.ChargeRequest, paymentsv1.BatchResponse]) error {
+	if err := p.begin(ss.Context()); err != nil {
+		return err
+	}
+	out := &paymentsv1.BatchResponse{}
+	for {
+		req, err := ss.Recv()
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			return err
+		}
+		if err := validate(req.Account, req.AmountCents); err != nil {
+			return err
+		}
+		out.Charges = append(out.Charges, &paymentsv1.ChargeResponse{ChargeId: chargeID(), Account: req.Account, AmountCents: req.AmountCents, Currency: req.Currency})
+	}
+	_ = grpc.SetHeader(ss.Context(), metadata.Pairs("x-batch", "1"))
+	return ss.SendAndClose(out)
+}
+
+func (p *payments) ChargeInteractive(ss grpc.BidiStreamingServer[paymentsv1.ChargeRequest, paymentsv1.ChargeResponse]) error {
+	if err := p.begin(ss.Context()); err != nil {
+		return err
+	}
+	for {
+		req, err := ss.Recv()
+		if errors.Is(err, io.EOF) {
+			ss.SetTrailer(metadata.Pairs("x-interactive", "closed"))
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		if err := validate(req.Account, req.AmountCents); err != nil {
+			return err
+		}
+		if err := ss.Send(&paymentsv1.ChargeResponse{ChargeId: chargeID(), Account: req.Account, AmountCents: req.AmountCents, Currency: req.Currency}); err != nil {
+			return err
+		}
+	}
+}
+
+// env is one gRPC server with the idempotency interceptors, on bufconn.
+type env struct {
+	svc    *payments
+	store  idempotency.Store
+	conn   *grpc.ClientConn
+	client paymentsv1.PaymentServiceClient
+}
+
+type envConfig struct {
+	server    []idempotency.Option
+	client    []grpc.DialOption
+	serverOpt []grpc.ServerOption
+}
+
+func newEnv(t testing.TB, store idempotency.Store, cfg envConfig) *env {
+	t.Helper()
+	e := &env{svc: &payments{}, store: store}
+	lis := bufconn.Listen(1 << 20)
+	sopts := append([]grpc.ServerOption{
+		grpc.ChainUnaryInterceptor(idempotency.UnaryServerInterceptor(store, cfg.server...)),
+		grpc.ChainStreamInterceptor(idempotency.StreamServerInterceptor(store, cfg.server...)),
+	}, cfg.serverOpt...)
+	srv := grpc.NewServer(sopts...)
+	paymentsv1.RegisterPaymentServiceServer(srv, e.svc)
+	go func() { _ = srv.Serve(lis) }()
+	dopts := append([]grpc.DialOption{
+		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) { return lis.DialContext(ctx) }),
+		grpc.WithTransportCredentials(insecure.NewCredentials()),
+	}, cfg.client...)
+	conn, err := grpc.NewClient("passthrough:///bufnet", dopts...)
+	require.NoError(t, err)
+	e.conn = conn
+	e.client = paymentsv1.NewPaymentServiceClient(conn)
+	t.Cleanup(func() {
+		conn.Close()
+		srv.Stop()
+	})
+	return e
+}
+
+// stores runs f once per in-tree store.
+func stores(t *testing.T, f func(t *testing.T, newStore func(t testing.TB) idempotency.Store)) {
+	t.Run("memory", func(t *testing.T) {
+		f(t, func(t testing.TB) idempotency.Store {
+			s := idempotency.NewMemoryStore()
+			t.Cleanup(func() { s.Close() })
+			return s
+		})
+	})
+	t.Run("bolt", func(t *testing.T) {
+		f(t, func(t testing.TB) idempotency.Store {
+			return openBolt(t, filepath.Join(t.TempDir(), "idem.db"))
+		})
+	})
+}
+
+func openBolt(t testing.TB, path string, opts ...idempotency.BoltOption) *idempotency.BoltStore {
+	t.Helper()
+	s, err := idempotency.OpenBolt(path, opts...)
+	require.NoError(t, err)
+	t.Cleanup(func() { s.Close() })
+	return s
+}
+
+func withKey(ctx context.Context, key string) context.Context {
+	return metadata.AppendToOutgoingContext(ctx, idempotency.KeyHeader, key)
+}
+
+func testCtx(t testing.TB) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+// stripped removes the metadata that gRPC itself adds, leaving the handler's.
+func stripped(md metadata.MD) metadata.MD {
+	out := md.Copy()
+	for _, k := range []string{"content-type", idempotency.ReplayedHeader} {
+		delete(out, k)
+	}
+	return out
+}
+
+func mustMarshal(t testing.TB, m proto.Message) []byte {
+	t.Helper()
+	b, err := proto.MarshalOptions{Deterministic: true}.Marshal(m)
+	require.NoError(t, err)
+	return b
+}
+
+func statusBytes(t testing.TB, err error) []byte {
+	t.Helper()
+	st, ok := status.FromError(err)
+	require.True(t, ok, "not a status error: %v", err)
+	return mustMarshal(t, st.Proto())
+}
+
+// failingStore is a Store whose every call fails, as an unreachable one does.
+type failingStore struct{ idempotency.Store }
+
+var errStoreDown = errors.New("connection refused")
+
+func (failingStore) Reserve(context.Context, string, idempotency.Claim) (idempotency.Entry, error) {
+	return idempotency.Entry{}, errStoreDown
+}

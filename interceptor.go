@@ -1,0 +1,419 @@
+package idempotency
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	idempotencyv1 "github.com/grpcidem/idempotency/proto/idempotency/v1"
+)
+
+// UnaryServerInterceptor returns an interceptor that runs a unary handler
+// once per idempotency key and answers every duplicate from the stored
+// outcome, as ../CONTRACT.md (and the package documentation) describe. Calls
+// without a key run as if there were no interceptor, unless their method
+// requires one (WithRequiredKey).
+func UnaryServerInterceptor(store Store, opts ...Option) grpc.UnaryServerInterceptor {
+	s := newServer(store, opts)
+	return s.unary
+}
+
+// server is what the unary and stream interceptors share.
+type server struct {
+	store Store
+	o     *options
+}
+
+func newServer(store Store, opts []Option) *server {
+	if store == nil {
+		panic("idempotency: nil Store")
+	}
+	return &server{store: store, o: newOptions(opts)}
+}
+
+// call is one keyed call, from the key's validation to its outcome.
+type call struct {
+	s                        *server
+	method, scope, key, skey string
+}
+
+// prepare validates the call's key and scope. It returns a nil call for a
+// call that runs as if there were no interceptor.
+func (s *server) prepare(ctx context.Context, method string) (*call, error) {
+	policy := s.o.policy(method)
+	if policy == Skip {
+		return nil, nil
+	}
+	key, present, err := KeyFromIncoming(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if !present {
+		if policy == Required {
+			return nil, status.Errorf(codes.InvalidArgument, "%s requires %s metadata: send a unique key (1 to %d visible ASCII characters) and reuse it on every retry", method, KeyHeader, MaxKeyLength)
+		}
+		return nil, nil
+	}
+	c := &call{s: s, method: method, key: key}
+	if s.o.scope != nil {
+		scope, err := s.o.scope(ctx)
+		if err != nil {
+			if _, ok := status.FromError(err); ok {
+				return nil, err
+			}
+			return nil, status.Errorf(codes.Internal, "idempotency: scope of the call: %v", err)
+		}
+		c.scope = scope
+	}
+	c.skey = StoreKey(c.scope, key)
+	return c, nil
+}
+
+func newToken() string {
+	var b [16]byte
+	_, _ = rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}
+
+// reservation is what reserve decided: run the handler (exec is set), replay
+// a record (rec is set), or run without idempotency (neither: fail-open).
+type reservation struct {
+	exec *Execution
+	rec  *Record
+}
+
+// reserve claims the key for this call, waiting for a running first
+// execution if needed. fp is the request fingerprint, or nil when it is known
+// only after the handler has read the requests (client and bidi streams).
+func (c *call) reserve(ctx context.Context, fp []byte) (reservation, error) {
+	o := c.s.o
+	token := newToken()
+	start := time.Now()
+	var waitCtx context.Context
+	for {
+		e, err := c.s.store.Reserve(ctx, c.skey, Claim{Token: token, Fingerprint: fp, Lease: o.lease})
+		if err != nil {
+			if ctx.Err() != nil {
+				return reservation{}, c.waitEnded(ctx, start)
+			}
+			return c.storeFailed(ctx, "reserve", err)
+		}
+		switch e.State {
+		case Acquired:
+			return reservation{exec: &Execution{Method: c.method, Scope: c.scope, Key: c.key, StoreKey: c.skey, Token: token}}, nil
+		case Completed:
+			rec := new(Record)
+			if err := proto.Unmarshal(e.Record, rec); err != nil {
+				o.logger.Error("idempotency: stored record is corrupt", "method", c.method, "key", c.key, "err", err)
+				c.event(ctx, Event{Kind: EventStoreError, Code: codes.Internal, Err: err})
+				return reservation{}, status.Errorf(codes.Internal, "idempotency: the record stored for this %s could not be read: %v", KeyHeader, err)
+			}
+			if err := c.match(ctx, rec.Method, rec.Fingerprint, fp); err != nil {
+				return reservation{}, err
+			}
+			c.event(ctx, Event{Kind: EventReplayed, Code: codes.Code(rec.GetStatus().GetCode()), Duration: time.Since(start)})
+			return reservation{rec: rec}, nil
+		case Pending:
+			if fp != nil && e.Fingerprint != nil && !bytes.Equal(fp, e.Fingerprint) {
+				return reservation{}, c.mismatch(ctx, "")
+			}
+			if o.reject {
+				c.event(ctx, Event{Kind: EventConflict, Code: codes.Aborted})
+				return reservation{}, status.Errorf(codes.Aborted, "a call with this %s is still in progress; retry later with the same key to get its outcome", KeyHeader)
+			}
+			if waitCtx == nil {
+				var cancel context.CancelFunc
+				waitCtx, cancel = context.WithTimeout(ctx, o.waitTimeout)
+				defer cancel()
+			}
+			if err := c.s.store.Wait(waitCtx, c.skey, e); err != nil {
+				if waitCtx.Err() != nil {
+					return reservation{}, c.waitEnded(ctx, start)
+				}
+				return c.storeFailed(ctx, "wait", err)
+			}
+		default:
+			return c.storeFailed(ctx, "reserve", errors.New("store returned state "+e.State.String()))
+		}
+	}
+}
+
+// waitEnded is the answer to a duplicate whose wait ran out.
+func (c *call) waitEnded(ctx context.Context, start time.Time) error {
+	if errors.Is(ctx.Err(), context.Canceled) {
+		return status.FromContextError(ctx.Err()).Err()
+	}
+	c.event(ctx, Event{Kind: EventConflict, Code: codes.Aborted, Duration: time.Since(start)})
+	return status.Errorf(codes.Aborted, "a call with this %s is still in progress after %v; retry later with the same key to get its outcome", KeyHeader, time.Since(start).Round(time.Millisecond))
+}
+
+func (c *call) storeFailed(ctx context.Context, op string, err error) (reservation, error) {
+	o := c.s.o
+	if o.failOpen {
+		o.logger.Warn("idempotency: store failed; running the call without idempotency (fail-open)", "op", op, "method", c.method, "key", c.key, "err", err)
+		c.event(ctx, Event{Kind: EventFailOpen, Err: err})
+		return reservation{}, nil
+	}
+	o.logger.Error("idempotency: store failed; call refused (fail-closed)", "op", op, "method", c.method, "key", c.key, "err", err)
+	c.event(ctx, Event{Kind: EventStoreError, Code: codes.Unavailable, Err: err})
+	return reservation{}, status.Errorf(codes.Unavailable, "idempotency store unavailable (%s: %v); the call did not run, retry with the same %s", op, err, KeyHeader)
+}
+
+// match checks that a stored record answers this request. want is nil when
+// the request's fingerprint is not known yet (it is checked after reading).
+func (c *call) match(ctx context.Context, method string, got, want []byte) error {
+	if method != c.method {
+		return c.mismatch(ctx, method)
+	}
+	if want != nil && !bytes.Equal(got, want) {
+		return c.mismatch(ctx, "")
+	}
+	return nil
+}
+
+func (c *call) mismatch(ctx context.Context, otherMethod string) error {
+	c.event(ctx, Event{Kind: EventMismatch, Code: codes.FailedPrecondition})
+	if otherMethod != "" {
+		return status.Errorf(codes.FailedPrecondition, "this %s was already used for %s; use a new key for a new request", KeyHeader, otherMethod)
+	}
+	return status.Errorf(codes.FailedPrecondition, "this %s was already used for a different request to %s; use a new key for a new request", KeyHeader, c.method)
+}
+
+func (c *call) event(ctx context.Context, e Event) {
+	if c.s.o.observer == nil {
+		return
+	}
+	e.Method, e.Scope, e.Key = c.method, c.scope, c.key
+	c.s.o.observer(e)
+}
+
+// keepLease renews the lease of a running first execution every third of its
+// length, until stop is called.
+func (c *call) keepLease(ctx context.Context, exec *Execution) (stop func()) {
+	o := c.s.o
+	every := max(o.lease/3, time.Millisecond)
+	var (
+		mu      sync.Mutex
+		stopped bool
+		t       *time.Timer
+	)
+	renew := func() {
+		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), o.lease)
+		err := c.s.store.Renew(rctx, c.skey, exec.Token, o.lease)
+		cancel()
+		mu.Lock()
+		defer mu.Unlock()
+		if stopped {
+			return
+		}
+		if err != nil {
+			o.logger.Warn("idempotency: lease renewal failed", "method", c.method, "key", c.key, "err", err)
+			c.event(ctx, Event{Kind: EventStoreError, Err: err})
+			if errors.Is(err, ErrNotOwner) || errors.Is(err, ErrClosed) {
+				return // the key is someone else's now; renewing cannot help
+			}
+		}
+		t.Reset(every)
+	}
+	mu.Lock()
+	t = time.AfterFunc(every, renew)
+	mu.Unlock()
+	return func() {
+		mu.Lock()
+		stopped = true
+		t.Stop()
+		mu.Unlock()
+	}
+}
+
+// finish stores or releases the outcome of a first execution. ctx is the
+// handler's context; store calls outlive its cancellation. It returns the
+// error that replaces the handler's outcome, which is nil unless the store
+// rolled the handler's own writes back.
+func (c *call) finish(ctx context.Context, exec *Execution, rec *Record, cacheable bool, overflow error) error {
+	o := c.s.o
+	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), o.storeTimeout)
+	defer cancel()
+	code := codes.Code(rec.GetStatus().GetCode())
+	var data []byte
+	if cacheable && overflow == nil {
+		now := time.Now()
+		rec.Method = c.method
+		rec.CreatedAt = timestamppb.New(now)
+		rec.ExpiresAt = timestamppb.New(now.Add(o.retention))
+		var err error
+		if data, err = proto.Marshal(rec); err != nil {
+			overflow = err
+		} else if len(data) > o.maxRecordSize {
+			overflow = fmt.Errorf("record of %d bytes exceeds the limit of %d (WithMaxRecordSize)", len(data), o.maxRecordSize)
+		}
+	}
+	if overflow != nil {
+		o.logger.Warn("idempotency: outcome not stored; key released, so a retry runs again", "method", c.method, "key", c.key, "err", overflow)
+		c.event(ctx, Event{Kind: EventRecordTooLarge, Code: code, Err: overflow})
+		cacheable = false
+	}
+	if !cacheable {
+		if err := c.s.store.Release(sctx, c.skey, exec.Token); err != nil {
+			o.logger.Error("idempotency: releasing the key failed; a retry waits until its lease runs out", "method", c.method, "key", c.key, "err", err)
+			c.event(ctx, Event{Kind: EventStoreError, Code: code, Err: err})
+		}
+		return nil
+	}
+	err := c.s.store.Complete(sctx, c.skey, exec.Token, data, o.retention)
+	if err == nil {
+		return nil
+	}
+	o.logger.Error("idempotency: outcome not stored; the caller gets it, but a retry may run again", "method", c.method, "key", c.key, "err", err)
+	c.event(ctx, Event{Kind: EventStoreError, Code: code, Err: err})
+	if errors.Is(err, ErrRolledBack) {
+		return status.Errorf(codes.Aborted, "the call's transaction was rolled back, so it had no effect (%v); retry with the same %s", err, KeyHeader)
+	}
+	return nil
+}
+
+func (s *server) unary(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
+	c, err := s.prepare(ctx, info.FullMethod)
+	if c == nil {
+		if err != nil {
+			return nil, err
+		}
+		return handler(ctx, req)
+	}
+	fp := newFingerprint(info.FullMethod)
+	if err := fp.add(req); err != nil {
+		return nil, err
+	}
+	sum := fp.sum()
+	r, err := c.reserve(ctx, sum)
+	switch {
+	case err != nil:
+		return nil, err
+	case r.rec != nil:
+		return c.replayUnary(ctx, r.rec)
+	case r.exec == nil:
+		return handler(ctx, req) // fail-open
+	}
+
+	ts := &transportRecorder{ServerTransportStream: grpc.ServerTransportStreamFromContext(ctx)}
+	hctx := ContextWithExecution(ctx, r.exec)
+	if ts.ServerTransportStream != nil {
+		hctx = grpc.NewContextWithServerTransportStream(hctx, ts)
+	}
+	stop := c.keepLease(hctx, r.exec)
+	start := time.Now()
+	resp, herr := handler(hctx, req)
+	stop()
+
+	st := status.Convert(herr)
+	rec := &Record{Fingerprint: sum, Status: st.Proto()}
+	var overflow error
+	if herr == nil {
+		m, ok := resp.(proto.Message)
+		if !ok {
+			overflow = errors.New("response is not a protobuf message")
+		} else if b, err := proto.Marshal(m); err != nil {
+			overflow = err
+		} else {
+			rec.Responses = [][]byte{b}
+		}
+	}
+	rec.Header, rec.Trailer = ts.recorded()
+	cacheable := s.o.isCacheable(st.Code())
+	if err := c.finish(hctx, r.exec, rec, cacheable, overflow); err != nil {
+		return nil, err
+	}
+	c.event(ctx, Event{Kind: EventExecuted, Code: st.Code(), Stored: cacheable && overflow == nil, Duration: time.Since(start)})
+	return resp, herr
+}
+
+func (c *call) replayUnary(ctx context.Context, rec *Record) (any, error) {
+	if err := grpc.SetHeader(ctx, replayHeader(rec)); err != nil {
+		return nil, err
+	}
+	if len(rec.Trailer) > 0 {
+		if err := grpc.SetTrailer(ctx, mdFromRecord(rec.Trailer, 0)); err != nil {
+			return nil, err
+		}
+	}
+	if rec.GetStatus().GetCode() != int32(codes.OK) {
+		return nil, status.ErrorProto(rec.Status)
+	}
+	if len(rec.Responses) != 1 {
+		return nil, status.Errorf(codes.Internal, "idempotency: the record stored for this %s holds %d responses, not 1", KeyHeader, len(rec.Responses))
+	}
+	t, err := typesOf(c.method)
+	if err != nil {
+		return nil, status.Errorf(codes.Internal, "idempotency: cannot replay %s: %v", c.method, err)
+	}
+	resp := t.out.New().Interface()
+	if err := proto.Unmarshal(rec.Responses[0], resp); err != nil {
+		return nil, status.Errorf(codes.Internal, "idempotency: the response stored for this %s could not be read: %v", KeyHeader, err)
+	}
+	return resp, nil
+}
+
+func replayHeader(rec *Record) metadata.MD {
+	md := mdFromRecord(rec.Header, 1)
+	md[ReplayedHeader] = []string{"true"}
+	return md
+}
+
+// transportRecorder records the header and trailer metadata a handler sets
+// through grpc.SetHeader, grpc.SendHeader and grpc.SetTrailer, and passes
+// them on.
+type transportRecorder struct {
+	grpc.ServerTransportStream
+	mu              sync.Mutex
+	header, trailer metadata.MD
+}
+
+func (r *transportRecorder) SetHeader(md metadata.MD) error {
+	if err := r.ServerTransportStream.SetHeader(md); err != nil {
+		return err
+	}
+	r.addHeader(md)
+	return nil
+}
+
+func (r *transportRecorder) SendHeader(md metadata.MD) error {
+	if err := r.ServerTransportStream.SendHeader(md); err != nil {
+		return err
+	}
+	r.addHeader(md)
+	return nil
+}
+
+func (r *transportRecorder) SetTrailer(md metadata.MD) error {
+	if err := r.ServerTransportStream.SetTrailer(md); err != nil {
+		return err
+	}
+	r.mu.Lock()
+	r.trailer = metadata.Join(r.trailer, md)
+	r.mu.Unlock()
+	return nil
+}
+
+func (r *transportRecorder) addHeader(md metadata.MD) {
+	r.mu.Lock()
+	r.header = metadata.Join(r.header, md)
+	r.mu.Unlock()
+}
+
+func (r *transportRecorder) recorded() (header, trailer []*idempotencyv1.Metadata) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return mdToRecord(r.header), mdToRecord(r.trailer)
+}

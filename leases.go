@@ -1,0 +1,154 @@
+package idempotency
+
+import (
+	"bytes"
+	"context"
+	"hash/maphash"
+	"sync"
+	"time"
+)
+
+// leaseTable holds the leases of keys being executed, in memory, for the
+// stores that serve one process (memory and bbolt). A lease needs no
+// durability there: when the process dies, its leases die with it, which is
+// exactly what a lease running out means. So the bbolt store writes to disk
+// once per first execution, when the record is complete.
+//
+// The table is sharded by key so that unrelated keys do not contend; a store
+// keeps whatever else it needs per key (the memory store's records) in the
+// same shard, under the same lock, so that its operations are atomic.
+type leaseTable[T any] struct {
+	seed   maphash.Seed
+	shards [leaseShards]leaseShard[T]
+}
+
+const leaseShards = 64
+
+type leaseShard[T any] struct {
+	mu     sync.Mutex
+	leases map[string]*lease
+	extra  T // guarded by mu
+}
+
+type lease struct {
+	token       string
+	fingerprint []byte
+	expires     time.Time
+	// completing is set while the owner's record is being written: the
+	// lease is not taken over then, however late it is.
+	completing bool
+	// done is closed when the lease ends; made on the first Wait.
+	done chan struct{}
+}
+
+func (t *leaseTable[T]) init() {
+	t.seed = maphash.MakeSeed()
+	for i := range t.shards {
+		t.shards[i].leases = make(map[string]*lease)
+	}
+}
+
+func (t *leaseTable[T]) shard(key string) *leaseShard[T] {
+	return &t.shards[maphash.String(t.seed, key)%leaseShards]
+}
+
+// live returns the lease on key that still holds it, ending one that ran out.
+// The shard's lock must be held.
+func (s *leaseShard[T]) live(key string, now time.Time) *lease {
+	l := s.leases[key]
+	if l == nil {
+		return nil
+	}
+	if !l.completing && !now.Before(l.expires) {
+		s.end(key, l)
+		return nil
+	}
+	return l
+}
+
+// acquire makes key pending under c. The shard's lock must be held.
+func (s *leaseShard[T]) acquire(key string, c Claim, now time.Time) Entry {
+	l := &lease{token: c.Token, fingerprint: bytes.Clone(c.Fingerprint), expires: now.Add(c.Lease)}
+	s.leases[key] = l
+	return Entry{State: Acquired, Token: l.token, LeaseExpires: l.expires}
+}
+
+// end removes l from key and wakes its waiters. The shard's lock must be held.
+func (s *leaseShard[T]) end(key string, l *lease) {
+	if s.leases[key] == l {
+		delete(s.leases, key)
+	}
+	if l.done != nil {
+		close(l.done)
+		l.done = nil
+	}
+}
+
+func (l *lease) pending() Entry {
+	return Entry{State: Pending, Token: l.token, Fingerprint: bytes.Clone(l.fingerprint), LeaseExpires: l.expires}
+}
+
+// renew extends the lease on key held by token.
+func (t *leaseTable[T]) renew(key, token string, d time.Duration) error {
+	s := t.shard(key)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	l := s.leases[key]
+	if l == nil || l.token != token {
+		return ErrNotOwner
+	}
+	// A lease that ran out is still its owner's until someone takes it over.
+	l.expires = time.Now().Add(d)
+	return nil
+}
+
+// release ends the lease on key held by token.
+func (t *leaseTable[T]) release(key, token string) error {
+	s := t.shard(key)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	l := s.leases[key]
+	if l == nil || l.token != token || l.completing {
+		return ErrNotOwner
+	}
+	s.end(key, l)
+	return nil
+}
+
+// wait blocks until the lease seen on key ends, runs out, or ctx ends.
+func (t *leaseTable[T]) wait(ctx context.Context, key string, seen Entry) error {
+	s := t.shard(key)
+	s.mu.Lock()
+	l := s.leases[key]
+	if l == nil || l.token != seen.Token {
+		s.mu.Unlock()
+		return nil
+	}
+	now := time.Now()
+	if !l.completing && !now.Before(l.expires) {
+		s.mu.Unlock()
+		return nil
+	}
+	if l.done == nil {
+		l.done = make(chan struct{})
+	}
+	done, completing, expires := l.done, l.completing, l.expires
+	s.mu.Unlock()
+
+	var timeout <-chan time.Time
+	if !completing {
+		// Renewals move the expiry on; waking at the old one costs one
+		// more Reserve, which finds the lease live and waits again.
+		timer := time.NewTimer(expires.Sub(now))
+		defer timer.Stop()
+		timeout = timer.C
+	}
+	select {
+	case <-done:
+		return nil
+	case <-timeout:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}

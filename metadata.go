@@ -1,0 +1,83 @@
+package idempotency
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/base64"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+)
+
+const (
+	// KeyHeader is the request metadata key that carries the idempotency key.
+	KeyHeader = "idempotency-key"
+	// ReplayedHeader is the response header that marks a replayed answer. Its
+	// value is "true"; the first execution never carries it.
+	ReplayedHeader = "idempotency-replayed"
+	// MaxKeyLength is the longest idempotency key accepted, in bytes.
+	MaxKeyLength = 255
+)
+
+// NewKey returns a fresh random idempotency key: 128 bits from crypto/rand,
+// in 22 characters of unpadded URL-safe base64.
+func NewKey() string {
+	var b [16]byte
+	_, _ = rand.Read(b[:]) // crypto/rand.Read never fails (Go 1.24+)
+	return base64.RawURLEncoding.EncodeToString(b[:])
+}
+
+// ValidateKey reports whether key is an acceptable idempotency key: 1 to 255
+// characters of visible ASCII (0x21 to 0x7E). The error is an InvalidArgument
+// status whose message names the header.
+func ValidateKey(key string) error {
+	if len(key) == 0 {
+		return status.Errorf(codes.InvalidArgument, "%s metadata is empty; send 1 to %d visible ASCII characters", KeyHeader, MaxKeyLength)
+	}
+	if len(key) > MaxKeyLength {
+		return status.Errorf(codes.InvalidArgument, "%s metadata is %d bytes long; the limit is %d", KeyHeader, len(key), MaxKeyLength)
+	}
+	for i := 0; i < len(key); i++ {
+		if c := key[i]; c < 0x21 || c > 0x7e {
+			return status.Errorf(codes.InvalidArgument, "%s metadata has byte 0x%02x at offset %d; only visible ASCII (0x21 to 0x7E) is allowed", KeyHeader, c, i)
+		}
+	}
+	return nil
+}
+
+// KeyFromIncoming returns the idempotency key of an incoming call. ok is false
+// when the call has no key. A key that is present but not valid (more than one
+// value, or not 1 to 255 visible ASCII characters) is an InvalidArgument error.
+func KeyFromIncoming(ctx context.Context) (key string, ok bool, err error) {
+	vals := metadata.ValueFromIncomingContext(ctx, KeyHeader)
+	switch len(vals) {
+	case 0:
+		return "", false, nil
+	case 1:
+		if err := ValidateKey(vals[0]); err != nil {
+			return "", true, err
+		}
+		return vals[0], true, nil
+	default:
+		return "", true, status.Errorf(codes.InvalidArgument, "%s metadata has %d values; send exactly one", KeyHeader, len(vals))
+	}
+}
+
+// IsReplayed reports whether response header metadata marks a replay.
+func IsReplayed(header metadata.MD) bool {
+	v := header.Get(ReplayedHeader)
+	return len(v) > 0 && v[0] == "true"
+}
+
+// keyFromOutgoing returns the idempotency key already set on an outgoing call.
+func keyFromOutgoing(ctx context.Context) (string, bool) {
+	md, ok := metadata.FromOutgoingContext(ctx)
+	if !ok {
+		return "", false
+	}
+	if v := md.Get(KeyHeader); len(v) > 0 {
+		return v[0], true
+	}
+	return "", false
+}

@@ -1,0 +1,257 @@
+package idempotency
+
+import (
+	"context"
+	"log/slog"
+	"time"
+
+	"google.golang.org/grpc/codes"
+)
+
+// An Option configures the server interceptors.
+type Option func(*options)
+
+// Policy says how a method takes part in idempotency.
+type Policy uint8
+
+const (
+	// Skip: the method runs as if there were no interceptor, key or not.
+	Skip Policy = iota
+	// Optional: calls with a key run once per key; calls without one run as
+	// if there were no interceptor. The default for every method.
+	Optional
+	// Required: calls without a key are refused with InvalidArgument.
+	Required
+)
+
+type options struct {
+	scope          func(context.Context) (string, error)
+	retention      time.Duration
+	lease          time.Duration
+	waitTimeout    time.Duration
+	reject         bool
+	cacheable      [32]bool // indexed by code; codes above 31 are never cached
+	policy         func(fullMethod string) Policy
+	failOpen       bool
+	maxRecordSize  int
+	maxStreamMsgs  int
+	storeTimeout   time.Duration
+	logger         *slog.Logger
+	observer       func(Event)
+	requiredFilter map[string]bool
+	methodFilter   map[string]bool
+}
+
+// Defaults, as documented on each option.
+const (
+	DefaultRetention         = 24 * time.Hour
+	DefaultLease             = 10 * time.Second
+	DefaultWaitTimeout       = 30 * time.Second
+	DefaultMaxRecordSize     = 4 << 20
+	DefaultMaxStreamMessages = 1024
+	DefaultStoreTimeout      = 10 * time.Second
+)
+
+// DefaultCacheableCodes are the outcomes stored and replayed by default: the
+// ones a retry of the same request would get again. Every other code releases
+// the key, so that a retry runs the handler again.
+var DefaultCacheableCodes = []codes.Code{
+	codes.OK, codes.InvalidArgument, codes.NotFound, codes.AlreadyExists,
+	codes.FailedPrecondition, codes.OutOfRange, codes.Unimplemented,
+}
+
+func newOptions(opts []Option) *options {
+	o := &options{
+		retention:     DefaultRetention,
+		lease:         DefaultLease,
+		waitTimeout:   DefaultWaitTimeout,
+		maxRecordSize: DefaultMaxRecordSize,
+		maxStreamMsgs: DefaultMaxStreamMessages,
+		storeTimeout:  DefaultStoreTimeout,
+		logger:        slog.Default(),
+	}
+	for _, c := range DefaultCacheableCodes {
+		o.cacheable[c] = true
+	}
+	for _, opt := range opts {
+		opt(o)
+	}
+	if o.policy == nil {
+		methods, required := o.methodFilter, o.requiredFilter
+		o.policy = func(m string) Policy {
+			if methods != nil && !methods[m] {
+				return Skip
+			}
+			if required != nil && (required[m] || required["*"]) {
+				return Required
+			}
+			return Optional
+		}
+	}
+	return o
+}
+
+func (o *options) isCacheable(c codes.Code) bool {
+	return int(c) < len(o.cacheable) && o.cacheable[c]
+}
+
+// WithScope sets the function that gives each call its scope: the tenant,
+// user or mTLS identity that owns its keys. Records are found by (scope, key),
+// so one scope never receives another's stored outcome. By default every call
+// has the empty scope. An error from scope is returned to the caller as it is
+// when it is a gRPC status, and as Internal otherwise; the handler does not run.
+// Put authentication before the idempotency interceptor so that scope can read
+// the identity it establishes.
+func WithScope(scope func(ctx context.Context) (string, error)) Option {
+	return func(o *options) { o.scope = scope }
+}
+
+// WithRetention sets how long a completed record is replayed; after that the
+// key acts as never used, and the record is swept. Zero or less keeps the
+// default, 24 hours.
+func WithRetention(d time.Duration) Option {
+	return func(o *options) {
+		if d > 0 {
+			o.retention = d
+		}
+	}
+}
+
+// WithLease sets the lease under which a running handler holds its key. The
+// interceptor renews it every third of its length while the handler runs;
+// when the process dies, the lease runs out and a retry may run the handler
+// again. Zero or less keeps the default, 10 seconds.
+func WithLease(d time.Duration) Option {
+	return func(o *options) {
+		if d > 0 {
+			o.lease = d
+		}
+	}
+}
+
+// WithWaitTimeout bounds how long a duplicate waits for the first call with
+// its key to finish before it gets Aborted; the caller's deadline bounds it
+// too. Zero or less keeps the default, 30 seconds.
+func WithWaitTimeout(d time.Duration) Option {
+	return func(o *options) {
+		if d > 0 {
+			o.waitTimeout = d
+		}
+	}
+}
+
+// WithRejectConcurrent makes a duplicate that arrives while the first call
+// with its key is still running fail at once with Aborted, instead of waiting
+// for the first call's outcome (the default).
+func WithRejectConcurrent() Option {
+	return func(o *options) { o.reject = true }
+}
+
+// WithCacheableCodes replaces the set of status codes whose outcomes are
+// stored and replayed (DefaultCacheableCodes). Outcomes with other codes
+// release the key, so a retry runs the handler again.
+func WithCacheableCodes(cs ...codes.Code) Option {
+	return func(o *options) {
+		o.cacheable = [32]bool{}
+		for _, c := range cs {
+			if int(c) < len(o.cacheable) {
+				o.cacheable[c] = true
+			}
+		}
+	}
+}
+
+// WithMethods limits idempotency to the named methods (full names such as
+// "/payments.v1.PaymentService/Charge"); other methods run as if there were no
+// interceptor. By default every method takes part.
+func WithMethods(fullMethods ...string) Option {
+	return func(o *options) {
+		if o.methodFilter == nil {
+			o.methodFilter = make(map[string]bool)
+		}
+		for _, m := range fullMethods {
+			o.methodFilter[m] = true
+		}
+	}
+}
+
+// WithRequiredKey makes the named methods refuse calls without a key, with
+// InvalidArgument naming the header. With "*", every method that takes part
+// requires a key.
+func WithRequiredKey(fullMethods ...string) Option {
+	return func(o *options) {
+		if o.requiredFilter == nil {
+			o.requiredFilter = make(map[string]bool)
+		}
+		for _, m := range fullMethods {
+			o.requiredFilter[m] = true
+		}
+	}
+}
+
+// WithPolicy sets a function that decides, per full method name, whether the
+// method is skipped, takes an optional key or requires one. It overrides
+// WithMethods and WithRequiredKey.
+func WithPolicy(policy func(fullMethod string) Policy) Option {
+	return func(o *options) { o.policy = policy }
+}
+
+// WithFailOpen makes the interceptors run the handler without idempotency
+// when the store cannot be reached, logging and reporting EventFailOpen. By
+// default they fail closed: Unavailable, and the handler does not run.
+func WithFailOpen() Option {
+	return func(o *options) { o.failOpen = true }
+}
+
+// WithMaxRecordSize bounds the size of a stored record in bytes: an outcome
+// that would be larger is returned to the caller but not stored, and its key
+// is released (EventRecordTooLarge). For streams it also bounds the memory
+// the interceptor holds while recording. Zero or less keeps the default,
+// 4 MiB.
+func WithMaxRecordSize(n int) Option {
+	return func(o *options) {
+		if n > 0 {
+			o.maxRecordSize = n
+		}
+	}
+}
+
+// WithMaxStreamMessages bounds how many sent messages a stream's record
+// holds; a stream that sends more is not stored and its key is released
+// (EventRecordTooLarge). Zero or less keeps the default, 1024.
+func WithMaxStreamMessages(n int) Option {
+	return func(o *options) {
+		if n > 0 {
+			o.maxStreamMsgs = n
+		}
+	}
+}
+
+// WithStoreTimeout bounds each store call made after the handler ran
+// (saving or releasing its outcome), which no longer follows the caller's
+// deadline. Zero or less keeps the default, 10 seconds.
+func WithStoreTimeout(d time.Duration) Option {
+	return func(o *options) {
+		if d > 0 {
+			o.storeTimeout = d
+		}
+	}
+}
+
+// WithLogger sets the logger for what the interceptors cannot return to a
+// caller: store failures, records not saved, fail-open calls. The default is
+// slog.Default(). A nil logger discards.
+func WithLogger(l *slog.Logger) Option {
+	return func(o *options) {
+		if l == nil {
+			l = slog.New(slog.DiscardHandler)
+		}
+		o.logger = l
+	}
+}
+
+// WithObserver sets a function called for every Event, synchronously, on the
+// call's goroutine: keep it fast. Hang metrics on it.
+func WithObserver(observe func(Event)) Option {
+	return func(o *options) { o.observer = observe }
+}

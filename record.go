@@ -1,0 +1,135 @@
+package idempotency
+
+import (
+	"crypto/sha256"
+	"encoding/binary"
+	"fmt"
+	"hash"
+	"slices"
+	"strings"
+	"sync"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/reflect/protoreflect"
+	"google.golang.org/protobuf/reflect/protoregistry"
+
+	idempotencyv1 "github.com/grpcidem/idempotency/proto/idempotency/v1"
+)
+
+// Record is the stored outcome of a first execution, as Stores keep it
+// (marshalled) and replays read it.
+type Record = idempotencyv1.Record
+
+// fingerprint is SHA-256 over the full method name and the deterministic
+// protobuf encoding of every request message, in order, each preceded by its
+// length so that message boundaries count.
+type fingerprint struct {
+	h   hash.Hash
+	buf []byte
+	n   int64
+}
+
+var deterministic = proto.MarshalOptions{Deterministic: true}
+
+func newFingerprint(method string) *fingerprint {
+	f := &fingerprint{h: sha256.New()}
+	f.h.Write([]byte(method))
+	f.h.Write([]byte{0})
+	return f
+}
+
+func (f *fingerprint) add(m any) error {
+	pm, ok := m.(proto.Message)
+	if !ok {
+		return status.Errorf(codes.Internal, "idempotency: request type %T is not a protobuf message, so it cannot be fingerprinted", m)
+	}
+	b, err := deterministic.MarshalAppend(f.buf[:0], pm)
+	if err != nil {
+		return status.Errorf(codes.Internal, "idempotency: marshal request to fingerprint it: %v", err)
+	}
+	var n [8]byte
+	binary.BigEndian.PutUint64(n[:], uint64(len(b)))
+	f.h.Write(n[:])
+	f.h.Write(b)
+	f.buf = b
+	f.n++
+	return nil
+}
+
+func (f *fingerprint) sum() []byte { return f.h.Sum(nil) }
+
+// mdToRecord turns metadata into the Record's form, keys sorted so that the
+// same metadata always makes the same record.
+func mdToRecord(md metadata.MD) []*idempotencyv1.Metadata {
+	if len(md) == 0 {
+		return nil
+	}
+	keys := make([]string, 0, len(md))
+	for k := range md {
+		keys = append(keys, k)
+	}
+	slices.Sort(keys)
+	out := make([]*idempotencyv1.Metadata, 0, len(keys))
+	for _, k := range keys {
+		vs := make([][]byte, len(md[k]))
+		for i, v := range md[k] {
+			vs[i] = []byte(v)
+		}
+		out = append(out, &idempotencyv1.Metadata{Key: k, Values: vs})
+	}
+	return out
+}
+
+func mdFromRecord(rs []*idempotencyv1.Metadata, extra int) metadata.MD {
+	md := make(metadata.MD, len(rs)+extra)
+	for _, r := range rs {
+		vs := make([]string, len(r.Values))
+		for i, v := range r.Values {
+			vs[i] = string(v)
+		}
+		md[r.Key] = vs
+	}
+	return md
+}
+
+// methodTypes are the request and response types of a method, found in the
+// protobuf registry that generated code registers into.
+type methodTypes struct {
+	in, out protoreflect.MessageType
+}
+
+var methodTypeCache sync.Map // full method name -> methodTypes
+
+func typesOf(fullMethod string) (methodTypes, error) {
+	if t, ok := methodTypeCache.Load(fullMethod); ok {
+		return t.(methodTypes), nil
+	}
+	svc, name, ok := strings.Cut(strings.TrimPrefix(fullMethod, "/"), "/")
+	if !ok {
+		return methodTypes{}, fmt.Errorf("malformed method name %q", fullMethod)
+	}
+	d, err := protoregistry.GlobalFiles.FindDescriptorByName(protoreflect.FullName(svc))
+	if err != nil {
+		return methodTypes{}, fmt.Errorf("service %s is not in the protobuf registry: %w", svc, err)
+	}
+	sd, ok := d.(protoreflect.ServiceDescriptor)
+	if !ok {
+		return methodTypes{}, fmt.Errorf("%s is not a service", svc)
+	}
+	md := sd.Methods().ByName(protoreflect.Name(name))
+	if md == nil {
+		return methodTypes{}, fmt.Errorf("service %s has no method %s", svc, name)
+	}
+	var t methodTypes
+	if t.in, err = protoregistry.GlobalTypes.FindMessageByName(md.Input().FullName()); err != nil {
+		return methodTypes{}, err
+	}
+	if t.out, err = protoregistry.GlobalTypes.FindMessageByName(md.Output().FullName()); err != nil {
+		return methodTypes{}, err
+	}
+	methodTypeCache.Store(fullMethod, t)
+	return t, nil
+}

@@ -1,0 +1,313 @@
+package idempotency
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"sync"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+)
+
+// StreamServerInterceptor returns an interceptor that runs a streaming
+// handler once per idempotency key and answers every duplicate from the
+// stored outcome, with the same options and rules as UnaryServerInterceptor:
+//
+//   - server streaming: the request is read first and fingerprinted; every
+//     sent message is recorded in order, and a duplicate gets the same
+//     messages, then the same status.
+//   - client streaming: the fingerprint covers every request message, in
+//     order; a duplicate's messages are read and fingerprinted first, then
+//     the stored outcome is returned, or FailedPrecondition if they differ.
+//   - bidirectional: as client streaming, but a duplicate gets the stored
+//     messages while its own are read, so a client that waits for each
+//     answer before it sends the next one completes.
+//
+// Recording is bounded by WithMaxStreamMessages and WithMaxRecordSize; a
+// stream that outgrows them is not stored and its key is released. A stream
+// that does not complete (its client went away, a send or receive failed)
+// stores nothing.
+func StreamServerInterceptor(store Store, opts ...Option) grpc.StreamServerInterceptor {
+	s := newServer(store, opts)
+	return s.stream
+}
+
+func (s *server) stream(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
+	ctx := ss.Context()
+	c, err := s.prepare(ctx, info.FullMethod)
+	if c == nil {
+		if err != nil {
+			return err
+		}
+		return handler(srv, ss)
+	}
+	types, err := typesOf(info.FullMethod)
+	if err != nil {
+		return status.Errorf(codes.Internal, "idempotency: cannot record %s: %v", info.FullMethod, err)
+	}
+	rs := &recordingStream{ServerStream: ss, c: c}
+	var sum []byte
+	if !info.IsClientStream {
+		// One request: read it now, so that its fingerprint is known
+		// before the key is reserved, as for unary calls.
+		req := types.in.New().Interface()
+		if err := ss.RecvMsg(req); err != nil {
+			return err
+		}
+		fp := newFingerprint(info.FullMethod)
+		if err := fp.add(req); err != nil {
+			return err
+		}
+		sum = fp.sum()
+		rs.first = req
+	} else {
+		rs.fp = newFingerprint(info.FullMethod)
+	}
+
+	r, err := c.reserve(ctx, sum)
+	switch {
+	case err != nil:
+		return err
+	case r.rec != nil:
+		return c.replayStream(ss, r.rec, types, info)
+	case r.exec == nil:
+		return handler(srv, rs) // fail-open; rs hands over the request read
+	}
+
+	ts := &transportRecorder{ServerTransportStream: grpc.ServerTransportStreamFromContext(ctx)}
+	rs.ctx = ContextWithExecution(ctx, r.exec)
+	if ts.ServerTransportStream != nil {
+		rs.ctx = grpc.NewContextWithServerTransportStream(rs.ctx, ts)
+	}
+	rs.ts = ts
+	rs.recording = true
+	stop := c.keepLease(rs.ctx, r.exec)
+	start := time.Now()
+	herr := handler(srv, rs)
+	stop()
+
+	st := status.Convert(herr)
+	rec := &Record{Fingerprint: sum, Status: st.Proto(), Responses: rs.responses}
+	if rs.fp != nil {
+		rec.Fingerprint = rs.fp.sum()
+		rec.RequestsRead = rs.fp.n
+		rec.RequestsClosed = rs.closed
+	}
+	rec.Header, rec.Trailer = ts.recorded()
+	cacheable := s.o.isCacheable(st.Code())
+	if rs.broken != nil {
+		// Half an outcome is worse than none: a retry must run again.
+		c.s.o.logger.Info("idempotency: stream did not complete; key released", "method", c.method, "key", c.key, "err", rs.broken)
+		cacheable = false
+	}
+	if err := c.finish(rs.ctx, r.exec, rec, cacheable, rs.overflow); err != nil {
+		return err
+	}
+	c.event(ctx, Event{Kind: EventExecuted, Code: st.Code(), Stored: cacheable && rs.overflow == nil, Duration: time.Since(start)})
+	return herr
+}
+
+// recordingStream is the stream a first execution's handler sees: it
+// fingerprints what the handler receives and records what it sends.
+type recordingStream struct {
+	grpc.ServerStream
+	ctx       context.Context
+	c         *call
+	ts        *transportRecorder
+	recording bool
+
+	first proto.Message // a server stream's request, read before the handler ran
+	fp    *fingerprint  // client and bidi streams: over every request read
+	// closed is set when the handler read the end of the requests.
+	closed bool
+
+	mu        sync.Mutex // SendMsg and RecvMsg may run on two goroutines
+	responses [][]byte
+	size      int
+	overflow  error
+	broken    error
+}
+
+func (r *recordingStream) Context() context.Context {
+	if r.ctx != nil {
+		return r.ctx
+	}
+	return r.ServerStream.Context()
+}
+
+func (r *recordingStream) RecvMsg(m any) error {
+	if r.first != nil {
+		pm, ok := m.(proto.Message)
+		if !ok {
+			return status.Errorf(codes.Internal, "idempotency: request type %T is not a protobuf message", m)
+		}
+		proto.Reset(pm)
+		proto.Merge(pm, r.first)
+		r.first = nil
+		return nil
+	}
+	err := r.ServerStream.RecvMsg(m)
+	if !r.recording || r.fp == nil {
+		return err
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	switch {
+	case err == nil:
+		if ferr := r.fp.add(m); ferr != nil {
+			r.broken = ferr
+		}
+	case errors.Is(err, io.EOF):
+		r.closed = true
+	default:
+		r.broken = err
+	}
+	return err
+}
+
+func (r *recordingStream) SendMsg(m any) error {
+	err := r.ServerStream.SendMsg(m)
+	if !r.recording {
+		return err
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if err != nil {
+		r.broken = err
+		return err
+	}
+	if r.overflow != nil {
+		return nil
+	}
+	pm, ok := m.(proto.Message)
+	if !ok {
+		r.overflow = fmt.Errorf("response type %T is not a protobuf message", m)
+		return nil
+	}
+	b, merr := proto.Marshal(pm)
+	if merr != nil {
+		r.overflow = merr
+		return nil
+	}
+	o := r.c.s.o
+	switch {
+	case len(r.responses) >= o.maxStreamMsgs:
+		r.overflow = fmt.Errorf("stream sent more than %d messages (WithMaxStreamMessages)", o.maxStreamMsgs)
+	case r.size+len(b) > o.maxRecordSize:
+		r.overflow = fmt.Errorf("stream sent more than %d bytes (WithMaxRecordSize)", o.maxRecordSize)
+	default:
+		r.responses = append(r.responses, b)
+		r.size += len(b)
+		return nil
+	}
+	r.responses, r.size = nil, 0 // what outgrew the bound is not kept
+	return nil
+}
+
+func (r *recordingStream) SetHeader(md metadata.MD) error {
+	if err := r.ServerStream.SetHeader(md); err != nil || r.ts == nil {
+		return err
+	}
+	r.ts.addHeader(md)
+	return nil
+}
+
+func (r *recordingStream) SendHeader(md metadata.MD) error {
+	if err := r.ServerStream.SendHeader(md); err != nil || r.ts == nil {
+		return err
+	}
+	r.ts.addHeader(md)
+	return nil
+}
+
+func (r *recordingStream) SetTrailer(md metadata.MD) {
+	r.ServerStream.SetTrailer(md)
+	if r.ts != nil {
+		r.ts.mu.Lock()
+		r.ts.trailer = metadata.Join(r.ts.trailer, md)
+		r.ts.mu.Unlock()
+	}
+}
+
+// replayStream answers a duplicate stream from rec. For client and bidi
+// streams it reads the duplicate's requests (while sending the stored
+// responses, for bidi) and refuses it if they differ from the first's.
+func (c *call) replayStream(ss grpc.ServerStream, rec *Record, types methodTypes, info *grpc.StreamServerInfo) error {
+	if err := ss.SetHeader(replayHeader(rec)); err != nil {
+		return err
+	}
+	var readErr chan error
+	if info.IsClientStream {
+		readErr = make(chan error, 1)
+		if info.IsServerStream {
+			// The client may wait for answers before it sends more.
+			go func() { readErr <- c.readDuplicate(ss, rec, types) }()
+		} else if err := c.readDuplicate(ss, rec, types); err != nil {
+			return err
+		} else {
+			readErr = nil
+		}
+	}
+	for _, b := range rec.Responses {
+		m := types.out.New().Interface()
+		if err := proto.Unmarshal(b, m); err != nil {
+			return status.Errorf(codes.Internal, "idempotency: a response stored for this %s could not be read: %v", KeyHeader, err)
+		}
+		if err := ss.SendMsg(m); err != nil {
+			return err
+		}
+	}
+	if readErr != nil {
+		if err := <-readErr; err != nil {
+			return err
+		}
+	}
+	if len(rec.Trailer) > 0 {
+		ss.SetTrailer(mdFromRecord(rec.Trailer, 0))
+	}
+	if rec.GetStatus().GetCode() != int32(codes.OK) {
+		return status.ErrorProto(rec.Status)
+	}
+	return nil
+}
+
+// readDuplicate reads as many requests as the first execution read (and the
+// end of the stream, if it read it) and compares their fingerprint.
+func (c *call) readDuplicate(ss grpc.ServerStream, rec *Record, types methodTypes) error {
+	fp := newFingerprint(c.method)
+	extra := false
+	for fp.n < rec.RequestsRead {
+		m := types.in.New().Interface()
+		err := ss.RecvMsg(m)
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			return err
+		}
+		if err := fp.add(m); err != nil {
+			return err
+		}
+	}
+	if rec.RequestsClosed && fp.n == rec.RequestsRead {
+		m := types.in.New().Interface()
+		switch err := ss.RecvMsg(m); {
+		case errors.Is(err, io.EOF):
+		case err != nil:
+			return err
+		default:
+			extra = true
+		}
+	}
+	if extra || !bytes.Equal(fp.sum(), rec.Fingerprint) {
+		return c.mismatch(ss.Context(), "")
+	}
+	return nil
+}
