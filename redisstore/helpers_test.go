@@ -1,0 +1,163 @@
+package redisstore_test
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"os"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/grpcidem/idempotency/redisstore"
+	"github.com/redis/go-redis/v9"
+)
+
+func redisAddr() string {
+	if a := os.Getenv("REDIS_ADDR"); a != "" {
+		return a
+	}
+	return "127.0.0.1:6379"
+}
+
+// newClient returns a client of the test Redis, closed at cleanup. When
+// Redis is unreachable the test is skipped, unless CI=true, where it fails:
+// a CI run must never pass by skipping.
+func newClient(tb testing.TB, opts ...func(*redis.Options)) *redis.Client {
+	tb.Helper()
+	o := &redis.Options{Addr: redisAddr()}
+	for _, f := range opts {
+		f(o)
+	}
+	c := redis.NewClient(o)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := c.Ping(ctx).Err(); err != nil {
+		_ = c.Close()
+		msg := "Redis at " + o.Addr + " is unreachable (" + err.Error() + "); set REDIS_ADDR or start one: " +
+			`redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no`
+		if os.Getenv("CI") == "true" {
+			tb.Fatal(msg)
+		}
+		tb.Skip(msg)
+	}
+	tb.Cleanup(func() { _ = c.Close() })
+	return c
+}
+
+func randomHex(n int) string {
+	b := make([]byte, n)
+	_, _ = rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+// testPrefix returns a fresh key prefix, and deletes every key under it at
+// cleanup, so that runs neither collide nor leave keys behind.
+func testPrefix(tb testing.TB, c redis.UniversalClient) string {
+	tb.Helper()
+	prefix := "idemtest:" + randomHex(6) + ":"
+	tb.Cleanup(func() {
+		ctx := context.Background()
+		var keys []string
+		iter := c.Scan(ctx, 0, prefix+"*", 1000).Iterator()
+		for iter.Next(ctx) {
+			keys = append(keys, iter.Val())
+		}
+		if err := iter.Err(); err != nil {
+			tb.Errorf("cleanup: scan %s*: %v", prefix, err)
+			return
+		}
+		for len(keys) > 0 {
+			n := min(len(keys), 500)
+			if err := c.Del(ctx, keys[:n]...).Err(); err != nil {
+				tb.Errorf("cleanup: del: %v", err)
+				return
+			}
+			keys = keys[n:]
+		}
+	})
+	return prefix
+}
+
+// newStore returns a Store on c under prefix, closed at cleanup.
+func newStore(tb testing.TB, c redis.UniversalClient, prefix string, opts ...redisstore.Option) *redisstore.Store {
+	tb.Helper()
+	s, err := redisstore.New(c, append([]redisstore.Option{redisstore.WithPrefix(prefix)}, opts...)...)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { _ = s.Close() })
+	return s
+}
+
+// redisKeys returns the Redis keys under prefix.
+func redisKeys(tb testing.TB, c redis.UniversalClient, prefix string) []string {
+	tb.Helper()
+	keys, err := c.Keys(context.Background(), prefix+"*").Result()
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return keys
+}
+
+// commandCounter is a redis.Hook counting the commands a client sends, which
+// for single commands is its round trips.
+type commandCounter struct {
+	n     atomic.Int64
+	names sync.Map // command name -> *atomic.Int64
+}
+
+func (h *commandCounter) DialHook(next redis.DialHook) redis.DialHook { return next }
+
+func (h *commandCounter) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		h.n.Add(1)
+		v, _ := h.names.LoadOrStore(strings.ToLower(cmd.Name()), new(atomic.Int64))
+		v.(*atomic.Int64).Add(1)
+		return next(ctx, cmd)
+	}
+}
+
+func (h *commandCounter) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return func(ctx context.Context, cmds []redis.Cmder) error {
+		h.n.Add(int64(len(cmds)))
+		return next(ctx, cmds)
+	}
+}
+
+func (h *commandCounter) count(name string) int64 {
+	v, ok := h.names.Load(name)
+	if !ok {
+		return 0
+	}
+	return v.(*atomic.Int64).Load()
+}
+
+// killPubSub closes, from the server side, the pub/sub connections of the
+// clients named name, as a network failure would.
+func killPubSub(tb testing.TB, c redis.UniversalClient, name string) int {
+	tb.Helper()
+	ctx := context.Background()
+	list, err := c.ClientList(ctx).Result()
+	if err != nil {
+		tb.Fatal(err)
+	}
+	killed := 0
+	for _, line := range strings.Split(list, "\n") {
+		fields := map[string]string{}
+		for _, f := range strings.Fields(line) {
+			k, v, _ := strings.Cut(f, "=")
+			fields[k] = v
+		}
+		if fields["name"] != name || !strings.Contains(fields["flags"], "P") {
+			continue
+		}
+		if err := c.Do(ctx, "CLIENT", "KILL", "ID", fields["id"]).Err(); err != nil {
+			tb.Fatal(err)
+		}
+		killed++
+	}
+	return killed
+}
