@@ -152,8 +152,10 @@ func (o *clientOptions) withKey(ctx context.Context) (context.Context, bool) {
 func (o *clientOptions) retryable(err error, ctx, attemptCtx context.Context) bool {
 	code := status.Code(err)
 	if code == codes.DeadlineExceeded {
-		// A per-attempt timeout ran out, not the caller's deadline.
-		return attemptCtx.Err() != nil && ctx.Err() == nil
+		// A per-attempt timeout ran out, not the caller's deadline. The
+		// server may notice the attempt's deadline a moment before this
+		// process does, so the attempt's context need not be done yet.
+		return attemptCtx != ctx && ctx.Err() == nil
 	}
 	for _, c := range o.retryCodes {
 		if c == code {
