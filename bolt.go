@@ -291,7 +291,8 @@ func (s *BoltStore) Complete(ctx context.Context, key, token string, record []by
 	// An absent key may hold another owner's record: the write checks.
 	checkAbsent := l == nil
 	if l == nil {
-		l = &lease{token: token}
+		// Not taken over while completing, whatever its expiry says.
+		l = &lease{token: token, expires: now.Add(DefaultLease)}
 		sh.leases[key] = l
 	}
 	l.completing = true

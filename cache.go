@@ -58,8 +58,9 @@ type Store interface {
 	// Wait blocks until key may have left the state seen: seen is an Entry
 	// with State Pending that an earlier Reserve or Lookup returned. Wait
 	// returns nil as soon as the key is no longer pending under seen.Token
-	// (completed, released or taken over), or when seen.LeaseExpires has
-	// passed; the caller then calls Reserve again. It returns ctx.Err() when
+	// (completed, released or taken over), or when the lease seen has run
+	// out (at seen.LeaseExpires, or later if the owner renewed it meanwhile:
+	// a store may wait out renewals); the caller then calls Reserve again. It returns ctx.Err() when
 	// ctx ends first. Wait must not miss a change that happened after seen
 	// was read, and must not poll in a tight loop: stores that can be
 	// notified (in-process channels, Redis pub/sub, PostgreSQL LISTEN) are.
