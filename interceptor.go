@@ -22,7 +22,7 @@ import (
 
 // UnaryServerInterceptor returns an interceptor that runs a unary handler
 // once per idempotency key and answers every duplicate from the stored
-// outcome, as ../CONTRACT.md (and the package documentation) describe. Calls
+// outcome, as the package documentation describes. Calls
 // without a key run as if there were no interceptor, unless their method
 // requires one (WithRequiredKey).
 func UnaryServerInterceptor(store Store, opts ...Option) grpc.UnaryServerInterceptor {
