@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
+	bolt "go.etcd.io/bbolt"
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -240,8 +241,30 @@ func openBolt(t testing.TB, path string, opts ...idempotency.BoltOption) *idempo
 	t.Helper()
 	s, err := idempotency.OpenBolt(path, opts...)
 	require.NoError(t, err)
-	t.Cleanup(func() { s.Close() })
+	t.Cleanup(func() {
+		s.Close()
+		checkBolt(t, path)
+	})
 	return s
+}
+
+// checkBolt verifies the consistency of a closed bbolt file, as bbolt's own
+// tests do after each one.
+func checkBolt(t testing.TB, path string) {
+	t.Helper()
+	db, err := bolt.Open(path, 0o600, &bolt.Options{ReadOnly: true, Timeout: 5 * time.Second})
+	if err != nil {
+		t.Errorf("reopen %s for a consistency check: %v", path, err)
+		return
+	}
+	defer db.Close()
+	err = db.View(func(tx *bolt.Tx) error {
+		for err := range tx.Check() {
+			t.Errorf("bbolt consistency check of %s: %v", path, err)
+		}
+		return nil
+	})
+	require.NoError(t, err)
 }
 
 func withKey(ctx context.Context, key string) context.Context {
