@@ -60,25 +60,39 @@ func testPrefix(tb testing.TB, c redis.UniversalClient) string {
 	prefix := "idemtest:" + randomHex(6) + ":"
 	tb.Cleanup(func() {
 		ctx := context.Background()
-		var keys []string
-		iter := c.Scan(ctx, 0, prefix+"*", 1000).Iterator()
-		for iter.Next(ctx) {
-			keys = append(keys, iter.Val())
+		var err error
+		if cc, ok := c.(*redis.ClusterClient); ok {
+			err = cc.ForEachMaster(ctx, func(ctx context.Context, node *redis.Client) error {
+				return deleteKeys(ctx, node, prefix)
+			})
+		} else {
+			err = deleteKeys(ctx, c, prefix)
 		}
-		if err := iter.Err(); err != nil {
-			tb.Errorf("cleanup: scan %s*: %v", prefix, err)
-			return
-		}
-		for len(keys) > 0 {
-			n := min(len(keys), 500)
-			if err := c.Del(ctx, keys[:n]...).Err(); err != nil {
-				tb.Errorf("cleanup: del: %v", err)
-				return
-			}
-			keys = keys[n:]
+		if err != nil {
+			tb.Errorf("cleanup of %s*: %v", prefix, err)
 		}
 	})
 	return prefix
+}
+
+// deleteKeys deletes the keys under prefix on one server, one by one since
+// on a cluster node they belong to different slots.
+func deleteKeys(ctx context.Context, c redis.Cmdable, prefix string) error {
+	iter := c.Scan(ctx, 0, prefix+"*", 1000).Iterator()
+	var keys []string
+	for iter.Next(ctx) {
+		keys = append(keys, iter.Val())
+	}
+	if err := iter.Err(); err != nil {
+		return err
+	}
+	_, err := c.Pipelined(ctx, func(p redis.Pipeliner) error {
+		for _, k := range keys {
+			p.Del(ctx, k)
+		}
+		return nil
+	})
+	return err
 }
 
 // newStore returns a Store on c under prefix, closed at cleanup.
@@ -135,29 +149,37 @@ func (h *commandCounter) count(name string) int64 {
 	return v.(*atomic.Int64).Load()
 }
 
-// killPubSub closes, from the server side, the pub/sub connections of the
-// clients named name, as a network failure would.
-func killPubSub(tb testing.TB, c redis.UniversalClient, name string) int {
+// pubSubIDs returns the ids of the pub/sub connections of the clients named
+// name.
+func pubSubIDs(tb testing.TB, c redis.UniversalClient, name string) []string {
 	tb.Helper()
-	ctx := context.Background()
-	list, err := c.ClientList(ctx).Result()
+	list, err := c.ClientList(context.Background()).Result()
 	if err != nil {
 		tb.Fatal(err)
 	}
-	killed := 0
+	var ids []string
 	for _, line := range strings.Split(list, "\n") {
 		fields := map[string]string{}
 		for _, f := range strings.Fields(line) {
 			k, v, _ := strings.Cut(f, "=")
 			fields[k] = v
 		}
-		if fields["name"] != name || !strings.Contains(fields["flags"], "P") {
-			continue
+		if fields["name"] == name && strings.Contains(fields["flags"], "P") {
+			ids = append(ids, fields["id"])
 		}
-		if err := c.Do(ctx, "CLIENT", "KILL", "ID", fields["id"]).Err(); err != nil {
+	}
+	return ids
+}
+
+// killPubSub closes, from the server side, the pub/sub connections of the
+// clients named name, as a network failure would.
+func killPubSub(tb testing.TB, c redis.UniversalClient, name string) int {
+	tb.Helper()
+	ids := pubSubIDs(tb, c, name)
+	for _, id := range ids {
+		if err := c.Do(context.Background(), "CLIENT", "KILL", "ID", id).Err(); err != nil {
 			tb.Fatal(err)
 		}
-		killed++
 	}
-	return killed
+	return len(ids)
 }

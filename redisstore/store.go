@@ -89,9 +89,10 @@ func WithHealthCheckInterval(d time.Duration) Option {
 // *redis.Client, a *redis.ClusterClient, or a sentinel failover client.
 //
 // The Store uses client and never closes it: the caller closes it, after the
-// Store. The Store opens one more connection of its own, for pub/sub, and
-// closes it in Close. New does not contact Redis; a Redis that is down
-// surfaces as errors from the Store's methods.
+// Store. The Store opens one more connection of its own, for pub/sub, in the
+// background, and closes it in Close. New does not wait for Redis: a Redis
+// that is down surfaces as errors from the Store's methods, and the
+// subscriber connects once it is back.
 func New(client redis.UniversalClient, opts ...Option) (*Store, error) {
 	if client == nil {
 		return nil, errors.New("redisstore: New needs a Redis client, got nil")

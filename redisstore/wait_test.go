@@ -1,7 +1,10 @@
 package redisstore_test
 
 import (
+	"bytes"
 	"context"
+	"net"
+	"os"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -241,11 +244,14 @@ func TestWaitSurvivesSubscriberLoss(t *testing.T) {
 }
 
 // A short health-check interval makes the subscriber ping an idle
-// connection; waiters go on working through it.
+// connection; it answers, so the subscriber keeps its connection, and waiters
+// go on working through it.
 func TestWaitWithHealthChecks(t *testing.T) {
 	ctx := context.Background()
-	c := newClient(t)
+	name := "redisstore-test-" + randomHex(4)
+	c := newClient(t, func(o *redis.Options) { o.ClientName = name })
 	s := newStore(t, c, testPrefix(t, c), noRecheck, redisstore.WithHealthCheckInterval(20*time.Millisecond))
+	var ids []string
 	for i := range 5 {
 		_, err := s.Reserve(ctx, "k", claim("a"))
 		require.NoError(t, err)
@@ -253,8 +259,34 @@ func TestWaitWithHealthChecks(t *testing.T) {
 		require.NoError(t, err)
 		done := goWait(ctx, s, "k", seen)
 		waitForWaiter(t, c, s, "k")
+		ids = append(ids, pubSubIDs(t, c, name)...)
 		time.Sleep(time.Duration(i) * 30 * time.Millisecond) // idle across pings
 		require.NoError(t, s.Release(ctx, "k", "a"))
+		require.NoError(t, waitResult(t, done))
+	}
+	require.Len(t, ids, 5)
+	for _, id := range ids {
+		assert.Equal(t, ids[0], id, "the subscriber reconnected although Redis answered its pings")
+	}
+}
+
+// Clients that speak RESP2 get subscription replies and pongs in another
+// shape; waiters work the same.
+func TestWaitRESP2(t *testing.T) {
+	ctx := context.Background()
+	resp2 := func(o *redis.Options) { o.Protocol = 2 }
+	ca, cb := newClient(t, resp2), newClient(t, resp2)
+	prefix := testPrefix(t, ca)
+	a := newStore(t, ca, prefix)
+	b := newStore(t, cb, prefix, noRecheck)
+	for range 3 {
+		_, err := a.Reserve(ctx, "k", claim("a"))
+		require.NoError(t, err)
+		seen, err := b.Reserve(ctx, "k", claim("b"))
+		require.NoError(t, err)
+		done := goWait(ctx, b, "k", seen)
+		waitForWaiter(t, ca, a, "k")
+		require.NoError(t, a.Release(ctx, "k", "a"))
 		require.NoError(t, waitResult(t, done))
 	}
 }
@@ -395,4 +427,106 @@ func TestConcurrentReserveOneWinner(t *testing.T) {
 			}
 		}
 	}
+}
+
+// freezableConn is a connection whose incoming bytes can be made to stop,
+// as when a NAT or a firewall silently drops an idle connection: reads then
+// block until their deadline, and nothing tells the client.
+type freezableConn struct {
+	net.Conn
+	pubsub   atomic.Bool // a SUBSCRIBE was written on it
+	frozen   atomic.Bool
+	deadline atomic.Pointer[time.Time]
+	closed   chan struct{}
+	once     sync.Once
+}
+
+func (c *freezableConn) Write(b []byte) (int, error) {
+	if bytes.Contains(bytes.ToLower(b), []byte("subscribe")) {
+		c.pubsub.Store(true)
+	}
+	return c.Conn.Write(b)
+}
+
+func (c *freezableConn) Read(b []byte) (int, error) {
+	if !c.pubsub.Load() || !c.frozen.Load() {
+		n, err := c.Conn.Read(b)
+		if !c.pubsub.Load() || !c.frozen.Load() {
+			return n, err
+		}
+		// Frozen while this read was blocked: what it got is lost.
+	}
+	var timeout <-chan time.Time
+	if d := c.deadline.Load(); d != nil && !d.IsZero() {
+		t := time.NewTimer(time.Until(*d))
+		defer t.Stop()
+		timeout = t.C
+	}
+	select {
+	case <-timeout:
+		return 0, os.ErrDeadlineExceeded
+	case <-c.closed:
+		return 0, net.ErrClosed
+	}
+}
+
+func (c *freezableConn) SetReadDeadline(t time.Time) error {
+	c.deadline.Store(&t)
+	return c.Conn.SetReadDeadline(t)
+}
+
+func (c *freezableConn) SetDeadline(t time.Time) error {
+	c.deadline.Store(&t)
+	return c.Conn.SetDeadline(t)
+}
+
+func (c *freezableConn) Close() error {
+	c.once.Do(func() { close(c.closed) })
+	return c.Conn.Close()
+}
+
+// A subscriber connection that goes silent is found out by the health check:
+// the ping gets no answer, the store reconnects, and the waiter learns of the
+// Complete whose notification went into the void.
+func TestWaitSurvivesSilentSubscriber(t *testing.T) {
+	ctx := context.Background()
+	var mu sync.Mutex
+	var conns []*freezableConn
+	c := newClient(t, func(o *redis.Options) {
+		o.Dialer = func(ctx context.Context, network, addr string) (net.Conn, error) {
+			var d net.Dialer
+			cn, err := d.DialContext(ctx, network, addr)
+			if err != nil {
+				return nil, err
+			}
+			fc := &freezableConn{Conn: cn, closed: make(chan struct{})}
+			mu.Lock()
+			conns = append(conns, fc)
+			mu.Unlock()
+			return fc, nil
+		}
+	})
+	owner := newClient(t)
+	prefix := testPrefix(t, owner)
+	s := newStore(t, c, prefix, noRecheck, redisstore.WithHealthCheckInterval(100*time.Millisecond))
+	o := newStore(t, owner, prefix)
+
+	_, err := o.Reserve(ctx, "k", claim("a"))
+	require.NoError(t, err)
+	seen, err := s.Reserve(ctx, "k", claim("b"))
+	require.NoError(t, err)
+	done := goWait(ctx, s, "k", seen)
+	waitForWaiter(t, owner, o, "k")
+
+	// Freeze the subscriber's connection; the one it reconnects on works.
+	mu.Lock()
+	for _, fc := range conns {
+		fc.frozen.Store(true)
+	}
+	mu.Unlock()
+	require.NoError(t, o.Complete(ctx, "k", "a", []byte("r"), time.Hour))
+	require.NoError(t, waitResult(t, done))
+	e, err := s.Lookup(ctx, "k")
+	require.NoError(t, err)
+	assert.Equal(t, idempotency.Completed, e.State)
 }
