@@ -102,9 +102,16 @@ func (s *server) stream(srv any, ss grpc.ServerStream, info *grpc.StreamServerIn
 	}
 	rec.Header, rec.Trailer = ts.recorded()
 	cacheable := s.o.isCacheable(st.Code())
-	if rs.broken != nil {
+	broken := rs.broken
+	if broken == nil && ctx.Err() != nil {
+		// The client went away before the handler returned, so what the
+		// handler sent may be only the start of its outcome, even if it
+		// then returned OK, as handlers that watch their context do.
+		broken = fmt.Errorf("the client went away mid-stream: %w", context.Cause(ctx))
+	}
+	if broken != nil {
 		// Half an outcome is worse than none: a retry must run again.
-		c.s.o.logger.Info("idempotency: stream did not complete; key released", "method", c.method, "key", c.key, "err", rs.broken)
+		c.s.o.logger.Info("idempotency: stream did not complete; key released", "method", c.method, "key", c.key, "err", broken)
 		cacheable = false
 	}
 	if err := c.finish(rs.ctx, r.exec, rec, cacheable, rs.overflow); err != nil {
