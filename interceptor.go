@@ -90,8 +90,9 @@ func newToken() string {
 // reservation is what reserve decided: run the handler (exec is set), replay
 // a record (rec is set), or run without idempotency (neither: fail-open).
 type reservation struct {
-	exec *Execution
-	rec  *Record
+	exec  *Execution
+	rec   *Record
+	start time.Time // when the call began to reserve, for event durations
 }
 
 // reserve claims the key for this call, waiting for a running first
@@ -123,8 +124,13 @@ func (c *call) reserve(ctx context.Context, fp []byte) (reservation, error) {
 			if err := c.match(ctx, rec.Method, rec.Fingerprint, fp); err != nil {
 				return reservation{}, err
 			}
-			c.event(ctx, Event{Kind: EventReplayed, Code: codes.Code(rec.GetStatus().GetCode()), Duration: time.Since(start)})
-			return reservation{rec: rec}, nil
+			r := reservation{rec: rec, start: start}
+			if fp != nil {
+				// Otherwise the requests are compared, and the replay
+				// reported, once they have been read.
+				c.replayed(ctx, r)
+			}
+			return r, nil
 		case Pending:
 			if fp != nil && e.Fingerprint != nil && !bytes.Equal(fp, e.Fingerprint) {
 				return reservation{}, c.mismatch(ctx, "")
@@ -183,6 +189,10 @@ func (c *call) match(ctx context.Context, method string, got, want []byte) error
 	return nil
 }
 
+func (c *call) replayed(ctx context.Context, r reservation) {
+	c.event(ctx, Event{Kind: EventReplayed, Code: codes.Code(r.rec.GetStatus().GetCode()), Duration: time.Since(r.start)})
+}
+
 func (c *call) mismatch(ctx context.Context, otherMethod string) error {
 	c.event(ctx, Event{Kind: EventMismatch, Code: codes.FailedPrecondition})
 	if otherMethod != "" {
@@ -238,11 +248,12 @@ func (c *call) keepLease(ctx context.Context, exec *Execution) (stop func()) {
 	}
 }
 
-// finish stores or releases the outcome of a first execution. ctx is the
-// handler's context; store calls outlive its cancellation. It returns the
-// error that replaces the handler's outcome, which is nil unless the store
-// rolled the handler's own writes back.
-func (c *call) finish(ctx context.Context, exec *Execution, rec *Record, cacheable bool, overflow error) error {
+// finish stores or releases the outcome of a first execution that ran for
+// ran, and reports it (EventExecuted). ctx is the handler's context; store
+// calls outlive its cancellation. It returns the error that replaces the
+// handler's outcome, which is nil unless the store rolled the handler's own
+// writes back.
+func (c *call) finish(ctx context.Context, exec *Execution, rec *Record, cacheable bool, overflow error, ran time.Duration) error {
 	o := c.s.o
 	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), o.storeTimeout)
 	defer cancel()
@@ -265,19 +276,18 @@ func (c *call) finish(ctx context.Context, exec *Execution, rec *Record, cacheab
 		c.event(ctx, Event{Kind: EventRecordTooLarge, Code: code, Err: overflow})
 		cacheable = false
 	}
-	if !cacheable {
-		if err := c.s.store.Release(sctx, c.skey, exec.Token); err != nil {
-			o.logger.Error("idempotency: releasing the key failed; a retry waits until its lease runs out", "method", c.method, "key", c.key, "err", err)
+	var err error
+	if cacheable {
+		err = c.s.store.Complete(sctx, c.skey, exec.Token, data, o.retention)
+		if err != nil {
+			o.logger.Error("idempotency: outcome not stored; the caller gets it, but a retry may run again", "method", c.method, "key", c.key, "err", err)
 			c.event(ctx, Event{Kind: EventStoreError, Code: code, Err: err})
 		}
-		return nil
+	} else if rerr := c.s.store.Release(sctx, c.skey, exec.Token); rerr != nil {
+		o.logger.Error("idempotency: releasing the key failed; a retry waits until its lease runs out", "method", c.method, "key", c.key, "err", rerr)
+		c.event(ctx, Event{Kind: EventStoreError, Code: code, Err: rerr})
 	}
-	err := c.s.store.Complete(sctx, c.skey, exec.Token, data, o.retention)
-	if err == nil {
-		return nil
-	}
-	o.logger.Error("idempotency: outcome not stored; the caller gets it, but a retry may run again", "method", c.method, "key", c.key, "err", err)
-	c.event(ctx, Event{Kind: EventStoreError, Code: code, Err: err})
+	c.event(ctx, Event{Kind: EventExecuted, Code: code, Stored: cacheable && err == nil, Duration: ran})
 	if errors.Is(err, ErrRolledBack) {
 		return status.Errorf(codes.Aborted, "the call's transaction was rolled back, so it had no effect (%v); retry with the same %s", err, KeyHeader)
 	}
@@ -331,11 +341,9 @@ func (s *server) unary(ctx context.Context, req any, info *grpc.UnaryServerInfo,
 		}
 	}
 	rec.Header, rec.Trailer = ts.recorded()
-	cacheable := s.o.isCacheable(st.Code())
-	if err := c.finish(hctx, r.exec, rec, cacheable, overflow); err != nil {
+	if err := c.finish(hctx, r.exec, rec, s.o.isCacheable(st.Code()), overflow, time.Since(start)); err != nil {
 		return nil, err
 	}
-	c.event(ctx, Event{Kind: EventExecuted, Code: st.Code(), Stored: cacheable && overflow == nil, Duration: time.Since(start)})
 	return resp, herr
 }
 

@@ -76,7 +76,7 @@ func (s *server) stream(srv any, ss grpc.ServerStream, info *grpc.StreamServerIn
 	case err != nil:
 		return err
 	case r.rec != nil:
-		return c.replayStream(ss, r.rec, types, info)
+		return c.replayStream(ss, r, types, info)
 	case r.exec == nil:
 		return handler(srv, rs) // fail-open; rs hands over the request read
 	}
@@ -114,10 +114,9 @@ func (s *server) stream(srv any, ss grpc.ServerStream, info *grpc.StreamServerIn
 		c.s.o.logger.Info("idempotency: stream did not complete; key released", "method", c.method, "key", c.key, "err", broken)
 		cacheable = false
 	}
-	if err := c.finish(rs.ctx, r.exec, rec, cacheable, rs.overflow); err != nil {
+	if err := c.finish(rs.ctx, r.exec, rec, cacheable, rs.overflow, time.Since(start)); err != nil {
 		return err
 	}
-	c.event(ctx, Event{Kind: EventExecuted, Code: st.Code(), Stored: cacheable && rs.overflow == nil, Duration: time.Since(start)})
 	return herr
 }
 
@@ -246,20 +245,20 @@ func (r *recordingStream) SetTrailer(md metadata.MD) {
 // replayStream answers a duplicate stream from rec. For client and bidi
 // streams it reads the duplicate's requests (while sending the stored
 // responses, for bidi) and refuses it if they differ from the first's.
-func (c *call) replayStream(ss grpc.ServerStream, rec *Record, types methodTypes, info *grpc.StreamServerInfo) error {
+func (c *call) replayStream(ss grpc.ServerStream, r reservation, types methodTypes, info *grpc.StreamServerInfo) error {
+	rec := r.rec
 	if err := ss.SetHeader(replayHeader(rec)); err != nil {
 		return err
 	}
 	var readErr chan error
-	if info.IsClientStream {
+	switch {
+	case info.IsClientStream && info.IsServerStream:
+		// The client may wait for answers before it sends more.
 		readErr = make(chan error, 1)
-		if info.IsServerStream {
-			// The client may wait for answers before it sends more.
-			go func() { readErr <- c.readDuplicate(ss, rec, types) }()
-		} else if err := c.readDuplicate(ss, rec, types); err != nil {
+		go func() { readErr <- c.readDuplicate(ss, rec, types) }()
+	case info.IsClientStream:
+		if err := c.readDuplicate(ss, rec, types); err != nil {
 			return err
-		} else {
-			readErr = nil
 		}
 	}
 	for _, b := range rec.Responses {
@@ -275,6 +274,9 @@ func (c *call) replayStream(ss grpc.ServerStream, rec *Record, types methodTypes
 		if err := <-readErr; err != nil {
 			return err
 		}
+	}
+	if info.IsClientStream {
+		c.replayed(ss.Context(), r)
 	}
 	if len(rec.Trailer) > 0 {
 		ss.SetTrailer(mdFromRecord(rec.Trailer, 0))

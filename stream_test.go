@@ -298,10 +298,13 @@ func TestStreamInputMismatch(t *testing.T) {
 	stores(t, func(t *testing.T, newStore func(testing.TB) idempotency.Store) {
 		for kind, call := range run {
 			t.Run(kind, func(t *testing.T) {
-				var mismatches atomic.Int64
+				var mismatches, replays atomic.Int64
 				e := newEnv(t, newStore(t), envConfig{server: []idempotency.Option{idempotency.WithObserver(func(ev idempotency.Event) {
-					if ev.Kind == idempotency.EventMismatch {
+					switch ev.Kind {
+					case idempotency.EventMismatch:
 						mismatches.Add(1)
+					case idempotency.EventReplayed:
+						replays.Add(1)
 					}
 				})}})
 				ctx := withKey(testCtx(t), "inputs")
@@ -313,8 +316,10 @@ func TestStreamInputMismatch(t *testing.T) {
 					assert.Contains(t, status.Convert(a.err).Message(), "different request", name)
 				}
 				assert.EqualValues(t, len(cases), mismatches.Load(), "each mismatch is observed")
+				assert.Zero(t, replays.Load(), "a mismatch is not also counted as a replay")
 				assert.EqualValues(t, 1, e.svc.execs.Load(), "the handler does not run for a mismatch")
 				assertReplayOf(t, first, call(t, ctx, e, batchReqs))
+				assert.EqualValues(t, 1, replays.Load(), "the matching duplicate is a replay")
 			})
 		}
 	})
@@ -457,13 +462,7 @@ func TestStreamRecordingBound(t *testing.T) {
 				require.NoError(t, first.err)
 				require.Len(t, first.msgs, int(b.outgrows), "the first caller gets the whole stream")
 				executed := ev.nextExecuted(t)
-				if b.fits > 0 {
-					// TODO(lead): finish does not tell its caller that it
-					// found the record too large, so EventExecuted.Stored
-					// is wrongly true in the "record bytes" case (unary
-					// calls too). Assert it for every case once fixed.
-					assert.False(t, executed.Stored)
-				}
+				assert.False(t, executed.Stored)
 				assert.Equal(t, idempotency.Absent, lookup(t, store, "outgrows"), "nothing is stored, the key is released")
 				tooLarge := ev.of(idempotency.EventRecordTooLarge)
 				require.Len(t, tooLarge, 1)
