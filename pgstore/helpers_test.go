@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"os"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -108,11 +109,17 @@ func setup(t testing.TB, opts ...pgstore.Option) (*pgxpool.Pool, string, *pgstor
 	return pool, table, newStore(t, pool, table, opts...)
 }
 
-// queryCounter is a pgx tracer that counts the queries a pool runs.
-type queryCounter struct{ n atomic.Int64 }
+// queryCounter is a pgx tracer that counts the queries a pool runs, or,
+// with match set, those whose SQL contains it.
+type queryCounter struct {
+	match string
+	n     atomic.Int64
+}
 
-func (c *queryCounter) TraceQueryStart(ctx context.Context, _ *pgx.Conn, _ pgx.TraceQueryStartData) context.Context {
-	c.n.Add(1)
+func (c *queryCounter) TraceQueryStart(ctx context.Context, _ *pgx.Conn, d pgx.TraceQueryStartData) context.Context {
+	if strings.Contains(d.SQL, c.match) {
+		c.n.Add(1)
+	}
 	return ctx
 }
 
