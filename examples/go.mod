@@ -1,7 +1,35 @@
 module github.com/grpcidem/idempotency/examples
 
-go 1.26
+go 1.26.0
 
-require github.com/grpcidem/idempotency v0.0.0
+require (
+	github.com/grpcidem/idempotency v0.0.0
+	github.com/grpcidem/idempotency/pgstore v0.0.0
+	github.com/grpcidem/idempotency/redisstore v0.0.0
+	github.com/jackc/pgx/v5 v5.12.0
+	github.com/redis/go-redis/v9 v9.23.0
+	github.com/stretchr/testify v1.12.1
+	google.golang.org/grpc v1.85.0
+	google.golang.org/protobuf v1.36.12
+)
 
-replace github.com/grpcidem/idempotency => ../
+require (
+	github.com/cespare/xxhash/v2 v2.3.0 // indirect
+	github.com/jackc/pgpassfile v1.0.0 // indirect
+	github.com/jackc/pgservicefile v0.0.0-20240606120523-5a60cdf6a761 // indirect
+	github.com/jackc/puddle/v2 v2.2.3 // indirect
+	go.etcd.io/bbolt v1.5.0 // indirect
+	go.uber.org/atomic v1.12.0 // indirect
+	go.yaml.in/yaml/v3 v3.0.5 // indirect
+	golang.org/x/net v0.60.0 // indirect
+	golang.org/x/sync v0.23.0 // indirect
+	golang.org/x/sys v0.48.0 // indirect
+	golang.org/x/text v0.42.0 // indirect
+	google.golang.org/genproto/googleapis/rpc v0.0.0-20260817212433-ac3dfec99bb1 // indirect
+)
+
+replace (
+	github.com/grpcidem/idempotency => ../
+	github.com/grpcidem/idempotency/pgstore => ../pgstore
+	github.com/grpcidem/idempotency/redisstore => ../redisstore
+)
