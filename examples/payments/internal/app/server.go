@@ -1,0 +1,305 @@
+package app
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"runtime/debug"
+	"sync/atomic"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/reflection"
+	"google.golang.org/grpc/status"
+
+	"github.com/grpcidem/idempotency"
+	"github.com/grpcidem/idempotency/examples/internal/stores"
+	"github.com/grpcidem/idempotency/examples/payments/service"
+	paymentsv1 "github.com/grpcidem/idempotency/proto/payments/v1"
+)
+
+// PaymentMethods are the full names of the payment RPCs: the ones that
+// take part in idempotency, and require a key by default.
+var PaymentMethods = []string{
+	paymentsv1.PaymentService_Charge_FullMethodName,
+	paymentsv1.PaymentService_ChargeInstallments_FullMethodName,
+	paymentsv1.PaymentService_ChargeBatch_FullMethodName,
+	paymentsv1.PaymentService_ChargeInteractive_FullMethodName,
+}
+
+// ServerConfig is what NewServer needs besides the store and the service.
+type ServerConfig struct {
+	Logger *slog.Logger
+	// RequireKey refuses payment calls without an idempotency key.
+	RequireKey bool
+	// Observe, if set, is called for every idempotency event.
+	Observe func(idempotency.Event)
+	// Options are added after the ones NewServer sets, and so win.
+	Options []idempotency.Option
+}
+
+// NewServer returns a gRPC server with the payments service, server
+// reflection (for grpcurl and ghz) and this interceptor chain, outermost
+// first:
+//
+//  1. recovery: a panic anywhere below becomes Internal instead of a crash;
+//  2. logging: sees every call's final outcome, replays included;
+//  3. authentication (here a stand-in that trusts the x-tenant header):
+//     before idempotency, so that the scope can use the identity;
+//  4. idempotency, with the tenant as the scope: one tenant's keys can never
+//     replay another tenant's outcomes;
+//  5. the handler.
+func NewServer(store idempotency.Store, svc paymentsv1.PaymentServiceServer, cfg ServerConfig) *grpc.Server {
+	logger := cfg.Logger
+	if logger == nil {
+		logger = slog.New(slog.DiscardHandler)
+	}
+	opts := []idempotency.Option{
+		idempotency.WithMethods(PaymentMethods...),
+		idempotency.WithScope(scopeFromTenant),
+		idempotency.WithLogger(logger),
+	}
+	if cfg.RequireKey {
+		opts = append(opts, idempotency.WithRequiredKey("*"))
+	}
+	if cfg.Observe != nil {
+		opts = append(opts, idempotency.WithObserver(cfg.Observe))
+	}
+	opts = append(opts, cfg.Options...)
+	srv := grpc.NewServer(
+		grpc.ChainUnaryInterceptor(
+			recoverUnary(logger),
+			logUnary(logger),
+			tenantUnary,
+			idempotency.UnaryServerInterceptor(store, opts...),
+		),
+		grpc.ChainStreamInterceptor(
+			recoverStream(logger),
+			logStream(logger),
+			tenantStream,
+			idempotency.StreamServerInterceptor(store, opts...),
+		),
+	)
+	paymentsv1.RegisterPaymentServiceServer(srv, svc)
+	reflection.Register(srv)
+	return srv
+}
+
+func recoverUnary(logger *slog.Logger) grpc.UnaryServerInterceptor {
+	return func(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (resp any, err error) {
+		defer func() {
+			if p := recover(); p != nil {
+				logger.Error("panic in handler", "method", info.FullMethod, "panic", p, "stack", string(debug.Stack()))
+				err = status.Error(codes.Internal, "internal error")
+			}
+		}()
+		return handler(ctx, req)
+	}
+}
+
+func recoverStream(logger *slog.Logger) grpc.StreamServerInterceptor {
+	return func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) (err error) {
+		defer func() {
+			if p := recover(); p != nil {
+				logger.Error("panic in handler", "method", info.FullMethod, "panic", p, "stack", string(debug.Stack()))
+				err = status.Error(codes.Internal, "internal error")
+			}
+		}()
+		return handler(srv, ss)
+	}
+}
+
+func logUnary(logger *slog.Logger) grpc.UnaryServerInterceptor {
+	return func(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
+		start := time.Now()
+		resp, err := handler(ctx, req)
+		logCall(ctx, logger, info.FullMethod, err, start)
+		return resp, err
+	}
+}
+
+func logStream(logger *slog.Logger) grpc.StreamServerInterceptor {
+	return func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
+		start := time.Now()
+		err := handler(srv, ss)
+		logCall(ss.Context(), logger, info.FullMethod, err, start)
+		return err
+	}
+}
+
+func logCall(ctx context.Context, logger *slog.Logger, method string, err error, start time.Time) {
+	key := metadata.ValueFromIncomingContext(ctx, idempotency.KeyHeader)
+	logger.Debug("call", "method", method, "key", key, "code", status.Code(err), "took", time.Since(start).Round(time.Microsecond))
+}
+
+// TenantHeader is the metadata the authentication stand-in trusts. A real
+// server verifies a token or a client certificate at this place in the chain.
+const TenantHeader = "x-tenant"
+
+type tenantKey struct{}
+
+func withTenant(ctx context.Context) (context.Context, error) {
+	tenant := "public"
+	switch v := metadata.ValueFromIncomingContext(ctx, TenantHeader); len(v) {
+	case 0:
+	case 1:
+		if v[0] == "" || len(v[0]) > 64 {
+			return nil, status.Errorf(codes.Unauthenticated, "%s must be 1 to 64 characters", TenantHeader)
+		}
+		tenant = v[0]
+	default:
+		return nil, status.Errorf(codes.Unauthenticated, "%s has %d values; send one", TenantHeader, len(v))
+	}
+	return context.WithValue(ctx, tenantKey{}, tenant), nil
+}
+
+func scopeFromTenant(ctx context.Context) (string, error) {
+	tenant, ok := ctx.Value(tenantKey{}).(string)
+	if !ok {
+		// Only a chain that puts idempotency before authentication gets here.
+		return "", status.Error(codes.Internal, "no tenant in the call's context: the authentication interceptor must come before the idempotency interceptor")
+	}
+	return tenant, nil
+}
+
+func tenantUnary(ctx context.Context, req any, _ *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
+	ctx, err := withTenant(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return handler(ctx, req)
+}
+
+func tenantStream(srv any, ss grpc.ServerStream, _ *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
+	ctx, err := withTenant(ss.Context())
+	if err != nil {
+		return err
+	}
+	return handler(srv, &contextStream{ServerStream: ss, ctx: ctx})
+}
+
+type contextStream struct {
+	grpc.ServerStream
+	ctx context.Context
+}
+
+func (s *contextStream) Context() context.Context { return s.ctx }
+
+// eventCounts counts idempotency events by kind.
+type eventCounts struct {
+	replayed, mismatch, conflict, storeError, tooLarge, failOpen atomic.Int64
+}
+
+func (c *eventCounts) observe(e idempotency.Event) {
+	switch e.Kind {
+	case idempotency.EventReplayed:
+		c.replayed.Add(1)
+	case idempotency.EventMismatch:
+		c.mismatch.Add(1)
+	case idempotency.EventConflict:
+		c.conflict.Add(1)
+	case idempotency.EventStoreError:
+		c.storeError.Add(1)
+	case idempotency.EventRecordTooLarge:
+		c.tooLarge.Add(1)
+	case idempotency.EventFailOpen:
+		c.failOpen.Add(1)
+	}
+}
+
+// RunServer is the payments server command; see ../../server.
+func RunServer(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet("server", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	addr := fs.String("addr", "127.0.0.1:50051", "address to listen on")
+	storeCfg := stores.RegisterFlags(fs, "payments-idem.db")
+	delay := fs.Duration("delay", 0, "how long each execution waits before it charges, so that duplicates overlap with it")
+	failEvery := fs.Int("fail-every", 0, "fail every Nth execution with Unavailable before charging (0: never)")
+	requireKey := fs.Bool("require-key", true, "refuse payment calls without an idempotency-key header")
+	grace := fs.Duration("grace", 10*time.Second, "how long a shutdown waits for running calls before it cuts them off")
+	verbose := fs.Bool("v", false, "log every call and idempotency event")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	if *failEvery < 0 {
+		return fmt.Errorf("-fail-every is %d; it must be 0 (never) or more", *failEvery)
+	}
+	if *delay < 0 {
+		return fmt.Errorf("-delay is %v; it must not be negative", *delay)
+	}
+	level := slog.LevelInfo
+	if *verbose {
+		level = slog.LevelDebug
+	}
+	logger := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
+
+	store, err := stores.Open(ctx, *storeCfg)
+	if err != nil {
+		return fmt.Errorf("open the %s store: %w", storeCfg.Kind, err)
+	}
+	defer func() {
+		if err := store.Close(); err != nil {
+			logger.Error("closing the store", "err", err)
+		}
+	}()
+	lis, err := net.Listen("tcp", *addr)
+	if err != nil {
+		return err
+	}
+
+	svc := service.New(service.WithDelay(*delay), service.WithFailEvery(*failEvery))
+	var events eventCounts
+	srv := NewServer(store, svc, ServerConfig{
+		Logger:     logger,
+		RequireKey: *requireKey,
+		Observe: func(e idempotency.Event) {
+			events.observe(e)
+			logger.Debug("idempotency", "event", e.Kind, "method", e.Method, "scope", e.Scope, "key", e.Key, "code", e.Code, "err", e.Err)
+		},
+	})
+	fmt.Fprintf(stdout, "payments server listening on %s (store: %s)\n", lis.Addr(), store.Description)
+
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(lis) }()
+	select {
+	case err = <-served:
+		// Serve failed on its own; nothing is left to drain.
+	case <-ctx.Done():
+		logger.Info("shutting down; waiting for running calls", "grace", *grace)
+		stopGracefully(srv, *grace)
+		err = <-served
+		if errors.Is(err, grpc.ErrServerStopped) {
+			err = nil
+		}
+	}
+	st := svc.Stats()
+	fmt.Fprintf(stdout, "payments server stopped: %d executions (%d charges), %d replays, %d injected failures, %d key reuses refused, %d duplicates aborted, %d store errors\n",
+		st.Executions, st.Charges, events.replayed.Load(), st.Injected, events.mismatch.Load(), events.conflict.Load(), events.storeError.Load())
+	return err
+}
+
+// stopGracefully lets running calls finish for up to grace, then cuts off
+// the rest. A call cut off mid-handler either charged and stored its
+// outcome, or charged nothing and released its key: its client's retry, to
+// this server once it is back or to another replica, is safe either way.
+func stopGracefully(srv *grpc.Server, grace time.Duration) {
+	done := make(chan struct{})
+	go func() {
+		srv.GracefulStop()
+		close(done)
+	}()
+	t := time.NewTimer(grace)
+	defer t.Stop()
+	select {
+	case <-done:
+	case <-t.C:
+		srv.Stop()
+		<-done
+	}
+}
