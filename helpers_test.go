@@ -38,6 +38,8 @@ type payments struct {
 	hold chan struct{}
 	// started receives once per execution, if set.
 	started chan struct{}
+	// panicOnce makes the next execution panic.
+	panicOnce atomic.Bool
 	// failFirst makes the first n executions fail with Unavailable.
 	failFirst  atomic.Int64
 	mu         sync.Mutex
@@ -67,6 +69,9 @@ func (p *payments) begin(ctx context.Context) error {
 			// Like a real payment: once started, it finishes.
 			<-p.hold
 		}
+	}
+	if p.panicOnce.CompareAndSwap(true, false) {
+		panic("ledger exploded")
 	}
 	if p.failFirst.Add(-1) >= 0 {
 		return status.Error(codes.Unavailable, "bank link down, try again")
@@ -199,10 +204,11 @@ func newEnv(t testing.TB, store idempotency.Store, cfg envConfig) *env {
 	t.Helper()
 	e := &env{svc: &payments{}, store: store}
 	lis := bufconn.Listen(1 << 20)
-	sopts := append([]grpc.ServerOption{
+	// cfg.serverOpt comes first, so that its interceptors run outside ours.
+	sopts := append(cfg.serverOpt[:len(cfg.serverOpt):len(cfg.serverOpt)],
 		grpc.ChainUnaryInterceptor(idempotency.UnaryServerInterceptor(store, cfg.server...)),
 		grpc.ChainStreamInterceptor(idempotency.StreamServerInterceptor(store, cfg.server...)),
-	}, cfg.serverOpt...)
+	)
 	srv := grpc.NewServer(sopts...)
 	paymentsv1.RegisterPaymentServiceServer(srv, e.svc)
 	go func() { _ = srv.Serve(lis) }()

@@ -248,6 +248,36 @@ func (c *call) keepLease(ctx context.Context, exec *Execution) (stop func()) {
 	}
 }
 
+// run runs a first execution's handler under its lease and returns how long
+// it ran. If the handler panics (or calls runtime.Goexit), its outcome is
+// unknown: run releases the key, so that a retry can run again, and lets the
+// panic go on to the recovery interceptor outside, with its stack intact.
+func (c *call) run(ctx context.Context, exec *Execution, handler func()) time.Duration {
+	stop := c.keepLease(ctx, exec)
+	start := time.Now()
+	returned := false
+	defer func() {
+		stop()
+		if returned {
+			return
+		}
+		o := c.s.o
+		o.logger.Error("idempotency: handler panicked; key released, so a retry runs again", "method", c.method, "key", c.key)
+		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), o.storeTimeout)
+		defer cancel()
+		if err := c.s.store.Release(sctx, c.skey, exec.Token); err != nil {
+			o.logger.Error("idempotency: releasing the key failed; a retry waits until its lease runs out", "method", c.method, "key", c.key, "err", err)
+			c.event(ctx, Event{Kind: EventStoreError, Code: codes.Internal, Err: err})
+		}
+		c.event(ctx, Event{Kind: EventExecuted, Code: codes.Internal, Duration: time.Since(start), Err: errHandlerPanicked})
+	}()
+	handler()
+	returned = true
+	return time.Since(start)
+}
+
+var errHandlerPanicked = errors.New("the handler panicked")
+
 // finish stores or releases the outcome of a first execution that ran for
 // ran, and reports it (EventExecuted). ctx is the handler's context; store
 // calls outlive its cancellation. It returns the error that replaces the
@@ -322,10 +352,9 @@ func (s *server) unary(ctx context.Context, req any, info *grpc.UnaryServerInfo,
 	if ts.ServerTransportStream != nil {
 		hctx = grpc.NewContextWithServerTransportStream(hctx, ts)
 	}
-	stop := c.keepLease(hctx, r.exec)
-	start := time.Now()
-	resp, herr := handler(hctx, req)
-	stop()
+	var resp any
+	var herr error
+	ran := c.run(hctx, r.exec, func() { resp, herr = handler(hctx, req) })
 
 	st := status.Convert(herr)
 	rec := &Record{Fingerprint: sum, Status: st.Proto()}
@@ -341,7 +370,7 @@ func (s *server) unary(ctx context.Context, req any, info *grpc.UnaryServerInfo,
 		}
 	}
 	rec.Header, rec.Trailer = ts.recorded()
-	if err := c.finish(hctx, r.exec, rec, s.o.isCacheable(st.Code()), overflow, time.Since(start)); err != nil {
+	if err := c.finish(hctx, r.exec, rec, s.o.isCacheable(st.Code()), overflow, ran); err != nil {
 		return nil, err
 	}
 	return resp, herr

@@ -469,3 +469,73 @@ func TestExecutionInHandlerContext(t *testing.T) {
 	assert.NotEmpty(t, execs[0].Token)
 	assert.Nil(t, execs[1], "a call without a key has no Execution")
 }
+
+// recoverUnary and recoverStream turn a handler's panic into Internal, as
+// recovery interceptors do; they sit outside the idempotency interceptors.
+func recoverUnary(ctx context.Context, req any, _ *grpc.UnaryServerInfo, h grpc.UnaryHandler) (resp any, err error) {
+	defer func() {
+		if p := recover(); p != nil {
+			err = status.Errorf(codes.Internal, "panic: %v", p)
+		}
+	}()
+	return h(ctx, req)
+}
+
+func recoverStream(srv any, ss grpc.ServerStream, _ *grpc.StreamServerInfo, h grpc.StreamHandler) (err error) {
+	defer func() {
+		if p := recover(); p != nil {
+			err = status.Errorf(codes.Internal, "panic: %v", p)
+		}
+	}()
+	return h(srv, ss)
+}
+
+func TestHandlerPanicReleasesKey(t *testing.T) {
+	stores(t, func(t *testing.T, newStore func(testing.TB) idempotency.Store) {
+		store := newStore(t)
+		var executed []idempotency.Event
+		var mu sync.Mutex
+		e := newEnv(t, store, envConfig{
+			server: []idempotency.Option{idempotency.WithObserver(func(ev idempotency.Event) {
+				if ev.Kind == idempotency.EventExecuted {
+					mu.Lock()
+					executed = append(executed, ev)
+					mu.Unlock()
+				}
+			})},
+			// Registered first, so they run outside the idempotency interceptors.
+			serverOpt: []grpc.ServerOption{grpc.ChainUnaryInterceptor(recoverUnary), grpc.ChainStreamInterceptor(recoverStream)},
+		})
+		e.svc.panicOnce.Store(true)
+		ctx := withKey(testCtx(t), "boom")
+		a := charge(ctx, e, chargeReq)
+		require.Equal(t, codes.Internal, status.Code(a.err))
+		assert.Contains(t, status.Convert(a.err).Message(), "panic")
+
+		entry, err := store.Lookup(testCtx(t), idempotency.StoreKey("", "boom"))
+		require.NoError(t, err)
+		assert.Equal(t, idempotency.Absent, entry.State, "a panicking handler's key is released")
+		wctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		defer cancel()
+		b := charge(wctx, e, chargeReq)
+		require.NoError(t, b.err, "the retry runs at once instead of waiting for the lease")
+		assert.False(t, idempotency.IsReplayed(b.header))
+
+		e.svc.panicOnce.Store(true)
+		sctx := withKey(testCtx(t), "boom-stream")
+		stream, err := e.client.ChargeInstallments(sctx, &paymentsv1.InstallmentsRequest{Account: "a", AmountCents: 10, Count: 2})
+		require.NoError(t, err)
+		_, err = stream.Recv()
+		require.Equal(t, codes.Internal, status.Code(err))
+		entry, err = store.Lookup(testCtx(t), idempotency.StoreKey("", "boom-stream"))
+		require.NoError(t, err)
+		assert.Equal(t, idempotency.Absent, entry.State)
+
+		mu.Lock()
+		defer mu.Unlock()
+		require.Len(t, executed, 3)
+		assert.Equal(t, codes.Internal, executed[0].Code)
+		assert.False(t, executed[0].Stored)
+		assert.ErrorContains(t, executed[0].Err, "panicked")
+	})
+}

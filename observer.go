@@ -67,6 +67,7 @@ type Event struct {
 	// duplicate waited (EventReplayed, EventConflict).
 	Duration time.Duration
 	// Err is the failure behind EventStoreError, EventFailOpen and
-	// EventRecordTooLarge.
+	// EventRecordTooLarge, and is set on an EventExecuted whose handler
+	// panicked (its key was released).
 	Err error
 }

@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"io"
 	"sync"
-	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -88,10 +87,8 @@ func (s *server) stream(srv any, ss grpc.ServerStream, info *grpc.StreamServerIn
 	}
 	rs.ts = ts
 	rs.recording = true
-	stop := c.keepLease(rs.ctx, r.exec)
-	start := time.Now()
-	herr := handler(srv, rs)
-	stop()
+	var herr error
+	ran := c.run(rs.ctx, r.exec, func() { herr = handler(srv, rs) })
 
 	st := status.Convert(herr)
 	rec := &Record{Fingerprint: sum, Status: st.Proto(), Responses: rs.responses}
@@ -114,7 +111,7 @@ func (s *server) stream(srv any, ss grpc.ServerStream, info *grpc.StreamServerIn
 		c.s.o.logger.Info("idempotency: stream did not complete; key released", "method", c.method, "key", c.key, "err", broken)
 		cacheable = false
 	}
-	if err := c.finish(rs.ctx, r.exec, rec, cacheable, rs.overflow, time.Since(start)); err != nil {
+	if err := c.finish(rs.ctx, r.exec, rec, cacheable, rs.overflow, ran); err != nil {
 		return err
 	}
 	return herr
