@@ -15,8 +15,6 @@ package pgstore
 
 import (
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -129,6 +127,7 @@ type Store struct {
 	stop     context.CancelFunc
 	wg       sync.WaitGroup
 	listener *listener
+	notifier *notifier
 	beginMu  sync.Mutex // makes BeginTx's check-and-attach atomic
 }
 
@@ -168,6 +167,7 @@ func New(ctx context.Context, pool *pgxpool.Pool, opts ...Option) (*Store, error
 	}
 	s := &Store{pool: pool, table: table, channel: o.channel, opts: o, sql: buildStatements(table)}
 	s.listener = newListener(s)
+	s.notifier = newNotifier(s)
 	bg, stop := context.WithCancel(context.Background())
 	s.stop = stop
 	conn, err := s.listener.connect(ctx)
@@ -179,6 +179,11 @@ func New(ctx context.Context, pool *pgxpool.Pool, opts ...Option) (*Store, error
 	go func() {
 		defer s.wg.Done()
 		s.listener.run(bg, conn)
+	}()
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		s.notifier.run(bg)
 	}()
 	if o.sweepInterval > 0 {
 		s.wg.Add(1)
@@ -205,7 +210,7 @@ func checkChannel(name string) error {
 // statements are the store's SQL, with its table name in place. $1 is always
 // the key.
 type statements struct {
-	reserve, renew, complete, release, lookup, sweep string
+	reserve, renew, complete, release, lookup, sweep, notify string
 }
 
 func buildStatements(t tableName) statements {
@@ -240,30 +245,22 @@ SELECT false, completed, token, fingerprint, record, expires_at, now() FROM live
 WHERE key = $1 AND token = $2 AND NOT completed`, t),
 
 		// Stores the record if the key is pending under the token, or
-		// absent (no row, or an expired one): the fencing rule. pg_notify
-		// is sent at commit, so waiters never wake before the record is
-		// visible.
-		complete: fmt.Sprintf(`WITH stored AS (
-    INSERT INTO %[1]s AS r (key, completed, token, fingerprint, record, created_at, expires_at)
-    VALUES ($1, true, $2, NULL, coalesce($3::bytea, ''::bytea), now(), now() + $4::bigint * interval '1 microsecond')
-    ON CONFLICT (key) DO UPDATE
-        SET completed = true, token = excluded.token,
-            fingerprint = CASE WHEN r.token = excluded.token THEN r.fingerprint END,
-            record = excluded.record, created_at = excluded.created_at, expires_at = excluded.expires_at
-        WHERE (r.token = excluded.token AND NOT r.completed) OR r.expires_at <= now()
-    RETURNING 1
-), notified AS (
-    SELECT pg_notify($5, $6) FROM stored
-)
-SELECT count(*) FROM notified`, t),
+		// absent (no row, or an expired one): the fencing rule.
+		complete: fmt.Sprintf(`INSERT INTO %[1]s AS r (key, completed, token, fingerprint, record, created_at, expires_at)
+VALUES ($1, true, $2, NULL, coalesce($3::bytea, ''::bytea), now(), now() + $4::bigint * interval '1 microsecond')
+ON CONFLICT (key) DO UPDATE
+    SET completed = true, token = excluded.token,
+        fingerprint = CASE WHEN r.token = excluded.token THEN r.fingerprint END,
+        record = excluded.record, created_at = excluded.created_at, expires_at = excluded.expires_at
+    WHERE (r.token = excluded.token AND NOT r.completed) OR r.expires_at <= now()`, t),
 
-		release: fmt.Sprintf(`WITH released AS (
-    DELETE FROM %[1]s WHERE key = $1 AND token = $2 AND NOT completed
-    RETURNING 1
-), notified AS (
-    SELECT pg_notify($3, $4) FROM released
-)
-SELECT count(*) FROM notified`, t),
+		release: fmt.Sprintf(`DELETE FROM %[1]s WHERE key = $1 AND token = $2 AND NOT completed`, t),
+
+		// One transaction for a batch of keys, whose commit does not wait
+		// for the disk (see notifier).
+		notify: `SELECT count(*) FROM
+    (SELECT set_config('synchronous_commit', 'off', true)) AS async,
+    (SELECT pg_notify($1, payload) FROM unnest($2::text[]) AS payload) AS sent`,
 
 		lookup: fmt.Sprintf(`SELECT completed, token, fingerprint, record, expires_at, now() FROM %[1]s
 WHERE key = $1 AND expires_at > now()`, t),
@@ -282,13 +279,6 @@ WHERE key = $1 AND expires_at > now()`, t),
 // rounding up so that a positive duration stays positive.
 func micros(d time.Duration) int64 {
 	return int64((d + time.Microsecond - 1) / time.Microsecond)
-}
-
-// notifyPayload names key in notifications: NOTIFY payloads are limited to
-// 8000 bytes and must be text, while keys are binary and up to any length.
-func notifyPayload(key string) string {
-	h := sha256.Sum256([]byte(key))
-	return hex.EncodeToString(h[:])
 }
 
 // localTime moves a database time onto the local clock: the times in an
@@ -383,15 +373,14 @@ func (s *Store) Complete(ctx context.Context, key, token string, record []byte, 
 	if retention <= 0 {
 		return fmt.Errorf("pgstore: Complete needs a positive retention, got %v", retention)
 	}
-	var n int
-	err := s.pool.QueryRow(ctx, s.sql.complete, []byte(key), token, record, micros(retention),
-		s.channel, notifyPayload(key)).Scan(&n)
+	tag, err := s.pool.Exec(ctx, s.sql.complete, []byte(key), token, record, micros(retention))
 	if err != nil {
 		return fmt.Errorf("pgstore: complete: %w", err)
 	}
-	if n == 0 {
+	if tag.RowsAffected() == 0 {
 		return idempotency.ErrNotOwner
 	}
+	s.notifier.add(key)
 	return nil
 }
 
@@ -410,14 +399,14 @@ func (s *Store) Release(ctx context.Context, key, token string) error {
 	if s.closed.Load() {
 		return idempotency.ErrClosed
 	}
-	var n int
-	err := s.pool.QueryRow(ctx, s.sql.release, []byte(key), token, s.channel, notifyPayload(key)).Scan(&n)
+	tag, err := s.pool.Exec(ctx, s.sql.release, []byte(key), token)
 	if err != nil {
 		return fmt.Errorf("pgstore: release: %w", err)
 	}
-	if n == 0 {
+	if tag.RowsAffected() == 0 {
 		return idempotency.ErrNotOwner
 	}
+	s.notifier.add(key)
 	return nil
 }
 

@@ -142,17 +142,16 @@ func (s *Store) completeTx(ctx context.Context, st *txState, key, token string, 
 		}
 		return fail("%s", reason)
 	}
-	var n int
-	err := st.tx.QueryRow(ctx, s.sql.complete, []byte(key), token, record, micros(retention),
-		s.channel, notifyPayload(key)).Scan(&n)
+	tag, err := st.tx.Exec(ctx, s.sql.complete, []byte(key), token, record, micros(retention))
 	if err != nil {
 		return fail("storing the record: %v", err)
 	}
-	if n == 0 {
+	if tag.RowsAffected() == 0 {
 		return fail("%v: another owner took the key over after the lease ran out", idempotency.ErrNotOwner)
 	}
 	if err := st.tx.Commit(ctx); err != nil {
 		return fail("commit: %v", err)
 	}
+	s.notifier.add(key)
 	return nil
 }

@@ -1,0 +1,161 @@
+package pgstore_test
+
+import (
+	"context"
+	"net"
+	"strconv"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/test/bufconn"
+
+	"github.com/grpcidem/idempotency"
+	paymentsv1 "github.com/grpcidem/idempotency/proto/payments/v1"
+)
+
+// Run with -cpu 1, so that the p64 benchmarks run 64 goroutines:
+//
+//	go test -run '^$' -bench . -cpu 1 ./pgstore
+
+func benchPool(b *testing.B) *pgxpool.Pool {
+	return newPool(b, func(c *pgxpool.Config) { c.MaxConns = 32 })
+}
+
+// parallelism runs body serially (p1) and from 64 goroutines per CPU (p64).
+func parallelism(b *testing.B, body func(b *testing.B, next func() int64)) {
+	var n atomic.Int64
+	next := func() int64 { return n.Add(1) }
+	b.Run("p1", func(b *testing.B) { body(b, next) })
+	b.Run("p64", func(b *testing.B) {
+		b.SetParallelism(64)
+		body(b, next)
+	})
+}
+
+func loop(b *testing.B, op func()) {
+	if b.Name()[len(b.Name())-3:] == "p64" {
+		b.RunParallel(func(pb *testing.PB) {
+			for pb.Next() {
+				op()
+			}
+		})
+		return
+	}
+	for b.Loop() {
+		op()
+	}
+}
+
+// BenchmarkStoreFirstExecution: Reserve of a fresh key, then Complete.
+func BenchmarkStoreFirstExecution(b *testing.B) {
+	pool := benchPool(b)
+	s := newStore(b, pool, newTable(b, pool))
+	record := make([]byte, 256)
+	prefix := key("bench-first")
+	parallelism(b, func(b *testing.B, next func() int64) {
+		ctx := context.Background()
+		loop(b, func() {
+			k, tok := prefix+strconv.FormatInt(next(), 10), token()
+			e, err := s.Reserve(ctx, k, idempotency.Claim{Token: tok, Lease: time.Minute})
+			if err != nil || e.State != idempotency.Acquired {
+				b.Fatalf("Reserve: %v, %v", e.State, err)
+			}
+			if err := s.Complete(ctx, k, tok, record, time.Hour); err != nil {
+				b.Fatal(err)
+			}
+		})
+	})
+}
+
+// BenchmarkStoreReplay: Reserve of a completed key, over 1024 keys.
+func BenchmarkStoreReplay(b *testing.B) {
+	pool := benchPool(b)
+	s := newStore(b, pool, newTable(b, pool))
+	ctx := context.Background()
+	record := make([]byte, 256)
+	keys := make([]string, 1024)
+	for i := range keys {
+		keys[i] = key("bench-replay")
+		tok := token()
+		s.Reserve(ctx, keys[i], idempotency.Claim{Token: tok, Lease: time.Minute})
+		if err := s.Complete(ctx, keys[i], tok, record, time.Hour); err != nil {
+			b.Fatal(err)
+		}
+	}
+	parallelism(b, func(b *testing.B, next func() int64) {
+		loop(b, func() {
+			e, err := s.Reserve(ctx, keys[next()%int64(len(keys))], idempotency.Claim{Token: token(), Lease: time.Minute})
+			if err != nil || e.State != idempotency.Completed {
+				b.Fatalf("Reserve: %v, %v", e.State, err)
+			}
+		})
+	})
+}
+
+// BenchmarkInterceptor measures Charge through gRPC (bufconn) with a handler
+// that does no work of its own: without the interceptor (the baseline), a
+// first execution on pgstore, and a replay. Real handlers do work, so the
+// ratios are a floor.
+func BenchmarkInterceptor(b *testing.B) {
+	pool := benchPool(b)
+	s := newStore(b, pool, newTable(b, pool))
+	p := &plainPayments{}
+	for _, mode := range []string{"baseline", "first", "replay"} {
+		b.Run(mode, func(b *testing.B) {
+			var sopts []grpc.ServerOption
+			if mode != "baseline" {
+				sopts = append(sopts, grpc.ChainUnaryInterceptor(idempotency.UnaryServerInterceptor(s)))
+			}
+			srv := grpc.NewServer(sopts...)
+			paymentsv1.RegisterPaymentServiceServer(srv, p)
+			lis := bufconn.Listen(1 << 20)
+			go srv.Serve(lis)
+			defer srv.Stop()
+			cc, err := grpc.NewClient("passthrough:///bufnet", grpc.WithTransportCredentials(insecure.NewCredentials()),
+				grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) { return lis.DialContext(ctx) }))
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer cc.Close()
+			client := paymentsv1.NewPaymentServiceClient(cc)
+			req := &paymentsv1.ChargeRequest{Account: "acct", AmountCents: 500, Currency: "EUR"}
+			replayKeys := make([]string, 256)
+			for i := range replayKeys {
+				replayKeys[i] = idempotency.NewKey()
+				if mode == "replay" {
+					ctx := metadata.AppendToOutgoingContext(context.Background(), idempotency.KeyHeader, replayKeys[i])
+					if _, err := client.Charge(ctx, req); err != nil {
+						b.Fatal(err)
+					}
+				}
+			}
+			call := func(ctx context.Context, next func() int64) {
+				switch mode {
+				case "first":
+					ctx = metadata.AppendToOutgoingContext(ctx, idempotency.KeyHeader, idempotency.NewKey())
+				case "replay":
+					ctx = metadata.AppendToOutgoingContext(ctx, idempotency.KeyHeader, replayKeys[next()%int64(len(replayKeys))])
+				}
+				if _, err := client.Charge(ctx, req); err != nil {
+					b.Fatal(err)
+				}
+			}
+			parallelism(b, func(b *testing.B, next func() int64) {
+				loop(b, func() { call(context.Background(), next) })
+			})
+		})
+	}
+}
+
+type plainPayments struct {
+	paymentsv1.UnimplementedPaymentServiceServer
+}
+
+func (plainPayments) Charge(_ context.Context, req *paymentsv1.ChargeRequest) (*paymentsv1.ChargeResponse, error) {
+	return &paymentsv1.ChargeResponse{ChargeId: "ch_" + randomHex(8), Account: req.Account, AmountCents: req.AmountCents, Currency: req.Currency}, nil
+}
