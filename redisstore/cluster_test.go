@@ -48,7 +48,7 @@ func TestClusterConformance(t *testing.T) {
 		}
 		t.Cleanup(func() { _ = s.Close() })
 		return s
-	}, storetest.SharedBackend())
+	}, storetest.SharedBackend(), storetest.ClockTolerance(clockTolerance))
 }
 
 func TestClusterSpreadsKeysAndWakesAcrossNodes(t *testing.T) {

@@ -120,26 +120,43 @@ func redisKeys(tb testing.TB, c redis.UniversalClient, prefix string) []string {
 // for single commands is its round trips.
 type commandCounter struct {
 	n     atomic.Int64
-	names sync.Map // command name -> *atomic.Int64
+	store atomic.Int64 // n less the handshake of new connections
+	names sync.Map     // command name -> *atomic.Int64
 }
 
 func (h *commandCounter) DialHook(next redis.DialHook) redis.DialHook { return next }
 
 func (h *commandCounter) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 	return func(ctx context.Context, cmd redis.Cmder) error {
-		h.n.Add(1)
-		v, _ := h.names.LoadOrStore(strings.ToLower(cmd.Name()), new(atomic.Int64))
-		v.(*atomic.Int64).Add(1)
+		h.add(cmd)
 		return next(ctx, cmd)
 	}
 }
 
 func (h *commandCounter) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
 	return func(ctx context.Context, cmds []redis.Cmder) error {
-		h.n.Add(int64(len(cmds)))
+		for _, cmd := range cmds {
+			h.add(cmd)
+		}
 		return next(ctx, cmds)
 	}
 }
+
+func (h *commandCounter) add(cmd redis.Cmder) {
+	h.n.Add(1)
+	name := strings.ToLower(cmd.Name())
+	switch name {
+	case "hello", "client", "auth", "select":
+	default:
+		h.store.Add(1)
+	}
+	v, _ := h.names.LoadOrStore(name, new(atomic.Int64))
+	v.(*atomic.Int64).Add(1)
+}
+
+// commands returns how many commands the store sent: all but the handshake
+// of new connections (which the background subscriber may open at any time).
+func (h *commandCounter) commands() int64 { return h.store.Load() }
 
 func (h *commandCounter) count(name string) int64 {
 	v, ok := h.names.Load(name)

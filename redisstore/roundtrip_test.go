@@ -37,9 +37,9 @@ func TestRoundTrips(t *testing.T) {
 	require.NoError(t, err)
 
 	count := func(f func()) int64 {
-		before := counter.n.Load()
+		before := counter.commands()
 		f()
-		return counter.n.Load() - before
+		return counter.commands() - before
 	}
 	assert.Equal(t, int64(2), count(func() {
 		e, err := s.Reserve(ctx, "first", claim("t"))
