@@ -22,27 +22,34 @@ func redisAddr() string {
 	return "127.0.0.1:6379"
 }
 
+// reachable pings the test Redis once per run, so that a missing Redis
+// costs one dial timeout rather than one per test.
+var reachable = sync.OnceValue(func() error {
+	c := redis.NewClient(&redis.Options{Addr: redisAddr(), MaxRetries: -1})
+	defer c.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	return c.Ping(ctx).Err()
+})
+
 // newClient returns a client of the test Redis, closed at cleanup. When
 // Redis is unreachable the test is skipped, unless CI=true, where it fails:
 // a CI run must never pass by skipping.
 func newClient(tb testing.TB, opts ...func(*redis.Options)) *redis.Client {
 	tb.Helper()
-	o := &redis.Options{Addr: redisAddr()}
-	for _, f := range opts {
-		f(o)
-	}
-	c := redis.NewClient(o)
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	if err := c.Ping(ctx).Err(); err != nil {
-		_ = c.Close()
-		msg := "Redis at " + o.Addr + " is unreachable (" + err.Error() + "); set REDIS_ADDR or start one: " +
+	if err := reachable(); err != nil {
+		msg := "Redis at " + redisAddr() + " is unreachable (" + err.Error() + "); set REDIS_ADDR or start one: " +
 			`redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no`
 		if os.Getenv("CI") == "true" {
 			tb.Fatal(msg)
 		}
 		tb.Skip(msg)
 	}
+	o := &redis.Options{Addr: redisAddr()}
+	for _, f := range opts {
+		f(o)
+	}
+	c := redis.NewClient(o)
 	tb.Cleanup(func() { _ = c.Close() })
 	return c
 }
