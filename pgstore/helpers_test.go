@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"os"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -110,17 +111,39 @@ func setup(t testing.TB, opts ...pgstore.Option) (*pgxpool.Pool, string, *pgstor
 }
 
 // queryCounter is a pgx tracer that counts the queries a pool runs, or,
-// with match set, those whose SQL contains it.
+// with match set, those whose SQL contains it, or, with tagged set, those
+// run with a context from counted.
 type queryCounter struct {
-	match string
-	n     atomic.Int64
+	match  string
+	tagged bool
+	n      atomic.Int64
+	mu    sync.Mutex
+	sql   []string // the first words of each statement counted
 }
 
 func (c *queryCounter) TraceQueryStart(ctx context.Context, _ *pgx.Conn, d pgx.TraceQueryStartData) context.Context {
-	if strings.Contains(d.SQL, c.match) {
+	if strings.Contains(d.SQL, c.match) && (!c.tagged || ctx.Value(countedKey{}) != nil) {
 		c.n.Add(1)
+		c.mu.Lock()
+		c.sql = append(c.sql, strings.Join(strings.Fields(d.SQL)[:min(3, len(strings.Fields(d.SQL)))], " "))
+		c.mu.Unlock()
 	}
 	return ctx
+}
+
+type countedKey struct{}
+
+// counted marks ctx for a tagged queryCounter: the store's background work
+// (notifications, sweeping) runs on other contexts and is not counted.
+func counted(ctx context.Context) context.Context {
+	return context.WithValue(ctx, countedKey{}, true)
+}
+
+// since returns the statements counted after the first n.
+func (c *queryCounter) since(n int64) []string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return append([]string(nil), c.sql[n:]...)
 }
 
 func (c *queryCounter) TraceQueryEnd(context.Context, *pgx.Conn, pgx.TraceQueryEndData) {}

@@ -208,7 +208,7 @@ func TestBinaryKeys(t *testing.T) {
 
 // TestReserveIsOneStatement counts the queries each kind of Reserve sends.
 func TestReserveIsOneStatement(t *testing.T) {
-	counter := &queryCounter{}
+	counter := &queryCounter{tagged: true}
 	pool := newPool(t, func(c *pgxpool.Config) { c.ConnConfig.Tracer = counter })
 	table := newTable(t, pool)
 	s := newStore(t, pool, table)
@@ -218,7 +218,7 @@ func TestReserveIsOneStatement(t *testing.T) {
 	statements := func(what string, want idempotency.State, claim idempotency.Claim) {
 		t.Helper()
 		before := counter.n.Load()
-		e, err := s.Reserve(ctx, k, claim)
+		e, err := s.Reserve(counted(ctx), k, claim)
 		if err != nil || e.State != want {
 			t.Fatalf("%s: %+v, %v; want %v", what, e, err, want)
 		}
@@ -685,7 +685,8 @@ func TestSweep(t *testing.T) {
 }
 
 func TestBackgroundSweeper(t *testing.T) {
-	pool, table, s := setup(t, pgstore.WithSweepInterval(20*time.Millisecond))
+	pool, table, _ := setup(t) // migrated before the sweeper's first tick
+	s := newStore(t, pool, table, pgstore.WithSweepInterval(20*time.Millisecond))
 	ctx := t.Context()
 	k, tok := key("swept"), token()
 	s.Reserve(ctx, k, idempotency.Claim{Token: tok, Lease: time.Hour})
