@@ -117,8 +117,8 @@ type queryCounter struct {
 	match  string
 	tagged bool
 	n      atomic.Int64
-	mu    sync.Mutex
-	sql   []string // the first words of each statement counted
+	mu     sync.Mutex
+	sql    []string // the first words of each statement counted
 }
 
 func (c *queryCounter) TraceQueryStart(ctx context.Context, _ *pgx.Conn, d pgx.TraceQueryStartData) context.Context {
