@@ -480,9 +480,10 @@ func (s *Store) Wait(ctx context.Context, key string, seen idempotency.Entry) er
 	}
 }
 
-// Close stops the sweeper and the listening connection, and wakes every
-// waiter with idempotency.ErrClosed. It does not close the pool, which
-// belongs to the caller. A second Close returns nil.
+// Close stops the sweeper and the listening connection, sends the
+// notifications still due, and wakes every waiter with idempotency.ErrClosed.
+// It does not close the pool, which belongs to the caller: close the Store
+// first. A second Close returns nil.
 func (s *Store) Close() error {
 	if s.closed.Swap(true) {
 		return nil
