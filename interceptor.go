@@ -309,13 +309,25 @@ func (c *call) finish(ctx context.Context, exec *Execution, rec *Record, cacheab
 	var err error
 	if cacheable {
 		err = c.s.store.Complete(sctx, c.skey, exec.Token, data, o.retention)
-		if err != nil {
+		switch {
+		case err == nil:
+		case errors.Is(err, ErrRolledBack):
+			// Nothing happened, so nothing may hold the retry back. The
+			// key is ours unless the lease was lost, when this fails
+			// harmlessly with ErrNotOwner.
+			o.logger.Warn("idempotency: the handler's transaction was rolled back with its record; the caller gets Aborted and may retry", "method", c.method, "key", c.key, "err", err)
+			c.event(ctx, Event{Kind: EventStoreError, Code: codes.Aborted, Err: err})
+			cacheable = false
+		default:
 			o.logger.Error("idempotency: outcome not stored; the caller gets it, but a retry may run again", "method", c.method, "key", c.key, "err", err)
 			c.event(ctx, Event{Kind: EventStoreError, Code: code, Err: err})
 		}
-	} else if rerr := c.s.store.Release(sctx, c.skey, exec.Token); rerr != nil {
-		o.logger.Error("idempotency: releasing the key failed; a retry waits until its lease runs out", "method", c.method, "key", c.key, "err", rerr)
-		c.event(ctx, Event{Kind: EventStoreError, Code: code, Err: rerr})
+	}
+	if !cacheable {
+		if rerr := c.s.store.Release(sctx, c.skey, exec.Token); rerr != nil && err == nil {
+			o.logger.Error("idempotency: releasing the key failed; a retry waits until its lease runs out", "method", c.method, "key", c.key, "err", rerr)
+			c.event(ctx, Event{Kind: EventStoreError, Code: code, Err: rerr})
+		}
 	}
 	c.event(ctx, Event{Kind: EventExecuted, Code: code, Stored: cacheable && err == nil, Duration: ran})
 	if errors.Is(err, ErrRolledBack) {

@@ -2,10 +2,12 @@ package idempotency_test
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -538,4 +540,39 @@ func TestHandlerPanicReleasesKey(t *testing.T) {
 		assert.False(t, executed[0].Stored)
 		assert.ErrorContains(t, executed[0].Err, "panicked")
 	})
+}
+
+// rollbackStore fails Complete as a transactional store does when the
+// handler's transaction could not commit.
+type rollbackStore struct {
+	idempotency.Store
+	fail atomic.Bool
+}
+
+func (s *rollbackStore) Complete(ctx context.Context, key, token string, record []byte, retention time.Duration) error {
+	if s.fail.CompareAndSwap(true, false) {
+		return fmt.Errorf("commit: connection reset: %w", idempotency.ErrRolledBack)
+	}
+	return s.Store.Complete(ctx, key, token, record, retention)
+}
+
+func TestRolledBackCompleteAbortsAndReleases(t *testing.T) {
+	store := &rollbackStore{Store: idempotency.NewMemoryStore()}
+	store.fail.Store(true)
+	e := newEnv(t, store, envConfig{})
+	ctx := withKey(testCtx(t), "tx-1")
+	a := charge(ctx, e, chargeReq)
+	require.Equal(t, codes.Aborted, status.Code(a.err), "nothing happened, so the caller must retry")
+	assert.Contains(t, status.Convert(a.err).Message(), "rolled back")
+	entry, err := store.Lookup(testCtx(t), idempotency.StoreKey("", "tx-1"))
+	require.NoError(t, err)
+	assert.Equal(t, idempotency.Absent, entry.State, "the key is released at once")
+
+	b := charge(ctx, e, chargeReq)
+	require.NoError(t, b.err)
+	assert.False(t, idempotency.IsReplayed(b.header))
+	c := charge(ctx, e, chargeReq)
+	require.NoError(t, c.err)
+	assert.True(t, idempotency.IsReplayed(c.header))
+	assert.EqualValues(t, 2, e.svc.execs.Load())
 }
