@@ -29,7 +29,12 @@ type BoltStore struct {
 	ownsDB  bool
 	records []byte // bucket names
 	expiry  []byte
-	table   leaseTable[struct{}]
+	// table holds the leases, and per shard a cache of recent records so
+	// that a replay, which usually follows its first execution closely,
+	// is answered without a read transaction. Every write goes through
+	// this store, so the cache never disagrees with the file.
+	table      leaseTable[memRecords]
+	cacheLimit int // records per shard; 0: no cache
 
 	writes chan *boltWrite
 	stop   chan struct{}
@@ -46,12 +51,13 @@ type BoltStore struct {
 type BoltOption func(*boltConfig)
 
 type boltConfig struct {
-	lockTimeout time.Duration
-	sweepEvery  time.Duration
-	sweepBatch  int
-	bucket      string
-	boltOptions *bolt.Options
-	logger      *slog.Logger
+	cacheRecords int
+	lockTimeout  time.Duration
+	sweepEvery   time.Duration
+	sweepBatch   int
+	bucket       string
+	boltOptions  *bolt.Options
+	logger       *slog.Logger
 }
 
 // Defaults of the bbolt store.
@@ -60,6 +66,8 @@ const (
 	DefaultBoltSweepInterval = time.Minute
 	DefaultBoltSweepBatch    = 1000
 	DefaultBoltBucket        = "idempotency"
+	DefaultBoltCacheRecords  = 4096
+	maxCachedRecord          = 16 << 10
 )
 
 // WithLockTimeout bounds how long OpenBolt waits for the file lock that
@@ -69,6 +77,17 @@ func WithLockTimeout(d time.Duration) BoltOption {
 	return func(c *boltConfig) {
 		if d > 0 {
 			c.lockTimeout = d
+		}
+	}
+}
+
+// WithCacheRecords bounds how many recent records (of at most 16 KiB each)
+// the store keeps in memory to answer replays without a read transaction.
+// Zero turns the cache off; less than zero keeps the default, 4096.
+func WithCacheRecords(n int) BoltOption {
+	return func(c *boltConfig) {
+		if n >= 0 {
+			c.cacheRecords = n
 		}
 	}
 }
@@ -124,11 +143,12 @@ func WithBoltLogger(l *slog.Logger) BoltOption {
 
 func newBoltConfig(opts []BoltOption) boltConfig {
 	c := boltConfig{
-		lockTimeout: DefaultBoltLockTimeout,
-		sweepEvery:  DefaultBoltSweepInterval,
-		sweepBatch:  DefaultBoltSweepBatch,
-		bucket:      DefaultBoltBucket,
-		logger:      slog.Default(),
+		cacheRecords: DefaultBoltCacheRecords,
+		lockTimeout:  DefaultBoltLockTimeout,
+		sweepEvery:   DefaultBoltSweepInterval,
+		sweepBatch:   DefaultBoltSweepBatch,
+		bucket:       DefaultBoltBucket,
+		logger:       slog.Default(),
 	}
 	for _, o := range opts {
 		o(&c)
@@ -189,6 +209,12 @@ func newBoltStore(db *bolt.DB, c boltConfig) (*BoltStore, error) {
 		logger:     c.logger,
 	}
 	s.table.init()
+	if c.cacheRecords > 0 {
+		s.cacheLimit = max(1, c.cacheRecords/leaseShards)
+		for i := range s.table.shards {
+			s.table.shards[i].extra.m = make(map[string]*memRecord)
+		}
+	}
 	err := db.Update(func(tx *bolt.Tx) error {
 		if _, err := tx.CreateBucketIfNotExists(s.records); err != nil {
 			return err
@@ -234,6 +260,32 @@ func (s *BoltStore) read(key string, now time.Time) (Entry, bool, error) {
 	return e, found, err
 }
 
+// recordOf returns the live record of key, from the cache or the file; the
+// shard's lock must be held.
+func (s *BoltStore) recordOf(sh *leaseShard[memRecords], key string, now time.Time) (Entry, bool, error) {
+	if s.cacheLimit > 0 {
+		if rec := sh.extra.record(key, now); rec != nil {
+			return rec.entry(), true, nil
+		}
+	}
+	e, found, err := s.read(key, now)
+	if err != nil {
+		return Entry{}, false, fmt.Errorf("idempotency: bbolt read: %w", err)
+	}
+	if found {
+		s.cache(sh, key, bytes.Clone(e.Record), e.Expires, now)
+	}
+	return e, found, nil
+}
+
+// cache keeps a small record in memory; the shard's lock must be held, and
+// data must not be shared.
+func (s *BoltStore) cache(sh *leaseShard[memRecords], key string, data []byte, expires, now time.Time) {
+	if s.cacheLimit > 0 && len(data) <= maxCachedRecord {
+		sh.extra.put(key, data, expires, now, s.cacheLimit)
+	}
+}
+
 // Reserve implements Store.
 func (s *BoltStore) Reserve(ctx context.Context, key string, c Claim) (Entry, error) {
 	if s.closed.Load() {
@@ -249,9 +301,9 @@ func (s *BoltStore) Reserve(ctx context.Context, key string, c Claim) (Entry, er
 	// Under the shard's lock, so that the key cannot be acquired twice.
 	// A record being written is under a completing lease until its commit,
 	// so a record that is not yet visible here is still seen as pending.
-	e, found, err := s.read(key, now)
+	e, found, err := s.recordOf(sh, key, now)
 	if err != nil {
-		return Entry{}, fmt.Errorf("idempotency: bbolt read: %w", err)
+		return Entry{}, err
 	}
 	if found {
 		return e, nil
@@ -310,6 +362,9 @@ func (s *BoltStore) Complete(ctx context.Context, key, token string, record []by
 	err := s.submit(w)
 
 	sh.mu.Lock()
+	if err == nil {
+		s.cache(sh, key, w.value[expiryLen:], now.Add(retention), time.Now())
+	}
 	sh.end(key, l)
 	sh.mu.Unlock()
 	return err
@@ -327,9 +382,9 @@ func (s *BoltStore) Lookup(ctx context.Context, key string) (Entry, error) {
 	if l := sh.live(key, now); l != nil {
 		return l.pending(), nil
 	}
-	e, found, err := s.read(key, now)
+	e, found, err := s.recordOf(sh, key, now)
 	if err != nil {
-		return Entry{}, fmt.Errorf("idempotency: bbolt read: %w", err)
+		return Entry{}, err
 	}
 	if !found {
 		return Entry{State: Absent}, nil
@@ -359,6 +414,8 @@ func (s *BoltStore) Close() error {
 			for k, l := range sh.leases {
 				sh.end(k, l)
 			}
+			clear(sh.extra.m)
+			sh.extra.queue, sh.extra.head = nil, 0
 			sh.mu.Unlock()
 		}
 		if s.ownsDB {

@@ -7,7 +7,10 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"hash/maphash"
+	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"google.golang.org/grpc"
@@ -32,15 +35,16 @@ func UnaryServerInterceptor(store Store, opts ...Option) grpc.UnaryServerInterce
 
 // server is what the unary and stream interceptors share.
 type server struct {
-	store Store
-	o     *options
+	store   Store
+	o       *options
+	decoded *decodedRecords
 }
 
 func newServer(store Store, opts []Option) *server {
 	if store == nil {
 		panic("idempotency: nil Store")
 	}
-	return &server{store: store, o: newOptions(opts)}
+	return &server{store: store, o: newOptions(opts), decoded: &decodedRecords{seed: maphash.MakeSeed()}}
 }
 
 // call is one keyed call, from the key's validation to its outcome.
@@ -81,10 +85,19 @@ func (s *server) prepare(ctx context.Context, method string) (*call, error) {
 	return c, nil
 }
 
+// Owner tokens only need to be unique, not secret: 64 random bits per
+// process and a counter.
+var (
+	tokenPrefix = func() string {
+		var b [8]byte
+		_, _ = rand.Read(b[:])
+		return hex.EncodeToString(b[:]) + "-"
+	}()
+	tokenSeq atomic.Uint64
+)
+
 func newToken() string {
-	var b [16]byte
-	_, _ = rand.Read(b[:])
-	return hex.EncodeToString(b[:])
+	return tokenPrefix + strconv.FormatUint(tokenSeq.Add(1), 36)
 }
 
 // reservation is what reserve decided: run the handler (exec is set), replay
@@ -115,8 +128,8 @@ func (c *call) reserve(ctx context.Context, fp []byte) (reservation, error) {
 		case Acquired:
 			return reservation{exec: &Execution{Method: c.method, Scope: c.scope, Key: c.key, StoreKey: c.skey, Token: token}}, nil
 		case Completed:
-			rec := new(Record)
-			if err := proto.Unmarshal(e.Record, rec); err != nil {
+			rec, err := c.s.decoded.decode(c.skey, e.Record)
+			if err != nil {
 				o.logger.Error("idempotency: stored record is corrupt", "method", c.method, "key", c.key, "err", err)
 				c.event(ctx, Event{Kind: EventStoreError, Code: codes.Internal, Err: err})
 				return reservation{}, status.Errorf(codes.Internal, "idempotency: the record stored for this %s could not be read: %v", KeyHeader, err)
@@ -345,10 +358,12 @@ func (s *server) unary(ctx context.Context, req any, info *grpc.UnaryServerInfo,
 		return handler(ctx, req)
 	}
 	fp := newFingerprint(info.FullMethod)
-	if err := fp.add(req); err != nil {
+	err = fp.add(req)
+	sum := fp.sum()
+	fp.release()
+	if err != nil {
 		return nil, err
 	}
-	sum := fp.sum()
 	r, err := c.reserve(ctx, sum)
 	switch {
 	case err != nil:

@@ -1,13 +1,16 @@
 package idempotency
 
 import (
+	"bytes"
 	"crypto/sha256"
 	"encoding/binary"
 	"fmt"
 	"hash"
+	"hash/maphash"
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
@@ -34,11 +37,23 @@ type fingerprint struct {
 
 var deterministic = proto.MarshalOptions{Deterministic: true}
 
+var fingerprints = sync.Pool{New: func() any { return &fingerprint{h: sha256.New()} }}
+
 func newFingerprint(method string) *fingerprint {
-	f := &fingerprint{h: sha256.New()}
+	f := fingerprints.Get().(*fingerprint)
+	f.h.Reset()
+	f.n = 0
 	f.h.Write([]byte(method))
 	f.h.Write([]byte{0})
 	return f
+}
+
+// release returns f, whose sum has been taken, for reuse.
+func (f *fingerprint) release() {
+	if cap(f.buf) > 64<<10 {
+		f.buf = nil // keep the pool small
+	}
+	fingerprints.Put(f)
 }
 
 func (f *fingerprint) add(m any) error {
@@ -132,4 +147,35 @@ func typesOf(fullMethod string) (methodTypes, error) {
 	}
 	methodTypeCache.Store(fullMethod, t)
 	return t, nil
+}
+
+// decodedRecords remembers the last record decoded for each of a few
+// hundred store keys, so that a burst of replays of one key (a client
+// retrying, a double submit) decodes its record once. A hit requires the
+// stored bytes to be equal, so it is never stale. Decoded records are only
+// read.
+type decodedRecords struct {
+	seed  maphash.Seed
+	slots [256]atomic.Pointer[decodedRecord]
+}
+
+type decodedRecord struct {
+	key string
+	raw []byte
+	rec *Record
+}
+
+func (d *decodedRecords) decode(key string, raw []byte) (*Record, error) {
+	slot := &d.slots[maphash.String(d.seed, key)%uint64(len(d.slots))]
+	if c := slot.Load(); c != nil && c.key == key && bytes.Equal(c.raw, raw) {
+		return c.rec, nil
+	}
+	rec := new(Record)
+	if err := proto.Unmarshal(raw, rec); err != nil {
+		return nil, err
+	}
+	if len(raw) <= 16<<10 {
+		slot.Store(&decodedRecord{key: key, raw: raw, rec: rec})
+	}
+	return rec, nil
 }

@@ -61,10 +61,12 @@ func (s *server) stream(srv any, ss grpc.ServerStream, info *grpc.StreamServerIn
 			return err
 		}
 		fp := newFingerprint(info.FullMethod)
-		if err := fp.add(req); err != nil {
+		err := fp.add(req)
+		sum = fp.sum()
+		fp.release()
+		if err != nil {
 			return err
 		}
-		sum = fp.sum()
 		rs.first = req
 	} else {
 		rs.fp = newFingerprint(info.FullMethod)
