@@ -1,0 +1,35 @@
+package idempotency_test
+
+import (
+	"context"
+	"strconv"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/grpcidem/idempotency"
+)
+
+func TestMemoryStoreIsBounded(t *testing.T) {
+	const bound = 640 // 10 per shard
+	s := idempotency.NewMemoryStore(idempotency.WithMaxRecords(bound))
+	defer s.Close()
+	ctx := context.Background()
+	for i := range 20_000 {
+		key := "k" + strconv.Itoa(i)
+		e, err := s.Reserve(ctx, key, idempotency.Claim{Token: "t", Lease: time.Minute})
+		require.NoError(t, err)
+		require.Equal(t, idempotency.Acquired, e.State)
+		require.NoError(t, s.Complete(ctx, key, "t", []byte("record"), time.Hour))
+	}
+	assert.LessOrEqual(t, s.Len(), bound, "the oldest records are dropped past the bound")
+	assert.Greater(t, s.Len(), bound/2)
+	e, err := s.Lookup(ctx, "k19999")
+	require.NoError(t, err)
+	assert.Equal(t, idempotency.Completed, e.State, "the newest record is kept")
+	e, err = s.Lookup(ctx, "k0")
+	require.NoError(t, err)
+	assert.Equal(t, idempotency.Absent, e.State, "the oldest record was dropped")
+}
