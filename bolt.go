@@ -260,9 +260,9 @@ func (s *BoltStore) read(key string, now time.Time) (Entry, bool, error) {
 	return e, found, err
 }
 
-// recordOf returns the live record of key, from the cache or the file; the
+// record returns the live record of key, from the cache or the file; the
 // shard's lock must be held.
-func (s *BoltStore) recordOf(sh *leaseShard[memRecords], key string, now time.Time) (Entry, bool, error) {
+func (s *BoltStore) record(sh *leaseShard[memRecords], key string, now time.Time) (Entry, bool, error) {
 	if s.cacheLimit > 0 {
 		if rec := sh.extra.record(key, now); rec != nil {
 			return rec.entry(), true, nil
@@ -291,24 +291,7 @@ func (s *BoltStore) Reserve(ctx context.Context, key string, c Claim) (Entry, er
 	if s.closed.Load() {
 		return Entry{}, ErrClosed
 	}
-	sh := s.table.shard(key)
-	now := time.Now()
-	sh.mu.Lock()
-	defer sh.mu.Unlock()
-	if l := sh.live(key, now); l != nil {
-		return l.pending(), nil
-	}
-	// Under the shard's lock, so that the key cannot be acquired twice.
-	// A record being written is under a completing lease until its commit,
-	// so a record that is not yet visible here is still seen as pending.
-	e, found, err := s.recordOf(sh, key, now)
-	if err != nil {
-		return Entry{}, err
-	}
-	if found {
-		return e, nil
-	}
-	return sh.acquire(key, c, now), nil
+	return s.table.state(s, key, &c)
 }
 
 // Renew implements Store.
@@ -375,21 +358,7 @@ func (s *BoltStore) Lookup(ctx context.Context, key string) (Entry, error) {
 	if s.closed.Load() {
 		return Entry{}, ErrClosed
 	}
-	sh := s.table.shard(key)
-	now := time.Now()
-	sh.mu.Lock()
-	defer sh.mu.Unlock()
-	if l := sh.live(key, now); l != nil {
-		return l.pending(), nil
-	}
-	e, found, err := s.recordOf(sh, key, now)
-	if err != nil {
-		return Entry{}, err
-	}
-	if !found {
-		return Entry{State: Absent}, nil
-	}
-	return e, nil
+	return s.table.state(s, key, nil)
 }
 
 // Wait implements Store.

@@ -88,6 +88,38 @@ func (l *lease) pending() Entry {
 	return Entry{State: Pending, Token: l.token, Fingerprint: bytes.Clone(l.fingerprint), LeaseExpires: l.expires}
 }
 
+// records finds the live record of a key for a store that keeps its leases
+// in a leaseTable.
+type records[T any] interface {
+	// record returns the live record of key; the shard's lock is held.
+	record(sh *leaseShard[T], key string, now time.Time) (Entry, bool, error)
+}
+
+// state is Reserve (c set) and Lookup (c nil) for the stores that keep
+// their leases here: a live lease, else a record, else the key is absent, or
+// acquired for c. It all happens under the shard's lock, so that a key can
+// never be acquired twice; a record being written is under a completing lease
+// until it is visible, so it is seen as pending meanwhile.
+func (t *leaseTable[T]) state(src records[T], key string, c *Claim) (Entry, error) {
+	sh := t.shard(key)
+	now := time.Now()
+	sh.mu.Lock()
+	defer sh.mu.Unlock()
+	if l := sh.live(key, now); l != nil {
+		return l.pending(), nil
+	}
+	e, found, err := src.record(sh, key, now)
+	switch {
+	case err != nil:
+		return Entry{}, err
+	case found:
+		return e, nil
+	case c == nil:
+		return Entry{State: Absent}, nil
+	}
+	return sh.acquire(key, *c, now), nil
+}
+
 // renew extends the lease on key held by token.
 func (t *leaseTable[T]) renew(key, token string, d time.Duration) error {
 	s := t.shard(key)

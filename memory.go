@@ -118,17 +118,14 @@ func (s *MemoryStore) Reserve(ctx context.Context, key string, c Claim) (Entry, 
 	if s.closed.Load() {
 		return Entry{}, ErrClosed
 	}
-	sh := s.table.shard(key)
-	now := time.Now()
-	sh.mu.Lock()
-	defer sh.mu.Unlock()
-	if l := sh.live(key, now); l != nil {
-		return l.pending(), nil
-	}
+	return s.table.state(s, key, &c)
+}
+
+func (s *MemoryStore) record(sh *leaseShard[memRecords], key string, now time.Time) (Entry, bool, error) {
 	if rec := sh.extra.record(key, now); rec != nil {
-		return rec.entry(), nil
+		return rec.entry(), true, nil
 	}
-	return sh.acquire(key, c, now), nil
+	return Entry{}, false, nil
 }
 
 // Renew implements Store.
@@ -175,17 +172,7 @@ func (s *MemoryStore) Lookup(ctx context.Context, key string) (Entry, error) {
 	if s.closed.Load() {
 		return Entry{}, ErrClosed
 	}
-	sh := s.table.shard(key)
-	now := time.Now()
-	sh.mu.Lock()
-	defer sh.mu.Unlock()
-	if l := sh.live(key, now); l != nil {
-		return l.pending(), nil
-	}
-	if rec := sh.extra.record(key, now); rec != nil {
-		return rec.entry(), nil
-	}
-	return Entry{State: Absent}, nil
+	return s.table.state(s, key, nil)
 }
 
 // Wait implements Store.
