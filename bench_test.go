@@ -29,6 +29,20 @@ func (benchPayments) Charge(ctx context.Context, req *paymentsv1.ChargeRequest) 
 	return &paymentsv1.ChargeResponse{ChargeId: "ch_0123456789abcdef", Account: req.Account, AmountCents: req.AmountCents, Currency: req.Currency}, nil
 }
 
+// ChargeInstallments sends its installments at once, with ids that cost
+// nothing to make.
+func (benchPayments) ChargeInstallments(req *paymentsv1.InstallmentsRequest, ss grpc.ServerStreamingServer[paymentsv1.ChargeResponse]) error {
+	_ = ss.SetHeader(metadata.Pairs("x-plan", "installments"))
+	amount := req.AmountCents / int64(req.Count)
+	for i := range req.Count {
+		if err := ss.Send(&paymentsv1.ChargeResponse{ChargeId: "ch_" + strconv.Itoa(int(i)) + "_0123456789ab", Account: req.Account, AmountCents: amount, Currency: req.Currency}); err != nil {
+			return err
+		}
+	}
+	ss.SetTrailer(metadata.Pairs("x-count", "done"))
+	return nil
+}
+
 // benchClient starts a bufconn server with the interceptors on store (none
 // when store is nil) and returns a client for it.
 func benchClient(b *testing.B, store idempotency.Store) paymentsv1.PaymentServiceClient {
@@ -36,7 +50,8 @@ func benchClient(b *testing.B, store idempotency.Store) paymentsv1.PaymentServic
 	lis := bufconn.Listen(1 << 20)
 	var opts []grpc.ServerOption
 	if store != nil {
-		opts = append(opts, grpc.UnaryInterceptor(idempotency.UnaryServerInterceptor(store)))
+		opts = append(opts, grpc.UnaryInterceptor(idempotency.UnaryServerInterceptor(store)),
+			grpc.StreamInterceptor(idempotency.StreamServerInterceptor(store)))
 	}
 	srv := grpc.NewServer(opts...)
 	paymentsv1.RegisterPaymentServiceServer(srv, benchPayments{})

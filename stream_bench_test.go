@@ -4,63 +4,15 @@ import (
 	"context"
 	"errors"
 	"io"
-	"net"
 	"path/filepath"
 	"strconv"
 	"testing"
 
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
-	"google.golang.org/grpc/test/bufconn"
 
 	"github.com/grpcidem/idempotency"
 	paymentsv1 "github.com/grpcidem/idempotency/proto/payments/v1"
 )
-
-// streamBenchPayments sends its installments at once, with ids that cost
-// nothing to make, so that the benchmark measures the interceptor, the store
-// and the transport rather than the handler.
-type streamBenchPayments struct {
-	paymentsv1.UnimplementedPaymentServiceServer
-}
-
-func (streamBenchPayments) ChargeInstallments(req *paymentsv1.InstallmentsRequest, ss grpc.ServerStreamingServer[paymentsv1.ChargeResponse]) error {
-	_ = ss.SetHeader(metadata.Pairs("x-plan", "installments"))
-	amount := req.AmountCents / int64(req.Count)
-	for i := range req.Count {
-		if err := ss.Send(&paymentsv1.ChargeResponse{ChargeId: "ch_" + strconv.Itoa(int(i)) + "_0123456789ab", Account: req.Account, AmountCents: amount, Currency: req.Currency}); err != nil {
-			return err
-		}
-	}
-	ss.SetTrailer(metadata.Pairs("x-count", "done"))
-	return nil
-}
-
-// streamBenchClient serves streamBenchPayments on bufconn, with the stream
-// interceptor on store (none when store is nil).
-func streamBenchClient(b *testing.B, store idempotency.Store) paymentsv1.PaymentServiceClient {
-	b.Helper()
-	lis := bufconn.Listen(1 << 20)
-	var opts []grpc.ServerOption
-	if store != nil {
-		opts = append(opts, grpc.StreamInterceptor(idempotency.StreamServerInterceptor(store)))
-	}
-	srv := grpc.NewServer(opts...)
-	paymentsv1.RegisterPaymentServiceServer(srv, streamBenchPayments{})
-	go func() { _ = srv.Serve(lis) }()
-	conn, err := grpc.NewClient("passthrough:///bufnet",
-		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) { return lis.DialContext(ctx) }),
-		grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() {
-		conn.Close()
-		srv.Stop()
-	})
-	return paymentsv1.NewPaymentServiceClient(conn)
-}
 
 // BenchmarkServerStream measures a 100-message server stream over bufconn:
 // without the interceptor (baseline), and with it on bbolt for first
@@ -82,7 +34,7 @@ func BenchmarkServerStream(b *testing.B) {
 				b.Cleanup(func() { s.Close() })
 				store = s
 			}
-			client := streamBenchClient(b, store)
+			client := benchClient(b, store)
 			seq := 0
 			var out paymentsv1.ChargeResponse
 			run := func() (replayed bool) {
