@@ -111,15 +111,17 @@ func BenchmarkUnary(b *testing.B) {
 					}
 					client := benchClient(b, store)
 					var seq atomic.Int64
-					key := func() string {
-						if mode == "replay" {
-							return "the-one-key"
-						}
-						return "k-" + strconv.FormatInt(seq.Add(1), 36)
-					}
+					// A replay's key is the same on every call, as a
+					// client's retries carry it; a first execution needs
+					// a fresh one each time.
+					replayCtx := metadata.AppendToOutgoingContext(context.Background(), idempotency.KeyHeader, "the-one-key")
 					call := func(ctx context.Context) {
-						if store != nil {
-							ctx = metadata.AppendToOutgoingContext(ctx, idempotency.KeyHeader, key())
+						switch {
+						case store == nil:
+						case mode == "replay":
+							ctx = replayCtx
+						default:
+							ctx = metadata.AppendToOutgoingContext(ctx, idempotency.KeyHeader, "k-"+strconv.FormatInt(seq.Add(1), 36))
 						}
 						if _, err := client.Charge(ctx, req); err != nil {
 							b.Error(err)
