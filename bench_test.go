@@ -143,6 +143,11 @@ func BenchmarkUnary(b *testing.B) {
 							call(ctx)
 						}
 					})
+					if bs, ok := store.(*idempotency.BoltStore); ok && mode == "first" {
+						st := bs.Stats()
+						b.ReportMetric(float64(st.Records)/float64(st.Commits), "records/commit")
+						b.ReportMetric(float64(st.CommitTime.Microseconds())/float64(st.Commits), "µs/commit")
+					}
 				})
 			}
 		}

@@ -45,6 +45,23 @@ type BoltStore struct {
 	sweepEvery time.Duration
 	sweepBatch int
 	logger     *slog.Logger
+
+	commits, written, commitNanos atomic.Uint64
+}
+
+// BoltStats counts the store's group commits since it was opened.
+type BoltStats struct {
+	// Commits is how many transactions wrote records; Records is how many
+	// records they wrote. Records/Commits is how many first executions
+	// shared each commit.
+	Commits, Records uint64
+	// CommitTime is the time spent in those transactions, fsyncs included.
+	CommitTime time.Duration
+}
+
+// Stats reports the store's group commits, for metrics.
+func (s *BoltStore) Stats() BoltStats {
+	return BoltStats{Commits: s.commits.Load(), Records: s.written.Load(), CommitTime: time.Duration(s.commitNanos.Load())}
 }
 
 // A BoltOption configures a BoltStore.
@@ -451,6 +468,7 @@ func (s *BoltStore) drainWrites() {
 }
 
 func (s *BoltStore) commit(batch []*boltWrite) {
+	start := time.Now()
 	results := make([]error, len(batch))
 	err := s.db.Update(func(tx *bolt.Tx) error {
 		records, expiry := tx.Bucket(s.records), tx.Bucket(s.expiry)
@@ -459,6 +477,9 @@ func (s *BoltStore) commit(batch []*boltWrite) {
 		}
 		return nil
 	})
+	s.commits.Add(1)
+	s.written.Add(uint64(len(batch)))
+	s.commitNanos.Add(uint64(time.Since(start)))
 	for i, w := range batch {
 		if err != nil {
 			w.done <- fmt.Errorf("idempotency: bbolt commit: %w", err)
