@@ -2,6 +2,9 @@ package idempotency_test
 
 import (
 	"context"
+	"errors"
+	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"sync"
@@ -55,4 +58,29 @@ func TestBoltGroupCommit(t *testing.T) {
 		require.NoError(t, err)
 		assert.Equal(t, idempotency.Completed, e.State)
 	}
+}
+
+// TestBoltSecondProcessFailsFast opens the file in this process, then runs
+// this test binary again as a second process that opens it too: the second
+// must fail with ErrLocked within its lock timeout, not hang.
+func TestBoltSecondProcessFailsFast(t *testing.T) {
+	if path := os.Getenv("IDEMPOTENCY_SECOND_PROCESS_DB"); path != "" {
+		_, err := idempotency.OpenBolt(path, idempotency.WithLockTimeout(300*time.Millisecond))
+		if errors.Is(err, idempotency.ErrLocked) {
+			os.Stdout.WriteString("LOCKED: " + err.Error() + "\n")
+			return
+		}
+		t.Fatalf("second process: want ErrLocked, got %v", err)
+	}
+	path := filepath.Join(t.TempDir(), "idem.db")
+	openBolt(t, path)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, os.Args[0], "-test.run=^TestBoltSecondProcessFailsFast$", "-test.count=1")
+	cmd.Env = append(os.Environ(), "IDEMPOTENCY_SECOND_PROCESS_DB="+path)
+	out, err := cmd.CombinedOutput()
+	require.NoError(t, err, "second process: %s", out)
+	assert.Contains(t, string(out), "LOCKED: ")
+	assert.Contains(t, string(out), path, "the error names the file")
+	assert.Contains(t, string(out), "another process")
 }
