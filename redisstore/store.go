@@ -190,7 +190,7 @@ func (s *Store) Reserve(ctx context.Context, key string, claim idempotency.Claim
 	if e.State == idempotency.Pending && e.Token == claim.Token {
 		// Our own claim, written by an earlier attempt of this very call
 		// whose answer was lost and which go-redis retried.
-		ttl := e.LeaseExpires.Sub(time.Now())
+		ttl := time.Until(e.LeaseExpires)
 		return idempotency.Entry{State: idempotency.Acquired, Token: claim.Token, LeaseExpires: start.Add(ttl)}, nil
 	}
 	return e, nil

@@ -172,7 +172,7 @@ func (s *suite) checkChangedBeforeWait(t *testing.T, stA, stB idempotency.Store)
 			}
 			tok2 := newToken()
 			if e := reserve(t, stA, key, tok2, nil, longLease); e.State != idempotency.Acquired {
-				return fmt.Errorf("Reserve after Release: got %s, want state acquired", describe(e))
+				return fmt.Errorf("reserve after Release: got %s, want state acquired", describe(e))
 			}
 			return nil
 		}},
