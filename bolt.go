@@ -511,6 +511,67 @@ func expiryKey(exp, key []byte) []byte {
 	return append(append(k, exp...), key...)
 }
 
+// Records calls fn with every live record, in store-key order, from one
+// consistent snapshot, until fn returns false. The Entry is fn's to keep.
+// It is for operators' tools; the interceptors never scan.
+func (s *BoltStore) Records(fn func(key string, e Entry) bool) error {
+	if s.closed.Load() {
+		return ErrClosed
+	}
+	now := time.Now()
+	return s.db.View(func(tx *bolt.Tx) error {
+		c := tx.Bucket(s.records).Cursor()
+		for k, v := c.First(); k != nil; k, v = c.Next() {
+			if len(v) < expiryLen {
+				continue
+			}
+			exp := time.Unix(0, int64(binary.BigEndian.Uint64(v)))
+			if !now.Before(exp) {
+				continue
+			}
+			if !fn(string(k), Entry{State: Completed, Record: bytes.Clone(v[expiryLen:]), Expires: exp}) {
+				return nil
+			}
+		}
+		return nil
+	})
+}
+
+// ErrInProgress is returned by Forget for a key whose first execution is
+// still running.
+var ErrInProgress = errors.New("idempotency: the key's first execution is still running")
+
+// Forget deletes the record of key, so that the next call with its key runs
+// the handler again, and reports whether there was one. It is for operators
+// who must undo a stored outcome (the handler's effect was reversed by hand,
+// say); it refuses a key whose first execution is running (ErrInProgress).
+func (s *BoltStore) Forget(key string) (bool, error) {
+	if s.closed.Load() {
+		return false, ErrClosed
+	}
+	sh := s.table.shard(key)
+	sh.mu.Lock()
+	defer sh.mu.Unlock()
+	if sh.live(key, time.Now()) != nil {
+		return false, ErrInProgress
+	}
+	delete(sh.extra.m, key)
+	found := false
+	err := s.db.Update(func(tx *bolt.Tx) error {
+		records, expiry := tx.Bucket(s.records), tx.Bucket(s.expiry)
+		v := records.Get([]byte(key))
+		if len(v) < expiryLen {
+			return nil
+		}
+		found = true
+		if err := expiry.Delete(expiryKey(v[:expiryLen], []byte(key))); err != nil {
+			return err
+		}
+		return records.Delete([]byte(key))
+	})
+	return found, err
+}
+
 func (s *BoltStore) sweepLoop() {
 	defer s.wg.Done()
 	t := time.NewTicker(s.sweepEvery)

@@ -84,3 +84,35 @@ func TestBoltSecondProcessFailsFast(t *testing.T) {
 	assert.Contains(t, string(out), path, "the error names the file")
 	assert.Contains(t, string(out), "another process")
 }
+
+func TestBoltForgetAndRecords(t *testing.T) {
+	s := openBolt(t, filepath.Join(t.TempDir(), "idem.db"))
+	ctx := context.Background()
+	for _, k := range []string{"b", "a", "c"} {
+		_, err := s.Reserve(ctx, k, idempotency.Claim{Token: "t", Lease: time.Minute})
+		require.NoError(t, err)
+		require.NoError(t, s.Complete(ctx, k, "t", []byte("rec-"+k), time.Hour))
+	}
+	_, err := s.Reserve(ctx, "running", idempotency.Claim{Token: "t", Lease: time.Minute})
+	require.NoError(t, err)
+
+	var keys []string
+	require.NoError(t, s.Records(func(key string, e idempotency.Entry) bool {
+		assert.Equal(t, "rec-"+key, string(e.Record))
+		keys = append(keys, key)
+		return true
+	}))
+	assert.Equal(t, []string{"a", "b", "c"}, keys, "live records in key order; a pending key has none")
+
+	_, err = s.Forget("running")
+	assert.ErrorIs(t, err, idempotency.ErrInProgress)
+	found, err := s.Forget("b")
+	require.NoError(t, err)
+	assert.True(t, found)
+	e, err := s.Reserve(ctx, "b", idempotency.Claim{Token: "t2", Lease: time.Minute})
+	require.NoError(t, err)
+	assert.Equal(t, idempotency.Acquired, e.State, "a forgotten key runs again, even though its record was cached")
+	found, err = s.Forget("nothing")
+	require.NoError(t, err)
+	assert.False(t, found)
+}

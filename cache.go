@@ -3,7 +3,9 @@ package idempotency
 import (
 	"context"
 	"errors"
+	"net/url"
 	"strconv"
+	"strings"
 	"time"
 )
 
@@ -154,6 +156,20 @@ var (
 // store key, and keys stay printable for operators who look at a store.
 func StoreKey(scope, key string) string {
 	return escapeScope(scope) + "/" + key
+}
+
+// SplitStoreKey is the inverse of StoreKey. ok is false for a string that
+// StoreKey did not make.
+func SplitStoreKey(storeKey string) (scope, key string, ok bool) {
+	escaped, key, found := strings.Cut(storeKey, "/")
+	if !found {
+		return "", "", false
+	}
+	scope, err := url.PathUnescape(escaped)
+	if err != nil || escapeScope(scope) != escaped {
+		return "", "", false
+	}
+	return scope, key, true
 }
 
 // escapeScope percent-encodes the bytes of scope that are not unreserved

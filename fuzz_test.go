@@ -84,3 +84,20 @@ func (nopTransport) Method() string                  { return paymentsv1.Payment
 func (nopTransport) SetHeader(md metadata.MD) error  { return nil }
 func (nopTransport) SendHeader(md metadata.MD) error { return nil }
 func (nopTransport) SetTrailer(md metadata.MD) error { return nil }
+
+// FuzzStoreKey checks that no two (scope, key) pairs share a store key, by
+// splitting it back.
+func FuzzStoreKey(f *testing.F) {
+	f.Add("", "k")
+	f.Add("tenant-a", "order/42")
+	f.Add("a/b", "c")
+	f.Add("%2F", "x")
+	f.Add("é\x00", "k%")
+	f.Fuzz(func(t *testing.T, scope, key string) {
+		sk := idempotency.StoreKey(scope, key)
+		s, k, ok := idempotency.SplitStoreKey(sk)
+		if !ok || s != scope || k != key {
+			t.Fatalf("StoreKey(%q, %q) = %q splits into %q, %q, %v", scope, key, sk, s, k, ok)
+		}
+	})
+}

@@ -1,0 +1,189 @@
+// Command idempotency inspects and edits the records of a bbolt idempotency
+// store: what a support engineer needs when a customer asks why a payment was
+// (or was not) charged again.
+//
+//	idempotency list   -db FILE [-limit N]          one line per live record
+//	idempotency show   -db FILE [-scope S] KEY      one record in full
+//	idempotency forget -db FILE [-scope S] KEY      delete a record: the next call with KEY runs again
+//	idempotency sweep  -db FILE                     delete expired records now
+//
+// A bbolt file serves one process: stop the server first, or work on a copy.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+	"time"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/grpcidem/idempotency"
+)
+
+func main() {
+	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
+}
+
+const usage = `usage:
+  idempotency list   -db FILE [-limit N]       one line per live record
+  idempotency show   -db FILE [-scope S] KEY   one record in full
+  idempotency forget -db FILE [-scope S] KEY   delete a record: the next call with KEY runs again
+  idempotency sweep  -db FILE                  delete expired records now
+A bbolt file serves one process: stop the server first, or work on a copy.
+`
+
+// run is the command, with its exit code: 0, 1 for a failure, 2 for a usage
+// error.
+func run(args []string, stdout, stderr io.Writer) int {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, usage)
+		return 2
+	}
+	cmd := args[0]
+	fs := flag.NewFlagSet("idempotency "+cmd, flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	db := fs.String("db", "", "the bbolt file of the store (required)")
+	scope := fs.String("scope", "", "the scope of KEY (show, forget)")
+	limit := fs.Int("limit", 0, "list at most this many records (0: all)")
+	if err := fs.Parse(args[1:]); err != nil {
+		return 2
+	}
+	wantKey := cmd == "show" || cmd == "forget"
+	switch {
+	case cmd != "list" && cmd != "show" && cmd != "forget" && cmd != "sweep":
+		fmt.Fprintf(stderr, "idempotency: unknown command %q\n%s", cmd, usage)
+		return 2
+	case *db == "":
+		fmt.Fprintf(stderr, "idempotency %s: -db is required\n", cmd)
+		return 2
+	case wantKey && fs.NArg() != 1:
+		fmt.Fprintf(stderr, "idempotency %s: give exactly one KEY\n", cmd)
+		return 2
+	case !wantKey && fs.NArg() != 0:
+		fmt.Fprintf(stderr, "idempotency %s: unexpected arguments %q\n", cmd, fs.Args())
+		return 2
+	}
+	if _, err := os.Stat(*db); err != nil {
+		fmt.Fprintf(stderr, "idempotency %s: %v\n", cmd, err)
+		return 1
+	}
+	store, err := idempotency.OpenBolt(*db, idempotency.WithLockTimeout(time.Second), idempotency.WithCacheRecords(0))
+	if err != nil {
+		fmt.Fprintf(stderr, "idempotency %s: %v\n", cmd, err)
+		return 1
+	}
+	defer store.Close()
+	if err := dispatch(store, cmd, *scope, fs.Arg(0), *limit, stdout); err != nil {
+		fmt.Fprintf(stderr, "idempotency %s: %v\n", cmd, err)
+		return 1
+	}
+	return 0
+}
+
+func dispatch(store *idempotency.BoltStore, cmd, scope, key string, limit int, out io.Writer) error {
+	switch cmd {
+	case "list":
+		n := 0
+		err := store.Records(func(storeKey string, e idempotency.Entry) bool {
+			printLine(out, storeKey, e)
+			n++
+			return limit <= 0 || n < limit
+		})
+		if err == nil {
+			fmt.Fprintf(out, "%d records\n", n)
+		}
+		return err
+	case "show":
+		e, err := store.Lookup(context.Background(), idempotency.StoreKey(scope, key))
+		if err != nil {
+			return err
+		}
+		if e.State != idempotency.Completed {
+			return fmt.Errorf("no record for key %q in scope %q", key, scope)
+		}
+		return printRecord(out, scope, key, e)
+	case "forget":
+		found, err := store.Forget(idempotency.StoreKey(scope, key))
+		if err != nil {
+			return err
+		}
+		if !found {
+			return fmt.Errorf("no record for key %q in scope %q", key, scope)
+		}
+		fmt.Fprintf(out, "forgot key %q in scope %q: the next call with it runs the handler again\n", key, scope)
+		return nil
+	case "sweep":
+		n, err := store.Sweep()
+		if err == nil {
+			fmt.Fprintf(out, "swept %d expired records\n", n)
+		}
+		return err
+	}
+	return errors.New("unreachable")
+}
+
+func decode(e idempotency.Entry) (*idempotency.Record, error) {
+	rec := new(idempotency.Record)
+	if err := proto.Unmarshal(e.Record, rec); err != nil {
+		return nil, fmt.Errorf("the stored record is corrupt: %w", err)
+	}
+	return rec, nil
+}
+
+func printLine(out io.Writer, storeKey string, e idempotency.Entry) {
+	scope, key, _ := idempotency.SplitStoreKey(storeKey)
+	rec, err := decode(e)
+	if err != nil {
+		fmt.Fprintf(out, "scope=%q key=%q  %v\n", scope, key, err)
+		return
+	}
+	fmt.Fprintf(out, "scope=%q key=%q  %s  %s  responses=%d  created=%s  expires=%s\n",
+		scope, key, rec.Method, codes.Code(rec.GetStatus().GetCode()), len(rec.Responses),
+		rec.CreatedAt.AsTime().Format(time.RFC3339), e.Expires.UTC().Format(time.RFC3339))
+}
+
+func printRecord(out io.Writer, scope, key string, e idempotency.Entry) error {
+	rec, err := decode(e)
+	if err != nil {
+		return err
+	}
+	st := rec.GetStatus()
+	fmt.Fprintf(out, "scope:       %q\nkey:         %q\nmethod:      %s\n", scope, key, rec.Method)
+	fmt.Fprintf(out, "status:      %s %q\n", codes.Code(st.GetCode()), st.GetMessage())
+	for _, d := range st.GetDetails() {
+		fmt.Fprintf(out, "  detail:    %s (%d bytes)\n", d.GetTypeUrl(), len(d.GetValue()))
+	}
+	fmt.Fprintf(out, "created:     %s\nexpires:     %s\nfingerprint: %x\n",
+		rec.CreatedAt.AsTime().Format(time.RFC3339Nano), e.Expires.UTC().Format(time.RFC3339Nano), rec.Fingerprint)
+	for _, md := range rec.Header {
+		fmt.Fprintf(out, "header:      %s: %s\n", md.Key, values(md.Key, md.Values))
+	}
+	for _, md := range rec.Trailer {
+		fmt.Fprintf(out, "trailer:     %s: %s\n", md.Key, values(md.Key, md.Values))
+	}
+	for i, r := range rec.Responses {
+		fmt.Fprintf(out, "response %d:  %d bytes\n", i+1, len(r))
+	}
+	if rec.RequestsRead > 0 {
+		fmt.Fprintf(out, "requests:    %d read, end of stream read: %v\n", rec.RequestsRead, rec.RequestsClosed)
+	}
+	return nil
+}
+
+func values(key string, vs [][]byte) string {
+	parts := make([]string, len(vs))
+	for i, v := range vs {
+		if strings.HasSuffix(key, "-bin") {
+			parts[i] = fmt.Sprintf("%x", v)
+		} else {
+			parts[i] = fmt.Sprintf("%q", v)
+		}
+	}
+	return strings.Join(parts, ", ")
+}
