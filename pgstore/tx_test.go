@@ -63,6 +63,21 @@ func execution(t *testing.T, s *pgstore.Store, k string, lease time.Duration) (c
 	return context.WithoutCancel(ctx), tok
 }
 
+// beginWithRow starts an execution of k, begins its transaction and writes
+// the business row in it, as a handler in transactional mode does.
+func beginWithRow(t *testing.T, s *pgstore.Store, biz business, k string, lease time.Duration) (context.Context, string, pgx.Tx) {
+	t.Helper()
+	ctx, tok := execution(t, s, k, lease)
+	tx, err := s.BeginTx(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := biz.insert(ctx, tx, k); err != nil {
+		t.Fatal(err)
+	}
+	return ctx, tok, tx
+}
+
 func wantRolledBack(t *testing.T, what string, err error) {
 	t.Helper()
 	if !errors.Is(err, idempotency.ErrRolledBack) {
@@ -140,14 +155,7 @@ func TestTxKilledMidway(t *testing.T) {
 			pool, _, s := setup(t)
 			biz := newBusiness(t, pool)
 			k := key("tx-killed")
-			ctx, tok := execution(t, s, k, time.Hour)
-			tx, err := s.BeginTx(ctx)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if err := biz.insert(ctx, tx, k); err != nil {
-				t.Fatal(err)
-			}
+			ctx, tok, tx := beginWithRow(t, s, biz, k, time.Hour)
 			var pid uint32
 			if err := tx.QueryRow(ctx, "SELECT pg_backend_pid()").Scan(&pid); err != nil {
 				t.Fatal(err)
@@ -167,7 +175,7 @@ func TestTxKilledMidway(t *testing.T) {
 				}
 			}
 
-			err = s.Complete(ctx, k, tok, []byte("record"), time.Hour)
+			err := s.Complete(ctx, k, tok, []byte("record"), time.Hour)
 			wantRolledBack(t, "Complete after the handler's session died", err)
 			if n := biz.rows(t, k); n != 0 {
 				t.Fatalf("%d business rows after the kill, want 0", n)
@@ -182,14 +190,7 @@ func TestTxKilledMidway(t *testing.T) {
 			}
 
 			// The retry.
-			ctx, tok = execution(t, s, k, time.Hour)
-			tx, err = s.BeginTx(ctx)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if err := biz.insert(ctx, tx, k); err != nil {
-				t.Fatal(err)
-			}
+			ctx, tok, _ = beginWithRow(t, s, biz, k, time.Hour)
 			if err := s.Complete(ctx, k, tok, []byte("record"), time.Hour); err != nil {
 				t.Fatalf("Complete of the retry: %v", err)
 			}
@@ -275,14 +276,7 @@ func TestTxLeaseLost(t *testing.T) {
 	other := newStore(t, pool, table) // a second replica on the same table
 	biz := newBusiness(t, pool)
 	k := key("tx-lease-lost")
-	ctx, tok := execution(t, s, k, 200*time.Millisecond)
-	tx, err := s.BeginTx(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := biz.insert(ctx, tx, k); err != nil {
-		t.Fatal(err)
-	}
+	ctx, tok, _ := beginWithRow(t, s, biz, k, 200*time.Millisecond)
 
 	// Another owner takes over once the lease has run out.
 	newTok := token()
@@ -301,7 +295,7 @@ func TestTxLeaseLost(t *testing.T) {
 		time.Sleep(20 * time.Millisecond)
 	}
 
-	err = s.Complete(ctx, k, tok, []byte("stale"), time.Hour)
+	err := s.Complete(ctx, k, tok, []byte("stale"), time.Hour)
 	wantRolledBack(t, "Complete by the owner whose lease was taken over", err)
 	if n := biz.rows(t, k); n != 0 {
 		t.Fatalf("%d business rows of the stale owner, want 0", n)
@@ -323,14 +317,7 @@ func TestTxReleaseRollsBack(t *testing.T) {
 	pool, _, s := setup(t)
 	biz := newBusiness(t, pool)
 	k := key("tx-release")
-	ctx, tok := execution(t, s, k, time.Hour)
-	tx, err := s.BeginTx(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := biz.insert(ctx, tx, k); err != nil {
-		t.Fatal(err)
-	}
+	ctx, tok, _ := beginWithRow(t, s, biz, k, time.Hour)
 	if err := s.Release(ctx, k, tok); err != nil {
 		t.Fatal(err)
 	}
@@ -356,14 +343,7 @@ func TestTxHandlerMisuse(t *testing.T) {
 			pool, _, s := setup(t)
 			biz := newBusiness(t, pool)
 			k := key("tx-misuse")
-			ctx, tok := execution(t, s, k, time.Hour)
-			tx, err := s.BeginTx(ctx)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if err := biz.insert(ctx, tx, k); err != nil {
-				t.Fatal(err)
-			}
+			ctx, tok, tx := beginWithRow(t, s, biz, k, time.Hour)
 			misuse(ctx, tx)
 			wantRolledBack(t, "Complete", s.Complete(ctx, k, tok, []byte("record"), time.Hour))
 			if e, _ := s.Lookup(t.Context(), k); e.State == idempotency.Completed {
