@@ -6,8 +6,10 @@ import (
 	"path/filepath"
 	"runtime"
 	"strconv"
+	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	bolt "go.etcd.io/bbolt"
 	"google.golang.org/grpc"
@@ -96,7 +98,6 @@ func BenchmarkUnary(b *testing.B) {
 			return s
 		}},
 	}
-	req := &paymentsv1.ChargeRequest{Account: "acct_1", AmountCents: 1250, Currency: "EUR"}
 	for _, sc := range cases {
 		modes := []string{"first", "replay"}
 		if sc.open == nil {
@@ -109,40 +110,16 @@ func BenchmarkUnary(b *testing.B) {
 					if sc.open != nil {
 						store = sc.open(b)
 					}
-					client := benchClient(b, store)
-					var seq atomic.Int64
-					// A replay's key is the same on every call, as a
-					// client's retries carry it; a first execution needs
-					// a fresh one each time.
-					replayCtx := metadata.AppendToOutgoingContext(context.Background(), idempotency.KeyHeader, "the-one-key")
-					call := func(ctx context.Context) {
-						switch {
-						case store == nil:
-						case mode == "replay":
-							ctx = replayCtx
-						default:
-							ctx = metadata.AppendToOutgoingContext(ctx, idempotency.KeyHeader, "k-"+strconv.FormatInt(seq.Add(1), 36))
-						}
-						if _, err := client.Charge(ctx, req); err != nil {
-							b.Error(err)
-						}
+					key := freshKeys()
+					switch {
+					case store == nil:
+						key = nil
+					case mode == "replay":
+						// A replay's key is the same on every call, as a
+						// client's retries carry it.
+						key = func() string { return "the-one-key" }
 					}
-					ctx := context.Background()
-					call(ctx) // warm up the connection, and store the replayed record
-					b.ReportAllocs()
-					b.ResetTimer()
-					if par == 1 {
-						for b.Loop() {
-							call(ctx)
-						}
-						return
-					}
-					b.SetParallelism(max(1, par/runtimeProcs()))
-					b.RunParallel(func(pb *testing.PB) {
-						for pb.Next() {
-							call(ctx)
-						}
-					})
+					runCalls(b, benchClient(b, store), par, key)
 					if bs, ok := store.(*idempotency.BoltStore); ok && mode == "first" {
 						st := bs.Stats()
 						b.ReportMetric(float64(st.Records)/float64(st.Commits), "records/commit")
@@ -152,6 +129,142 @@ func BenchmarkUnary(b *testing.B) {
 			}
 		}
 	}
+}
+
+// freshKeys returns a key maker for first executions: a new key each call.
+func freshKeys() func() string {
+	var seq atomic.Int64
+	return func() string { return "k-" + strconv.FormatInt(seq.Add(1), 36) }
+}
+
+// runCalls times Charge calls on client by par callers at once, each with
+// key() as its idempotency key (none when key is nil). One untimed call
+// first warms up the connection (and stores the record a replay needs). It
+// reports cpu-µs/op, the process's CPU time (user and system) per call:
+// against ns/op and the cores, it tells whether a benchmark was bound by the
+// CPU or by waiting.
+func runCalls(b *testing.B, client paymentsv1.PaymentServiceClient, par int, key func() string) {
+	b.Helper()
+	req := &paymentsv1.ChargeRequest{Account: "acct_1", AmountCents: 1250, Currency: "EUR"}
+	call := func(ctx context.Context) {
+		if key != nil {
+			ctx = metadata.AppendToOutgoingContext(ctx, idempotency.KeyHeader, key())
+		}
+		if _, err := client.Charge(ctx, req); err != nil {
+			b.Error(err)
+		}
+	}
+	ctx := context.Background()
+	call(ctx)
+	b.ReportAllocs()
+	cpu, cpuOK := processCPU()
+	b.ResetTimer()
+	if par == 1 {
+		for b.Loop() {
+			call(ctx)
+		}
+	} else {
+		b.SetParallelism(max(1, par/runtimeProcs()))
+		b.RunParallel(func(pb *testing.PB) {
+			for pb.Next() {
+				call(ctx)
+			}
+		})
+	}
+	b.StopTimer()
+	if now, ok := processCPU(); ok && cpuOK {
+		b.ReportMetric(float64((now-cpu).Microseconds())/float64(b.N), "cpu-µs/op")
+	}
+}
+
+// BenchmarkCommitLatency shows what the latency of a durable commit does to
+// first executions at p64, with everything else equal: a memory store whose
+// completions are group-committed like BoltStore's (one loop takes every
+// completion waiting, a lone one at once) by a "commit" that waits a set
+// time without using a core, as an fsync does. Against the baseline in the
+// same run, it shows the commit latency at which a store can reach a given
+// share of the no-interceptor throughput on this machine; compare µs/commit
+// with BenchmarkUnary/bolt/first/p64's.
+//
+//	go test -run '^$' -bench BenchmarkCommitLatency -count 6 .
+func BenchmarkCommitLatency(b *testing.B) {
+	b.Run("none/baseline/p64", func(b *testing.B) {
+		runCalls(b, benchClient(b, nil), 64, nil)
+	})
+	for _, latency := range []time.Duration{0, 250 * time.Microsecond, 500 * time.Microsecond, time.Millisecond} {
+		b.Run("commit="+latency.String()+"/first/p64", func(b *testing.B) {
+			store := newDelayedCommit(latency)
+			b.Cleanup(func() { store.Close() })
+			runCalls(b, benchClient(b, store), 64, freshKeys())
+			commits := store.commits.Load()
+			b.ReportMetric(float64(store.records.Load())/float64(commits), "records/commit")
+			b.ReportMetric(float64(store.waited.Load())/1e3/float64(commits), "µs/commit")
+		})
+	}
+}
+
+// delayedCommit is a MemoryStore whose Complete returns once a group commit
+// that lasts latency has taken it.
+type delayedCommit struct {
+	*idempotency.MemoryStore
+	latency                  time.Duration
+	queue                    chan chan struct{}
+	stop                     chan struct{}
+	done                     sync.WaitGroup
+	commits, records, waited atomic.Int64
+}
+
+func newDelayedCommit(latency time.Duration) *delayedCommit {
+	s := &delayedCommit{MemoryStore: idempotency.NewMemoryStore(), latency: latency,
+		queue: make(chan chan struct{}, 1024), stop: make(chan struct{})}
+	s.done.Add(1)
+	go s.commitLoop()
+	return s
+}
+
+func (s *delayedCommit) commitLoop() {
+	defer s.done.Done()
+	var batch []chan struct{}
+	for {
+		select {
+		case c := <-s.queue:
+			batch = append(batch[:0], c)
+		case <-s.stop:
+			return
+		}
+	gather:
+		for {
+			select {
+			case c := <-s.queue:
+				batch = append(batch, c)
+			default:
+				break gather
+			}
+		}
+		start := time.Now()
+		if s.latency > 0 {
+			time.Sleep(s.latency)
+		}
+		s.waited.Add(int64(time.Since(start)))
+		s.commits.Add(1)
+		s.records.Add(int64(len(batch)))
+		for _, c := range batch {
+			close(c)
+		}
+	}
+}
+
+func (s *delayedCommit) Complete(ctx context.Context, key, token string, record []byte, retention time.Duration) error {
+	committed := make(chan struct{})
+	s.queue <- committed
+	<-committed
+	return s.MemoryStore.Complete(ctx, key, token, record, retention)
+}
+
+func (s *delayedCommit) Close() error {
+	close(s.stop)
+	s.done.Wait()
+	return s.MemoryStore.Close()
 }
 
 func runtimeProcs() int { return runtime.GOMAXPROCS(0) }
