@@ -21,6 +21,9 @@ import (
 // Run with -cpu 1, so that the p64 benchmarks run 64 goroutines:
 //
 //	go test -run '^$' -bench . -cpu 1 ./pgstore
+//
+// Each sub-benchmark also reports cpu-µs/op and pg-cpu-µs/op: the CPU time of
+// this process and of the PostgreSQL server per op (see cpuMeter).
 
 func benchPool(b *testing.B) *pgxpool.Pool {
 	return newPool(b, func(c *pgxpool.Config) { c.MaxConns = 32 })
@@ -37,16 +40,21 @@ func parallelism(b *testing.B, body func(b *testing.B, next func() int64)) {
 	})
 }
 
-func loop(b *testing.B, op func()) {
+// loop times op, and reports cpu's metrics for the timed loop only.
+func loop(b *testing.B, cpu *cpuMeter, op func()) {
+	cpu.start()
+	defer cpu.stop(b)
 	if b.Name()[len(b.Name())-3:] == "p64" {
+		b.ResetTimer()
 		b.RunParallel(func(pb *testing.PB) {
 			for pb.Next() {
 				op()
 			}
 		})
+		b.StopTimer()
 		return
 	}
-	for b.Loop() {
+	for b.Loop() { // resets the timer on its first call, stops it on its last
 		op()
 	}
 }
@@ -55,11 +63,12 @@ func loop(b *testing.B, op func()) {
 func BenchmarkStoreFirstExecution(b *testing.B) {
 	pool := benchPool(b)
 	s := newStore(b, pool, newTable(b, pool))
+	cpu := newCPUMeter(pool)
 	record := make([]byte, 256)
 	prefix := key("bench-first")
 	parallelism(b, func(b *testing.B, next func() int64) {
 		ctx := context.Background()
-		loop(b, func() {
+		loop(b, cpu, func() {
 			k, tok := prefix+strconv.FormatInt(next(), 10), token()
 			e, err := s.Reserve(ctx, k, idempotency.Claim{Token: tok, Lease: time.Minute})
 			if err != nil || e.State != idempotency.Acquired {
@@ -87,8 +96,9 @@ func BenchmarkStoreReplay(b *testing.B) {
 			b.Fatal(err)
 		}
 	}
+	cpu := newCPUMeter(pool)
 	parallelism(b, func(b *testing.B, next func() int64) {
-		loop(b, func() {
+		loop(b, cpu, func() {
 			e, err := s.Reserve(ctx, keys[next()%int64(len(keys))], idempotency.Claim{Token: token(), Lease: time.Minute})
 			if err != nil || e.State != idempotency.Completed {
 				b.Fatalf("Reserve: %v, %v", e.State, err)
@@ -104,6 +114,7 @@ func BenchmarkStoreReplay(b *testing.B) {
 func BenchmarkInterceptor(b *testing.B) {
 	pool := benchPool(b)
 	s := newStore(b, pool, newTable(b, pool))
+	cpu := newCPUMeter(pool)
 	p := &plainPayments{}
 	for _, mode := range []string{"baseline", "first", "replay"} {
 		b.Run(mode, func(b *testing.B) {
@@ -146,7 +157,7 @@ func BenchmarkInterceptor(b *testing.B) {
 				}
 			}
 			parallelism(b, func(b *testing.B, next func() int64) {
-				loop(b, func() { call(context.Background(), next) })
+				loop(b, cpu, func() { call(context.Background(), next) })
 			})
 		})
 	}

@@ -2,14 +2,18 @@ package redisstore_test
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"net"
 	"runtime"
 	"strconv"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/grpcidem/idempotency"
 	paymentsv1 "github.com/grpcidem/idempotency/proto/payments/v1"
+	"github.com/redis/go-redis/v9"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
@@ -54,6 +58,17 @@ func benchGRPC(b *testing.B, store idempotency.Store) paymentsv1.PaymentServiceC
 // run), and with it on Redis for first executions (a fresh key per call) and
 // replays (one key), by 1 caller and by 64 at once.
 //
+// Each sub-benchmark also reports where the CPU goes during its timed loop:
+// cpu-µs/op is this process's CPU time (user and system: the callers, the
+// gRPC stack, the interceptor and the Redis client) per call, and
+// redis-cpu-µs/op the Redis server's (INFO cpu: used_cpu_sys+used_cpu_user;
+// left out if INFO fails). At p64 the benchmark, the gRPC stack and Redis all
+// share the machine's cores, so (cpu-µs/op + redis-cpu-µs/op) / cores, with
+// cores = GOMAXPROCS (the machine's cores by default), is a floor on µs/op:
+// when it is close to the measured µs/op, the run is bound by the CPU, and on
+// a 2-core machine no change to the store can bring a p64 first execution
+// near the baseline's throughput.
+//
 //	go test -run '^$' -bench BenchmarkUnary -benchmem -count 5 .
 func BenchmarkUnary(b *testing.B) {
 	req := &paymentsv1.ChargeRequest{Account: "acct_1", AmountCents: 1250, Currency: "EUR"}
@@ -61,9 +76,12 @@ func BenchmarkUnary(b *testing.B) {
 		for _, par := range []int{1, 64} {
 			b.Run(mode+"/p"+strconv.Itoa(par), func(b *testing.B) {
 				var store idempotency.Store
+				var rdb *redis.Client
 				if mode != "none/baseline" {
-					c := benchClient(b)
-					store = newStore(b, c, testPrefix(b, c))
+					rdb = benchClient(b)
+					store = newStore(b, rdb, testPrefix(b, rdb))
+				} else if reachable() == nil {
+					rdb = benchClient(b) // only to read Redis's CPU time
 				}
 				client := benchGRPC(b, store)
 				var seq atomic.Int64
@@ -84,20 +102,78 @@ func BenchmarkUnary(b *testing.B) {
 				ctx := context.Background()
 				call(ctx) // warm up the connection and the scripts; store the replayed record
 				b.ReportAllocs()
+				cpu := startCPU(rdb)
 				b.ResetTimer()
 				if par == 1 {
 					for b.Loop() {
 						call(ctx)
 					}
-					return
+				} else {
+					b.SetParallelism(max(1, par/runtime.GOMAXPROCS(0)))
+					b.RunParallel(func(pb *testing.PB) {
+						for pb.Next() {
+							call(ctx)
+						}
+					})
 				}
-				b.SetParallelism(max(1, par/runtime.GOMAXPROCS(0)))
-				b.RunParallel(func(pb *testing.PB) {
-					for pb.Next() {
-						call(ctx)
-					}
-				})
+				b.StopTimer()
+				cpu.stop(b)
 			})
 		}
 	}
+}
+
+// cpuMeter measures the CPU time (user and system) that this process and the
+// Redis server spend between startCPU and stop.
+type cpuMeter struct {
+	rdb      *redis.Client // nil: the Redis server's CPU time is not measured
+	self     time.Duration
+	selfOK   bool
+	redis    float64 // seconds
+	redisErr error
+}
+
+func startCPU(rdb *redis.Client) *cpuMeter {
+	m := &cpuMeter{rdb: rdb}
+	m.redis, m.redisErr = redisCPU(rdb)
+	m.self, m.selfOK = processCPU()
+	return m
+}
+
+// stop reports the CPU time since startCPU per op: cpu-µs/op for this
+// process, and redis-cpu-µs/op for the Redis server unless INFO failed.
+func (m *cpuMeter) stop(b *testing.B) {
+	now, ok := processCPU()
+	server, err := redisCPU(m.rdb)
+	if ok && m.selfOK {
+		b.ReportMetric(float64((now-m.self).Nanoseconds())/1e3/float64(b.N), "cpu-µs/op")
+	}
+	switch {
+	case m.rdb == nil:
+	case m.redisErr != nil || err != nil:
+		b.Logf("no redis-cpu-µs/op: %v", errors.Join(m.redisErr, err))
+	default:
+		b.ReportMetric((server-m.redis)*1e6/float64(b.N), "redis-cpu-µs/op")
+	}
+}
+
+// redisCPU returns the Redis server's CPU time in seconds, user and system,
+// from INFO cpu.
+func redisCPU(rdb *redis.Client) (float64, error) {
+	if rdb == nil {
+		return 0, nil
+	}
+	info, err := rdb.InfoMap(context.Background(), "cpu").Result()
+	if err != nil {
+		return 0, err
+	}
+	var seconds float64
+	for _, field := range []string{"used_cpu_sys", "used_cpu_user"} {
+		v, err := strconv.ParseFloat(info["CPU"][field], 64)
+		if err != nil {
+			return 0, fmt.Errorf("INFO cpu %s: %w", field, err)
+		}
+		seconds += v
+	}
+	return seconds, nil
 }
