@@ -18,6 +18,7 @@ import (
 	"google.golang.org/grpc/test/bufconn"
 
 	"github.com/grpcidem/idempotency"
+	"github.com/grpcidem/idempotency/internal/cpuclock"
 	paymentsv1 "github.com/grpcidem/idempotency/proto/payments/v1"
 )
 
@@ -157,7 +158,7 @@ func runCalls(b *testing.B, client paymentsv1.PaymentServiceClient, par int, key
 	ctx := context.Background()
 	call(ctx)
 	b.ReportAllocs()
-	cpu, cpuOK := processCPU()
+	cpu, cpuOK := cpuclock.Process()
 	b.ResetTimer()
 	if par == 1 {
 		for b.Loop() {
@@ -172,7 +173,7 @@ func runCalls(b *testing.B, client paymentsv1.PaymentServiceClient, par int, key
 		})
 	}
 	b.StopTimer()
-	if now, ok := processCPU(); ok && cpuOK {
+	if now, ok := cpuclock.Process(); ok && cpuOK {
 		b.ReportMetric(float64((now-cpu).Microseconds())/float64(b.N), "cpu-µs/op")
 	}
 }

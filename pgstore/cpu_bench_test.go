@@ -9,6 +9,8 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/grpcidem/idempotency/internal/cpuclock"
 )
 
 // cpuMeter reports where the CPU goes during a benchmark's timed loop, as two
@@ -54,12 +56,12 @@ func (m *cpuMeter) start() {
 	if m.postmaster != 0 {
 		m.pg, m.pgOK = serverCPU(m.postmaster)
 	}
-	m.self, m.selfOK = processCPU()
+	m.self, m.selfOK = cpuclock.Process()
 }
 
 func (m *cpuMeter) stop(b *testing.B) {
 	perOp := func(d time.Duration) float64 { return float64(d) / float64(time.Microsecond) / float64(b.N) }
-	if self, ok := processCPU(); ok && m.selfOK && b.N > 0 {
+	if self, ok := cpuclock.Process(); ok && m.selfOK && b.N > 0 {
 		b.ReportMetric(perOp(self-m.self), "cpu-µs/op")
 	}
 	if m.pgOK && b.N > 0 {

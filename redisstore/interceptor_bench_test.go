@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/grpcidem/idempotency"
+	"github.com/grpcidem/idempotency/internal/cpuclock"
 	paymentsv1 "github.com/grpcidem/idempotency/proto/payments/v1"
 	"github.com/redis/go-redis/v9"
 	"google.golang.org/grpc"
@@ -136,14 +137,14 @@ type cpuMeter struct {
 func startCPU(rdb *redis.Client) *cpuMeter {
 	m := &cpuMeter{rdb: rdb}
 	m.redis, m.redisErr = redisCPU(rdb)
-	m.self, m.selfOK = processCPU()
+	m.self, m.selfOK = cpuclock.Process()
 	return m
 }
 
 // stop reports the CPU time since startCPU per op: cpu-µs/op for this
 // process, and redis-cpu-µs/op for the Redis server unless INFO failed.
 func (m *cpuMeter) stop(b *testing.B) {
-	now, ok := processCPU()
+	now, ok := cpuclock.Process()
 	server, err := redisCPU(m.rdb)
 	if ok && m.selfOK {
 		b.ReportMetric(float64((now-m.self).Nanoseconds())/1e3/float64(b.N), "cpu-µs/op")

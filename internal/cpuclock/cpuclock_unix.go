@@ -1,14 +1,13 @@
 //go:build unix
 
-package idempotency_test
+package cpuclock
 
 import (
 	"syscall"
 	"time"
 )
 
-// processCPU returns this process's CPU time, user and system.
-func processCPU() (time.Duration, bool) {
+func process() (time.Duration, bool) {
 	var ru syscall.Rusage
 	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
 		return 0, false
