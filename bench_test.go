@@ -122,14 +122,20 @@ func BenchmarkUnary(b *testing.B) {
 					}
 					runCalls(b, benchClient(b, store), par, key)
 					if bs, ok := store.(*idempotency.BoltStore); ok && mode == "first" {
-						st := bs.Stats()
-						b.ReportMetric(float64(st.Records)/float64(st.Commits), "records/commit")
-						b.ReportMetric(float64(st.CommitTime.Microseconds())/float64(st.Commits), "µs/commit")
+						reportCommits(b, bs)
 					}
 				})
 			}
 		}
 	}
+}
+
+// reportCommits reports how many first executions shared each of s's
+// commits, and how long a commit took.
+func reportCommits(b *testing.B, s *idempotency.BoltStore) {
+	st := s.Stats()
+	b.ReportMetric(float64(st.Records)/float64(st.Commits), "records/commit")
+	b.ReportMetric(float64(st.CommitTime.Microseconds())/float64(st.Commits), "µs/commit")
 }
 
 // freshKeys returns a key maker for first executions: a new key each call.
@@ -185,12 +191,24 @@ func runCalls(b *testing.B, client paymentsv1.PaymentServiceClient, par int, key
 // time without using a core, as an fsync does. Against the baseline in the
 // same run, it shows the commit latency at which a store can reach a given
 // share of the no-interceptor throughput on this machine; compare µs/commit
-// with BenchmarkUnary/bolt/first/p64's.
+// with BenchmarkUnary/bolt/first/p64's. bolt-nosync is BoltStore with
+// bbolt's fsyncs turned off: the share its own CPU work leaves.
 //
 //	go test -run '^$' -bench BenchmarkCommitLatency -count 6 .
 func BenchmarkCommitLatency(b *testing.B) {
 	b.Run("none/baseline/p64", func(b *testing.B) {
 		runCalls(b, benchClient(b, nil), 64, nil)
+	})
+	// bbolt without its fsyncs (NoSync: never for production): what its
+	// own work costs when a commit waits for no disk.
+	b.Run("bolt-nosync/first/p64", func(b *testing.B) {
+		s, err := idempotency.OpenBolt(filepath.Join(b.TempDir(), "nosync.db"), idempotency.WithBoltOptions(&bolt.Options{NoSync: true}))
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.Cleanup(func() { s.Close() })
+		runCalls(b, benchClient(b, s), 64, freshKeys())
+		reportCommits(b, s)
 	})
 	for _, latency := range []time.Duration{0, 250 * time.Microsecond, 500 * time.Microsecond, time.Millisecond} {
 		b.Run("commit="+latency.String()+"/first/p64", func(b *testing.B) {
