@@ -111,16 +111,17 @@ func BenchmarkUnary(b *testing.B) {
 					if sc.open != nil {
 						store = sc.open(b)
 					}
-					key := freshKeys()
+					withKey := freshKeys()
 					switch {
 					case store == nil:
-						key = nil
+						withKey = nil
 					case mode == "replay":
 						// A replay's key is the same on every call, as a
 						// client's retries carry it.
-						key = func() string { return "the-one-key" }
+						replayCtx := metadata.AppendToOutgoingContext(context.Background(), idempotency.KeyHeader, "the-one-key")
+						withKey = func(context.Context) context.Context { return replayCtx }
 					}
-					runCalls(b, benchClient(b, store), par, key)
+					runCalls(b, benchClient(b, store), par, withKey)
 					if bs, ok := store.(*idempotency.BoltStore); ok && mode == "first" {
 						reportCommits(b, bs)
 					}
@@ -138,24 +139,27 @@ func reportCommits(b *testing.B, s *idempotency.BoltStore) {
 	b.ReportMetric(float64(st.CommitTime.Microseconds())/float64(st.Commits), "µs/commit")
 }
 
-// freshKeys returns a key maker for first executions: a new key each call.
-func freshKeys() func() string {
+// freshKeys returns what gives each first execution its own key.
+func freshKeys() func(context.Context) context.Context {
 	var seq atomic.Int64
-	return func() string { return "k-" + strconv.FormatInt(seq.Add(1), 36) }
+	return func(ctx context.Context) context.Context {
+		return metadata.AppendToOutgoingContext(ctx, idempotency.KeyHeader, "k-"+strconv.FormatInt(seq.Add(1), 36))
+	}
 }
 
-// runCalls times Charge calls on client by par callers at once, each with
-// key() as its idempotency key (none when key is nil). One untimed call
+// runCalls times Charge calls on client by par callers at once, each in
+// withKey's context, which carries its idempotency key (none when withKey is
+// nil). One untimed call
 // first warms up the connection (and stores the record a replay needs). It
 // reports cpu-µs/op, the process's CPU time (user and system) per call:
 // against ns/op and the cores, it tells whether a benchmark was bound by the
 // CPU or by waiting.
-func runCalls(b *testing.B, client paymentsv1.PaymentServiceClient, par int, key func() string) {
+func runCalls(b *testing.B, client paymentsv1.PaymentServiceClient, par int, withKey func(context.Context) context.Context) {
 	b.Helper()
 	req := &paymentsv1.ChargeRequest{Account: "acct_1", AmountCents: 1250, Currency: "EUR"}
 	call := func(ctx context.Context) {
-		if key != nil {
-			ctx = metadata.AppendToOutgoingContext(ctx, idempotency.KeyHeader, key())
+		if withKey != nil {
+			ctx = withKey(ctx)
 		}
 		if _, err := client.Charge(ctx, req); err != nil {
 			b.Error(err)
