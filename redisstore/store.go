@@ -369,25 +369,26 @@ func (s *Store) Wait(ctx context.Context, key string, seen idempotency.Entry) er
 	defer lease.Stop()
 
 	// Until the subscription is confirmed a notification could be missed,
-	// so the key is checked once it is, or after a recheck interval if the
-	// subscriber is down.
-	select {
-	case <-w.sub.ready:
-	case <-w.signal:
-		if w.ended.Load() {
-			return nil
-		}
-	case <-recheck.C:
-	case <-lease.C:
-		return nil
-	case <-ctx.Done():
-		return ctx.Err()
-	case <-s.hub.closing:
-		return idempotency.ErrClosed
-	}
-
+	// so the key is first checked once it is, or after a recheck interval
+	// if the subscriber is down; then at each notification or recheck.
+	ready := w.sub.ready
 	ow := owner(seen.Token)
 	for {
+		select {
+		case <-ready:
+		case <-w.signal:
+			if w.ended.Load() {
+				return nil
+			}
+		case <-recheck.C:
+		case <-lease.C:
+			return nil
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-s.hub.closing:
+			return idempotency.ErrClosed
+		}
+		ready = nil // confirmed, or no longer waited for
 		res, err := watchScript.Run(ctx, s.client, []string{rk}, ow).Slice()
 		if err != nil {
 			if ctx.Err() != nil {
@@ -402,19 +403,6 @@ func (s *Store) Wait(ctx context.Context, key string, seen idempotency.Entry) er
 		// one would only cost the caller a Reserve that finds it held.
 		if pttl, ok := res[1].(int64); ok && pttl >= 0 {
 			lease.Reset(time.Duration(pttl+1) * time.Millisecond)
-		}
-		select {
-		case <-w.signal:
-			if w.ended.Load() {
-				return nil
-			}
-		case <-recheck.C:
-		case <-lease.C:
-			return nil
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-s.hub.closing:
-			return idempotency.ErrClosed
 		}
 	}
 }
