@@ -308,15 +308,21 @@ func (s *BoltStore) Reserve(ctx context.Context, key string, c Claim) (Entry, er
 	if s.closed.Load() {
 		return Entry{}, ErrClosed
 	}
+	if err := checkClaim(key, c); err != nil {
+		return Entry{}, err
+	}
 	return s.table.state(s, key, &c)
 }
 
 // Renew implements Store.
-func (s *BoltStore) Renew(ctx context.Context, key, token string, lease time.Duration) error {
+func (s *BoltStore) Renew(ctx context.Context, key string, c Claim) error {
 	if s.closed.Load() {
 		return ErrClosed
 	}
-	return s.table.renew(key, token, lease)
+	if err := checkClaim(key, c); err != nil {
+		return err
+	}
+	return s.table.renew(s, key, c)
 }
 
 // Release implements Store. It writes nothing to disk.

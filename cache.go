@@ -3,6 +3,7 @@ package idempotency
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net/url"
 	"strconv"
 	"strings"
@@ -35,10 +36,13 @@ type Store interface {
 	// replay costs one call.
 	Reserve(ctx context.Context, key string, claim Claim) (Entry, error)
 
-	// Renew extends the lease of a pending key to lease from now, if it is
-	// still held by token. It returns ErrNotOwner otherwise (the key was
-	// released, completed, or taken over after the lease ran out).
-	Renew(ctx context.Context, key, token string, lease time.Duration) error
+	// Renew extends the lease of key to claim.Lease from now, if it is
+	// pending under claim.Token. If key is absent (the owner's lease ran
+	// out and nobody took the key over, or it was released), Renew takes it
+	// back under claim, as Reserve would: the owner is still running, and
+	// its work is still the only work on the key. It returns ErrNotOwner,
+	// and changes nothing, if another owner holds key or it is completed.
+	Renew(ctx context.Context, key string, claim Claim) error
 
 	// Complete stores record under key for retention and wakes its waiters,
 	// if key is pending under token, or absent (the owner's lease ran out
@@ -88,8 +92,22 @@ type Claim struct {
 	// handler runs (unary and server-streaming calls), so that a duplicate
 	// with another request is refused at once. It may be nil.
 	Fingerprint []byte
-	// Lease is how long the key stays pending without a Renew.
+	// Lease is how long the key stays pending without a Renew: more than
+	// zero and at most MaxRetention (stores refuse other values).
 	Lease time.Duration
+	// Held says that the owner runs in this process and ends its lease
+	// itself, with Complete or Release, on every path (the interceptors
+	// set it). A store that keeps its leases in this process's memory
+	// (the memory and bbolt stores) then never lets such a lease run out
+	// by the clock: its owner lives exactly as long as the process, and a
+	// process that was paused (SIGSTOP, a frozen VM, a debugger) for longer
+	// than the lease still has its handler running when it resumes. Such a
+	// lease ends with Complete or Release, or when the process exits; if
+	// Complete fails, the store holds the key for one more Lease by the
+	// clock, so duplicates wait instead of running again at once. Stores
+	// shared between processes cannot tell a paused owner from a dead one
+	// and ignore Held.
+	Held bool
 }
 
 // State is the state of a store key, as Reserve and Lookup report it.
@@ -149,7 +167,66 @@ var (
 	ErrRolledBack = errors.New("idempotency: record not stored; the handler's transaction was rolled back")
 	// ErrClosed is returned by a Store's methods after Close.
 	ErrClosed = errors.New("idempotency: store is closed")
+	// ErrLeaseLost is the cause (context.Cause) with which the context of a
+	// running handler is cancelled when another owner took its key over
+	// after its lease ran out (a long pause of a replica on a shared
+	// store): the other owner runs, or has run, the same call, so the
+	// handler should stop before its side effect. Execution.Err reports it
+	// too.
+	ErrLeaseLost = errors.New("idempotency: the lease on the key was lost to another owner")
+	// ErrKeyTooLong is returned (wrapped) by a Store for a store key longer
+	// than MaxStoreKeyLength.
+	ErrKeyTooLong = errors.New("idempotency: store key too long")
 )
+
+// Bounds of what every Store holds. The interceptors refuse a call whose
+// store key would be longer before its handler runs (InvalidArgument), so a
+// Store can rely on them; the stores in this module and its companions
+// check them too.
+const (
+	// MaxScopeLength is the longest scope, in bytes, that WithScope may
+	// return for a call with a key.
+	MaxScopeLength = 256
+	// MaxStoreKeyLength is the longest store key a Store must hold: a scope
+	// of MaxScopeLength bytes, each escaped to three, a separator and a key
+	// of MaxKeyLength bytes.
+	MaxStoreKeyLength = 3*MaxScopeLength + 1 + MaxKeyLength
+)
+
+// CheckStoreKey returns an error wrapping ErrKeyTooLong for a store key that
+// is longer than MaxStoreKeyLength, for Stores to refuse it.
+func CheckStoreKey(key string) error {
+	if len(key) > MaxStoreKeyLength {
+		return fmt.Errorf("%w: %d bytes, the limit is %d", ErrKeyTooLong, len(key), MaxStoreKeyLength)
+	}
+	return nil
+}
+
+// checkClaim and checkRecord are the checks of CheckStoreKey and
+// CheckDuration on a Reserve or Renew, and on a Complete.
+func checkClaim(key string, c Claim) error {
+	if err := CheckStoreKey(key); err != nil {
+		return err
+	}
+	return CheckDuration("Claim.Lease", c.Lease)
+}
+
+func checkRecord(key string, retention time.Duration) error {
+	if err := CheckStoreKey(key); err != nil {
+		return err
+	}
+	return CheckDuration("retention", retention)
+}
+
+// CheckDuration returns an error for a lease or retention (named what) that a
+// Store must refuse: zero or less, or more than MaxRetention, which every
+// store converts without overflow.
+func CheckDuration(what string, d time.Duration) error {
+	if d <= 0 || d > MaxRetention {
+		return fmt.Errorf("idempotency: %s of %v is out of range: it must be more than 0 and at most %v", what, d, MaxRetention)
+	}
+	return nil
+}
 
 // StoreKey returns the store key for an idempotency key within a scope. The
 // scope comes first and is escaped, so that no two (scope, key) pairs share a

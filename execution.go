@@ -3,6 +3,7 @@ package idempotency
 import (
 	"context"
 	"sync"
+	"sync/atomic"
 )
 
 // An Execution is the first execution of a keyed call: the one run that every
@@ -25,6 +26,31 @@ type Execution struct {
 
 	mu     sync.Mutex
 	values map[any]any
+
+	lost   atomic.Bool
+	cancel context.CancelCauseFunc // cancels the handler's context
+}
+
+// Err returns ErrLeaseLost once another owner has taken the execution's key
+// over (its lease ran out while its process was paused or cut off from a
+// shared store, and a duplicate took the key), and nil before. The handler's
+// context is then cancelled with the same cause (context.Cause). A handler
+// that has not made its side effect yet should stop: the other owner runs
+// the call, and this execution's outcome will not be stored.
+func (e *Execution) Err() error {
+	if e.lost.Load() {
+		return ErrLeaseLost
+	}
+	return nil
+}
+
+// loseLease marks the execution's lease as taken over and cancels its
+// handler's context.
+func (e *Execution) loseLease() {
+	e.lost.Store(true)
+	if e.cancel != nil {
+		e.cancel(ErrLeaseLost)
+	}
 }
 
 type executionKey struct{}

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"hash/maphash"
+	mrand "math/rand/v2"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -27,7 +28,9 @@ import (
 // once per idempotency key and answers every duplicate from the stored
 // outcome, as the package documentation describes. Calls
 // without a key run as if there were no interceptor, unless their method
-// requires one (WithRequiredKey).
+// requires one (WithRequiredKey). It panics if store is nil or an option is
+// out of its documented range: a misconfiguration is caught when the server
+// is built, not by the first call.
 func UnaryServerInterceptor(store Store, opts ...Option) grpc.UnaryServerInterceptor {
 	s := newServer(store, opts)
 	return s.unary
@@ -44,7 +47,11 @@ func newServer(store Store, opts []Option) *server {
 	if store == nil {
 		panic("idempotency: nil Store")
 	}
-	return &server{store: store, o: newOptions(opts), decoded: &decodedRecords{seed: maphash.MakeSeed()}}
+	o, err := newOptions(opts)
+	if err != nil {
+		panic(err.Error())
+	}
+	return &server{store: store, o: o, decoded: &decodedRecords{seed: maphash.MakeSeed()}}
 }
 
 // call is one keyed call, from the key's validation to its outcome.
@@ -79,6 +86,10 @@ func (s *server) prepare(ctx context.Context, method string) (*call, error) {
 			}
 			return nil, status.Errorf(codes.Internal, "idempotency: scope of the call: %v", err)
 		}
+		if len(scope) > MaxScopeLength {
+			c.s.o.logger.Error("idempotency: the scope of a call is too long; call refused", "method", method, "scope_bytes", len(scope), "limit", MaxScopeLength)
+			return nil, status.Errorf(codes.InvalidArgument, "idempotency: the scope of this call is %d bytes; scopes of at most %d bytes can be stored", len(scope), MaxScopeLength)
+		}
 		c.scope = scope
 	}
 	c.skey = StoreKey(c.scope, key)
@@ -104,6 +115,7 @@ func newToken() string {
 // a record (rec is set), or run without idempotency (neither: fail-open).
 type reservation struct {
 	exec  *Execution
+	claim Claim // what exec holds the key under
 	rec   *Record
 	start time.Time // when the call began to reserve, for event durations
 }
@@ -113,20 +125,27 @@ type reservation struct {
 // only after the handler has read the requests (client and bidi streams).
 func (c *call) reserve(ctx context.Context, fp []byte) (reservation, error) {
 	o := c.s.o
-	token := newToken()
+	claim := Claim{Token: newToken(), Fingerprint: fp, Lease: o.lease, Held: true}
 	start := time.Now()
 	var waitCtx context.Context
 	for {
-		e, err := c.s.store.Reserve(ctx, c.skey, Claim{Token: token, Fingerprint: fp, Lease: o.lease})
+		if ctx.Err() != nil {
+			return reservation{}, c.waitEnded(ctx, start)
+		}
+		e, err := c.storeReserve(ctx, claim)
 		if err != nil {
-			if ctx.Err() != nil {
-				return reservation{}, c.waitEnded(ctx, start)
-			}
 			return c.storeFailed(ctx, "reserve", err)
 		}
 		switch e.State {
 		case Acquired:
-			return reservation{exec: &Execution{Method: c.method, Scope: c.scope, Key: c.key, StoreKey: c.skey, Token: token}}, nil
+			if ctx.Err() != nil {
+				// The caller gave up while the key was being reserved:
+				// nobody would get the outcome, and a retry must not
+				// find the key held.
+				c.release(ctx, claim.Token)
+				return reservation{}, status.FromContextError(ctx.Err()).Err()
+			}
+			return reservation{exec: &Execution{Method: c.method, Scope: c.scope, Key: c.key, StoreKey: c.skey, Token: claim.Token}, claim: claim}, nil
 		case Completed:
 			rec, err := c.s.decoded.decode(c.skey, e.Record)
 			if err != nil {
@@ -166,6 +185,31 @@ func (c *call) reserve(ctx context.Context, fp []byte) (reservation, error) {
 		default:
 			return c.storeFailed(ctx, "reserve", errors.New("store returned state "+e.State.String()))
 		}
+	}
+}
+
+// storeReserve runs one Reserve. It is not cut off when the caller gives up,
+// only after the store timeout: a Reserve cancelled midway may have taken the
+// key in the store all the same, and then nobody would release it until its
+// lease ran out. If it fails, the key is released under the call's token in
+// the background, in case it did take the key before failing.
+func (c *call) storeReserve(ctx context.Context, claim Claim) (Entry, error) {
+	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), c.s.o.storeTimeout)
+	e, err := c.s.store.Reserve(rctx, c.skey, claim)
+	cancel()
+	if err != nil {
+		go c.release(ctx, claim.Token)
+	}
+	return e, err
+}
+
+// release gives up the key held under token, quietly: it is for keys the
+// call may hold without having run anything.
+func (c *call) release(ctx context.Context, token string) {
+	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), c.s.o.storeTimeout)
+	defer cancel()
+	if err := c.s.store.Release(rctx, c.skey, token); err != nil && !errors.Is(err, ErrNotOwner) && !errors.Is(err, ErrClosed) {
+		c.s.o.logger.Warn("idempotency: releasing a key reserved for a call that did not run failed; a retry waits until its lease runs out", "method", c.method, "key", c.key, "err", err)
 	}
 }
 
@@ -223,32 +267,52 @@ func (c *call) event(ctx context.Context, e Event) {
 }
 
 // keepLease renews the lease of a running first execution every third of its
-// length, until stop is called.
-func (c *call) keepLease(ctx context.Context, exec *Execution) (stop func()) {
+// length, until stop is called; stop waits for a renewal under way, so that
+// none lands after the outcome is saved or the key released. If another
+// owner has taken the key (the lease ran out during a pause, and a shared
+// store handed the key to a duplicate), the handler's context is cancelled
+// with ErrLeaseLost.
+func (c *call) keepLease(ctx context.Context, exec *Execution, claim Claim) (stop func()) {
 	o := c.s.o
-	every := max(o.lease/3, time.Millisecond)
+	every := o.lease / 3
 	var (
-		mu      sync.Mutex
-		stopped bool
-		t       *time.Timer
+		mu       sync.Mutex
+		stopped  bool
+		inFlight sync.WaitGroup
+		t        *time.Timer
 	)
 	renew := func() {
-		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), o.lease)
-		err := c.s.store.Renew(rctx, c.skey, exec.Token, o.lease)
-		cancel()
 		mu.Lock()
-		defer mu.Unlock()
 		if stopped {
+			mu.Unlock()
 			return
 		}
-		if err != nil {
-			o.logger.Warn("idempotency: lease renewal failed", "method", c.method, "key", c.key, "err", err)
+		inFlight.Add(1)
+		mu.Unlock()
+		defer inFlight.Done()
+
+		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), o.lease)
+		err := c.s.store.Renew(rctx, c.skey, claim)
+		cancel()
+		switch {
+		case err == nil:
+		case errors.Is(err, ErrNotOwner):
+			o.logger.Error("idempotency: the lease was lost to another owner while the handler ran; its context is cancelled and its outcome will not be stored",
+				"method", c.method, "key", c.key)
+			c.event(ctx, Event{Kind: EventStoreError, Code: codes.Aborted, Err: ErrLeaseLost})
+			exec.loseLease()
+			return
+		case errors.Is(err, ErrClosed):
+			return
+		default:
+			o.logger.Warn("idempotency: lease renewal failed; retrying", "method", c.method, "key", c.key, "err", err)
 			c.event(ctx, Event{Kind: EventStoreError, Err: err})
-			if errors.Is(err, ErrNotOwner) || errors.Is(err, ErrClosed) {
-				return // the key is someone else's now; renewing cannot help
-			}
 		}
-		t.Reset(every)
+		mu.Lock()
+		if !stopped {
+			t.Reset(every)
+		}
+		mu.Unlock()
 	}
 	mu.Lock()
 	t = time.AfterFunc(every, renew)
@@ -258,15 +322,25 @@ func (c *call) keepLease(ctx context.Context, exec *Execution) (stop func()) {
 		stopped = true
 		t.Stop()
 		mu.Unlock()
+		inFlight.Wait()
 	}
+}
+
+// handlerContext returns the context a first execution's handler runs in: it
+// carries exec, and is cancelled with ErrLeaseLost if the lease is lost.
+func handlerContext(ctx context.Context, exec *Execution) (context.Context, context.CancelCauseFunc) {
+	hctx, cancel := context.WithCancelCause(ContextWithExecution(ctx, exec))
+	exec.cancel = cancel
+	return hctx, cancel
 }
 
 // run runs a first execution's handler under its lease and returns how long
 // it ran. If the handler panics (or calls runtime.Goexit), its outcome is
 // unknown: run releases the key, so that a retry can run again, and lets the
 // panic go on to the recovery interceptor outside, with its stack intact.
-func (c *call) run(ctx context.Context, exec *Execution, handler func()) time.Duration {
-	stop := c.keepLease(ctx, exec)
+func (c *call) run(ctx context.Context, r reservation, handler func()) time.Duration {
+	exec := r.exec
+	stop := c.keepLease(ctx, exec, r.claim)
 	start := time.Now()
 	returned := false
 	defer func() {
@@ -293,9 +367,9 @@ var errHandlerPanicked = errors.New("the handler panicked")
 
 // finish stores or releases the outcome of a first execution that ran for
 // ran, and reports it (EventExecuted). ctx is the handler's context; store
-// calls outlive its cancellation. It returns the error that replaces the
-// handler's outcome, which is nil unless the store rolled the handler's own
-// writes back.
+// calls outlive its cancellation, and are retried within the store timeout.
+// It returns the error that replaces the handler's outcome, which is nil
+// unless the store rolled the handler's own writes back.
 func (c *call) finish(ctx context.Context, exec *Execution, rec *Record, cacheable bool, overflow error, ran time.Duration) error {
 	o := c.s.o
 	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), o.storeTimeout)
@@ -321,7 +395,9 @@ func (c *call) finish(ctx context.Context, exec *Execution, rec *Record, cacheab
 	}
 	var err error
 	if cacheable {
-		err = c.s.store.Complete(sctx, c.skey, exec.Token, data, o.retention)
+		err = c.retry(sctx, "complete", func(ctx context.Context) error {
+			return c.s.store.Complete(ctx, c.skey, exec.Token, data, o.retention)
+		})
 		switch {
 		case err == nil:
 		case errors.Is(err, ErrRolledBack):
@@ -331,13 +407,24 @@ func (c *call) finish(ctx context.Context, exec *Execution, rec *Record, cacheab
 			o.logger.Warn("idempotency: the handler's transaction was rolled back with its record; the caller gets Aborted and may retry", "method", c.method, "key", c.key, "err", err)
 			c.event(ctx, Event{Kind: EventStoreError, Code: codes.Aborted, Err: err})
 			cacheable = false
+		case errors.Is(err, ErrNotOwner):
+			o.logger.Error("idempotency: outcome not stored: another owner took the key after this call's lease ran out, and ran the call too",
+				"method", c.method, "key", c.key, "err", err)
+			c.event(ctx, Event{Kind: EventStoreError, Code: code, Err: fmt.Errorf("%w: %w", ErrLeaseLost, err)})
 		default:
-			o.logger.Error("idempotency: outcome not stored; the caller gets it, but a retry may run again", "method", c.method, "key", c.key, "err", err)
+			// Releasing the key would let a retry run the handler again
+			// at once. Held, it makes duplicates wait or get Aborted
+			// until its lease runs out.
+			o.logger.Error("idempotency: outcome not stored after retrying; the caller gets it, and the key stays held until its lease runs out",
+				"method", c.method, "key", c.key, "lease", o.lease, "err", err)
 			c.event(ctx, Event{Kind: EventStoreError, Code: code, Err: err})
 		}
 	}
 	if !cacheable {
-		if rerr := c.s.store.Release(sctx, c.skey, exec.Token); rerr != nil && err == nil {
+		rerr := c.retry(sctx, "release", func(ctx context.Context) error {
+			return c.s.store.Release(ctx, c.skey, exec.Token)
+		})
+		if rerr != nil && !errors.Is(rerr, ErrNotOwner) {
 			o.logger.Error("idempotency: releasing the key failed; a retry waits until its lease runs out", "method", c.method, "key", c.key, "err", rerr)
 			c.event(ctx, Event{Kind: EventStoreError, Code: code, Err: rerr})
 		}
@@ -347,6 +434,33 @@ func (c *call) finish(ctx context.Context, exec *Execution, rec *Record, cacheab
 		return status.Errorf(codes.Aborted, "the call's transaction was rolled back, so it had no effect (%v); retry with the same %s", err, KeyHeader)
 	}
 	return nil
+}
+
+// retry runs op until it succeeds, fails for good (ErrNotOwner,
+// ErrRolledBack, ErrClosed, ErrKeyTooLong), or ctx ends, with capped
+// exponential backoff and jitter between attempts. It returns op's last error.
+func (c *call) retry(ctx context.Context, what string, op func(context.Context) error) error {
+	backoff := 5 * time.Millisecond
+	for attempt := 1; ; attempt++ {
+		err := op(ctx)
+		if err == nil || errors.Is(err, ErrNotOwner) || errors.Is(err, ErrRolledBack) ||
+			errors.Is(err, ErrClosed) || errors.Is(err, ErrKeyTooLong) {
+			return err
+		}
+		wait := backoff/2 + mrand.N(backoff/2+1)
+		if d, ok := ctx.Deadline(); ok && time.Until(d) < wait {
+			return err
+		}
+		c.s.o.logger.Warn("idempotency: store call failed; retrying", "op", what, "attempt", attempt, "method", c.method, "key", c.key, "err", err)
+		t := time.NewTimer(wait)
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			t.Stop()
+			return err
+		}
+		backoff = min(2*backoff, time.Second)
+	}
 }
 
 func (s *server) unary(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
@@ -375,13 +489,14 @@ func (s *server) unary(ctx context.Context, req any, info *grpc.UnaryServerInfo,
 	}
 
 	ts := &transportRecorder{ServerTransportStream: grpc.ServerTransportStreamFromContext(ctx)}
-	hctx := ContextWithExecution(ctx, r.exec)
+	hctx, cancel := handlerContext(ctx, r.exec)
+	defer cancel(nil)
 	if ts.ServerTransportStream != nil {
 		hctx = grpc.NewContextWithServerTransportStream(hctx, ts)
 	}
 	var resp any
 	var herr error
-	ran := c.run(hctx, r.exec, func() { resp, herr = handler(hctx, req) })
+	ran := c.run(hctx, r, func() { resp, herr = handler(hctx, req) })
 
 	st := status.Convert(herr)
 	rec := &Record{Fingerprint: sum, Status: st.Proto()}

@@ -34,6 +34,10 @@ type lease struct {
 	token       string
 	fingerprint []byte
 	expires     time.Time
+	length      time.Duration // the claim's lease
+	// held is set for a Claim.Held: the owner runs in this process and ends
+	// the lease itself, so the clock never ends it.
+	held bool
 	// completing is set while the owner's record is being written: the
 	// lease is not taken over then, however late it is.
 	completing bool
@@ -59,16 +63,28 @@ func (s *leaseShard[T]) live(key string, now time.Time) *lease {
 	if l == nil {
 		return nil
 	}
-	if !l.completing && !now.Before(l.expires) {
+	if l.runsOut() && !now.Before(l.expires) {
 		s.end(key, l)
 		return nil
 	}
 	return l
 }
 
+// runsOut reports whether the clock can end l.
+func (l *lease) runsOut() bool { return !l.completing && !l.held }
+
+// unhold makes l a lease that runs out by the clock, one lease length from
+// now: what is left of a held lease whose owner could not save its outcome,
+// so that duplicates wait instead of running again at once. The shard's lock
+// must be held.
+func (l *lease) unhold(now time.Time) {
+	l.held, l.completing = false, false
+	l.expires = now.Add(l.length)
+}
+
 // acquire makes key pending under c. The shard's lock must be held.
 func (s *leaseShard[T]) acquire(key string, c Claim, now time.Time) Entry {
-	l := &lease{token: c.Token, fingerprint: bytes.Clone(c.Fingerprint), expires: now.Add(c.Lease)}
+	l := &lease{token: c.Token, fingerprint: bytes.Clone(c.Fingerprint), expires: now.Add(c.Lease), length: c.Lease, held: c.Held}
 	s.leases[key] = l
 	return Entry{State: Acquired, Token: l.token, LeaseExpires: l.expires}
 }
@@ -120,17 +136,32 @@ func (t *leaseTable[T]) state(src records[T], key string, c *Claim) (Entry, erro
 	return sh.acquire(key, *c, now), nil
 }
 
-// renew extends the lease on key held by token.
-func (t *leaseTable[T]) renew(key, token string, d time.Duration) error {
-	s := t.shard(key)
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	l := s.leases[key]
-	if l == nil || l.token != token {
+// renew extends the lease on key held by c.Token, or takes an absent key
+// back under c.
+func (t *leaseTable[T]) renew(src records[T], key string, c Claim) error {
+	sh := t.shard(key)
+	now := time.Now()
+	sh.mu.Lock()
+	defer sh.mu.Unlock()
+	if l := sh.leases[key]; l != nil && l.token == c.Token {
+		// A lease that ran out is still its owner's until someone
+		// takes it over.
+		if !l.completing {
+			l.expires, l.length = now.Add(c.Lease), c.Lease
+		}
+		return nil
+	}
+	if sh.live(key, now) != nil {
 		return ErrNotOwner
 	}
-	// A lease that ran out is still its owner's until someone takes it over.
-	l.expires = time.Now().Add(d)
+	_, found, err := src.record(sh, key, now)
+	switch {
+	case err != nil:
+		return err
+	case found:
+		return ErrNotOwner
+	}
+	sh.acquire(key, c, now)
 	return nil
 }
 
@@ -157,18 +188,18 @@ func (t *leaseTable[T]) wait(ctx context.Context, key string, seen Entry) error 
 		return nil
 	}
 	now := time.Now()
-	if !l.completing && !now.Before(l.expires) {
+	if l.runsOut() && !now.Before(l.expires) {
 		s.mu.Unlock()
 		return nil
 	}
 	if l.done == nil {
 		l.done = make(chan struct{})
 	}
-	done, completing, expires := l.done, l.completing, l.expires
+	done, runsOut, expires := l.done, l.runsOut(), l.expires
 	s.mu.Unlock()
 
 	var timeout <-chan time.Time
-	if !completing {
+	if runsOut {
 		// Renewals move the expiry on; waking at the old one costs one
 		// more Reserve, which finds the lease live and waits again.
 		timer := time.NewTimer(expires.Sub(now))

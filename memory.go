@@ -118,6 +118,9 @@ func (s *MemoryStore) Reserve(ctx context.Context, key string, c Claim) (Entry, 
 	if s.closed.Load() {
 		return Entry{}, ErrClosed
 	}
+	if err := checkClaim(key, c); err != nil {
+		return Entry{}, err
+	}
 	return s.table.state(s, key, &c)
 }
 
@@ -129,17 +132,23 @@ func (s *MemoryStore) record(sh *leaseShard[memRecords], key string, now time.Ti
 }
 
 // Renew implements Store.
-func (s *MemoryStore) Renew(ctx context.Context, key, token string, lease time.Duration) error {
+func (s *MemoryStore) Renew(ctx context.Context, key string, c Claim) error {
 	if s.closed.Load() {
 		return ErrClosed
 	}
-	return s.table.renew(key, token, lease)
+	if err := checkClaim(key, c); err != nil {
+		return err
+	}
+	return s.table.renew(s, key, c)
 }
 
 // Complete implements Store.
 func (s *MemoryStore) Complete(ctx context.Context, key, token string, record []byte, retention time.Duration) error {
 	if s.closed.Load() {
 		return ErrClosed
+	}
+	if err := checkRecord(key, retention); err != nil {
+		return err
 	}
 	sh := s.table.shard(key)
 	now := time.Now()

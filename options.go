@@ -2,6 +2,8 @@ package idempotency
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"log/slog"
 	"time"
 
@@ -40,6 +42,7 @@ type options struct {
 	observer       func(Event)
 	requiredFilter map[string]bool
 	methodFilter   map[string]bool
+	errs           []error // options set out of their range
 }
 
 // Defaults, as documented on each option.
@@ -52,6 +55,40 @@ const (
 	DefaultStoreTimeout      = 10 * time.Second
 )
 
+// Bounds of the duration options. A value outside them is refused when the
+// interceptors are made; zero keeps the default. Every store converts every
+// value within them without overflow.
+const (
+	// A lease is renewed every third of its length, so a shorter one would
+	// be lost to a garbage collection pause or a slow store round trip.
+	MinLease = time.Second
+	// A longer lease would hold the key of a crashed replica's call, on a
+	// shared store, for longer than any caller waits.
+	MaxLease = time.Hour
+	// MinRetention and MaxRetention bound WithRetention: ten years is far
+	// beyond any retry, and well within what every store can represent.
+	MinRetention = 10 * time.Millisecond
+	MaxRetention = 10 * 365 * 24 * time.Hour
+	// MinWaitTimeout and MaxWaitTimeout bound WithWaitTimeout.
+	MinWaitTimeout = time.Millisecond
+	MaxWaitTimeout = time.Hour
+	// MinStoreTimeout and MaxStoreTimeout bound WithStoreTimeout.
+	MinStoreTimeout = 10 * time.Millisecond
+	MaxStoreTimeout = 10 * time.Minute
+)
+
+// setDuration sets *dst to d if d is within [lo, hi], keeps the default if d
+// is zero, and records an error otherwise.
+func (o *options) setDuration(name string, dst *time.Duration, d, lo, hi time.Duration) {
+	switch {
+	case d == 0:
+	case d < lo || d > hi:
+		o.errs = append(o.errs, fmt.Errorf("idempotency: %s(%v) is out of range: use %v to %v, or 0 for the default", name, d, lo, hi))
+	default:
+		*dst = d
+	}
+}
+
 // DefaultCacheableCodes are the outcomes stored and replayed by default: the
 // ones a retry of the same request would get again. Every other code releases
 // the key, so that a retry runs the handler again.
@@ -60,7 +97,7 @@ var DefaultCacheableCodes = []codes.Code{
 	codes.FailedPrecondition, codes.OutOfRange, codes.Unimplemented,
 }
 
-func newOptions(opts []Option) *options {
+func newOptions(opts []Option) (*options, error) {
 	o := &options{
 		retention:     DefaultRetention,
 		lease:         DefaultLease,
@@ -74,7 +111,12 @@ func newOptions(opts []Option) *options {
 		o.cacheable[c] = true
 	}
 	for _, opt := range opts {
-		opt(o)
+		if opt != nil {
+			opt(o)
+		}
+	}
+	if err := errors.Join(o.errs...); err != nil {
+		return nil, err
 	}
 	if o.policy == nil {
 		methods, required := o.methodFilter, o.requiredFilter
@@ -88,7 +130,7 @@ func newOptions(opts []Option) *options {
 			return Optional
 		}
 	}
-	return o
+	return o, nil
 }
 
 func (o *options) isCacheable(c codes.Code) bool {
@@ -107,36 +149,33 @@ func WithScope(scope func(ctx context.Context) (string, error)) Option {
 }
 
 // WithRetention sets how long a completed record is replayed; after that the
-// key acts as never used, and the record is swept. Zero or less keeps the
-// default, 24 hours.
+// key acts as never used, and the record is swept. It must be between
+// MinRetention (10ms) and MaxRetention (ten years); zero keeps the default,
+// 24 hours.
 func WithRetention(d time.Duration) Option {
-	return func(o *options) {
-		if d > 0 {
-			o.retention = d
-		}
-	}
+	return func(o *options) { o.setDuration("WithRetention", &o.retention, d, MinRetention, MaxRetention) }
 }
 
 // WithLease sets the lease under which a running handler holds its key. The
 // interceptor renews it every third of its length while the handler runs;
 // when the process dies, the lease runs out and a retry may run the handler
-// again. Zero or less keeps the default, 10 seconds.
+// again. The bbolt and memory stores never take a key from a handler that
+// still runs in their process, however late its lease; shared stores do
+// after the lease runs out (a replica paused that long is taken for dead),
+// and the paused handler's context is then cancelled with ErrLeaseLost.
+// It must be between MinLease (1s) and MaxLease (1h); zero keeps the
+// default, 10 seconds.
 func WithLease(d time.Duration) Option {
-	return func(o *options) {
-		if d > 0 {
-			o.lease = d
-		}
-	}
+	return func(o *options) { o.setDuration("WithLease", &o.lease, d, MinLease, MaxLease) }
 }
 
 // WithWaitTimeout bounds how long a duplicate waits for the first call with
 // its key to finish before it gets Aborted; the caller's deadline bounds it
-// too. Zero or less keeps the default, 30 seconds.
+// too. It must be between MinWaitTimeout (1ms) and MaxWaitTimeout (1h);
+// zero keeps the default, 30 seconds.
 func WithWaitTimeout(d time.Duration) Option {
 	return func(o *options) {
-		if d > 0 {
-			o.waitTimeout = d
-		}
+		o.setDuration("WithWaitTimeout", &o.waitTimeout, d, MinWaitTimeout, MaxWaitTimeout)
 	}
 }
 
@@ -227,14 +266,16 @@ func WithMaxStreamMessages(n int) Option {
 	}
 }
 
-// WithStoreTimeout bounds each store call made after the handler ran
-// (saving or releasing its outcome), which no longer follows the caller's
-// deadline. Zero or less keeps the default, 10 seconds.
+// WithStoreTimeout bounds the store calls that do not follow the caller's
+// deadline, because cutting them off midway could leave the key held or the
+// outcome unsaved: a Reserve (a caller that gives up meanwhile has its key
+// released at once), and saving or releasing the outcome after the handler
+// ran, which is retried with backoff within this bound. It must be between
+// MinStoreTimeout (10ms) and MaxStoreTimeout (10m); zero keeps the default,
+// 10 seconds.
 func WithStoreTimeout(d time.Duration) Option {
 	return func(o *options) {
-		if d > 0 {
-			o.storeTimeout = d
-		}
+		o.setDuration("WithStoreTimeout", &o.storeTimeout, d, MinStoreTimeout, MaxStoreTimeout)
 	}
 }
 

@@ -33,6 +33,8 @@ import (
 // stream that outgrows them is not stored and its key is released. A stream
 // that does not complete (its client went away, a send or receive failed)
 // stores nothing.
+//
+// It panics if store is nil or an option is out of its documented range.
 func StreamServerInterceptor(store Store, opts ...Option) grpc.StreamServerInterceptor {
 	s := newServer(store, opts)
 	return s.stream
@@ -83,14 +85,16 @@ func (s *server) stream(srv any, ss grpc.ServerStream, info *grpc.StreamServerIn
 	}
 
 	ts := &transportRecorder{ServerTransportStream: grpc.ServerTransportStreamFromContext(ctx)}
-	rs.ctx = ContextWithExecution(ctx, r.exec)
+	hctx, cancel := handlerContext(ctx, r.exec)
+	defer cancel(nil)
+	rs.ctx = hctx
 	if ts.ServerTransportStream != nil {
 		rs.ctx = grpc.NewContextWithServerTransportStream(rs.ctx, ts)
 	}
 	rs.ts = ts
 	rs.recording = true
 	var herr error
-	ran := c.run(rs.ctx, r.exec, func() { herr = handler(srv, rs) })
+	ran := c.run(rs.ctx, r, func() { herr = handler(srv, rs) })
 
 	st := status.Convert(herr)
 	rec := &Record{Fingerprint: sum, Status: st.Proto(), Responses: rs.responses}

@@ -111,7 +111,7 @@ func TestInterceptorTransactional(t *testing.T) {
 	pool, _, store := setup(t)
 	biz := newBusiness(t, pool)
 	p := &txPayments{store: store, biz: biz}
-	client := bufServer(t, p, idempotency.WithLease(500*time.Millisecond))
+	client := bufServer(t, p, idempotency.WithLease(time.Second))
 	ctx := t.Context()
 
 	t.Run("first execution and replay", func(t *testing.T) {

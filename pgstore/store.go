@@ -342,10 +342,11 @@ func nonNil(b []byte) []byte {
 }
 
 // Renew implements idempotency.Store.
-func (s *Store) Renew(ctx context.Context, key, token string, lease time.Duration) error {
+func (s *Store) Renew(ctx context.Context, key string, claim idempotency.Claim) error {
 	if s.closed.Load() {
 		return idempotency.ErrClosed
 	}
+	token, lease := claim.Token, claim.Lease
 	if lease <= 0 {
 		return fmt.Errorf("pgstore: Renew needs a positive lease, got %v", lease)
 	}

@@ -141,7 +141,7 @@ func TestInputValidation(t *testing.T) {
 	if _, err := s.Reserve(ctx, k, idempotency.Claim{Token: tok, Lease: time.Minute}); err != nil {
 		t.Fatal(err)
 	}
-	if err := s.Renew(ctx, k, tok, 0); err == nil || errors.Is(err, idempotency.ErrNotOwner) {
+	if err := s.Renew(ctx, k, idempotency.Claim{Token: tok, Lease: 0}); err == nil || errors.Is(err, idempotency.ErrNotOwner) {
 		t.Errorf("Renew with a zero lease: %v, want a validation error", err)
 	}
 	if err := s.Complete(ctx, k, tok, []byte("r"), -time.Second); err == nil || errors.Is(err, idempotency.ErrNotOwner) {
@@ -441,7 +441,7 @@ func TestRenewExtendsOnDatabaseClock(t *testing.T) {
 	if _, err := s.Reserve(ctx, k, idempotency.Claim{Token: tok, Lease: time.Second}); err != nil {
 		t.Fatal(err)
 	}
-	if err := s.Renew(ctx, k, tok, time.Hour); err != nil {
+	if err := s.Renew(ctx, k, idempotency.Claim{Token: tok, Lease: time.Hour}); err != nil {
 		t.Fatal(err)
 	}
 	e, err := s.Lookup(ctx, k)
@@ -451,7 +451,7 @@ func TestRenewExtendsOnDatabaseClock(t *testing.T) {
 	if d := time.Until(e.LeaseExpires); d < time.Hour-10*time.Second {
 		t.Fatalf("after Renew(1h) the lease ends in %v", d)
 	}
-	if err := s.Renew(ctx, k, token(), time.Hour); !errors.Is(err, idempotency.ErrNotOwner) {
+	if err := s.Renew(ctx, k, idempotency.Claim{Token: token(), Lease: time.Hour}); !errors.Is(err, idempotency.ErrNotOwner) {
 		t.Fatalf("Renew by another token: %v, want ErrNotOwner", err)
 	}
 }
@@ -609,7 +609,7 @@ func TestWaitKeepsWaitingOnRenewedLease(t *testing.T) {
 	if seen.State != idempotency.Pending {
 		t.Skip("the machine is too slow: the 300ms lease ran out before the second Reserve")
 	}
-	if err := s.Renew(ctx, k, tok, time.Hour); err != nil {
+	if err := s.Renew(ctx, k, idempotency.Claim{Token: tok, Lease: time.Hour}); err != nil {
 		t.Skip("the machine is too slow: the 300ms lease ran out before Renew")
 	}
 	done := make(chan error, 1)

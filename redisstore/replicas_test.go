@@ -118,11 +118,11 @@ type mortalStore struct {
 	dead atomic.Bool
 }
 
-func (m *mortalStore) Renew(ctx context.Context, key, token string, lease time.Duration) error {
+func (m *mortalStore) Renew(ctx context.Context, key string, claim idempotency.Claim) error {
 	if m.dead.Load() {
 		return errors.New("replica is dead")
 	}
-	return m.Store.Renew(ctx, key, token, lease)
+	return m.Store.Renew(ctx, key, claim)
 }
 
 type replica struct {

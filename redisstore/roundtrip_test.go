@@ -28,7 +28,7 @@ func TestRoundTrips(t *testing.T) {
 	// Load every script once, so that no NOSCRIPT fallback is counted.
 	_, err := s.Reserve(ctx, "warm", claim("t"))
 	require.NoError(t, err)
-	require.NoError(t, s.Renew(ctx, "warm", "t", time.Minute))
+	require.NoError(t, s.Renew(ctx, "warm", idempotency.Claim{Token: "t", Lease: time.Minute}))
 	require.NoError(t, s.Release(ctx, "warm", "t"))
 	_, err = s.Reserve(ctx, "warm", claim("t"))
 	require.NoError(t, err)
@@ -57,7 +57,7 @@ func TestRoundTrips(t *testing.T) {
 		_, err := s.Reserve(ctx, "pending", claim("t"))
 		require.NoError(t, err)
 	}))
-	assert.Equal(t, int64(1), count(func() { require.NoError(t, s.Renew(ctx, "pending", "t", time.Minute)) }))
+	assert.Equal(t, int64(1), count(func() { require.NoError(t, s.Renew(ctx, "pending", idempotency.Claim{Token: "t", Lease: time.Minute})) }))
 	assert.Equal(t, int64(1), count(func() {
 		e, err := s.Reserve(ctx, "pending", claim("u"))
 		require.NoError(t, err)

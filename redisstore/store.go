@@ -286,11 +286,12 @@ func splitOwner(v string) (token, rest string, err error) {
 // Renew implements idempotency.Store. A lease that has run out is gone from
 // Redis, so Renew cannot bring it back: it returns ErrNotOwner, and the owner
 // may still Complete if nobody has taken the key over.
-func (s *Store) Renew(ctx context.Context, key, token string, lease time.Duration) error {
+func (s *Store) Renew(ctx context.Context, key string, claim idempotency.Claim) error {
 	if s.closed.Load() {
 		return idempotency.ErrClosed
 	}
-	ms, err := millis("lease", lease)
+	token := claim.Token
+	ms, err := millis("lease", claim.Lease)
 	if err != nil {
 		return err
 	}

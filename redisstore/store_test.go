@@ -110,7 +110,7 @@ func TestReleaseAndOwnerChecks(t *testing.T) {
 	for _, tok := range []string{"other", "own", "owner2", "", "5:owner"} {
 		assert.ErrorIs(t, s.Release(ctx, "k", tok), idempotency.ErrNotOwner, tok)
 		assert.ErrorIs(t, s.Complete(ctx, "k", tok, []byte("x"), time.Hour), idempotency.ErrNotOwner, tok)
-		assert.ErrorIs(t, s.Renew(ctx, "k", tok, time.Minute), idempotency.ErrNotOwner, tok)
+		assert.ErrorIs(t, s.Renew(ctx, "k", idempotency.Claim{Token: tok, Lease: time.Minute}), idempotency.ErrNotOwner, tok)
 	}
 	e, err := s.Lookup(ctx, "k")
 	require.NoError(t, err)
@@ -125,7 +125,7 @@ func TestReleaseAndOwnerChecks(t *testing.T) {
 
 	// Released: the owner has nothing left to release or renew.
 	assert.ErrorIs(t, s.Release(ctx, "k", "owner"), idempotency.ErrNotOwner)
-	assert.ErrorIs(t, s.Renew(ctx, "k", "owner", time.Minute), idempotency.ErrNotOwner)
+	assert.ErrorIs(t, s.Renew(ctx, "k", idempotency.Claim{Token: "owner", Lease: time.Minute}), idempotency.ErrNotOwner)
 
 	// A new owner takes the key; the old one can no longer touch it.
 	e, err = s.Reserve(ctx, "k", claim("new"))
@@ -137,7 +137,7 @@ func TestReleaseAndOwnerChecks(t *testing.T) {
 	// Completed: nobody releases, renews or overwrites it.
 	for _, tok := range []string{"owner", "new", "other"} {
 		assert.ErrorIs(t, s.Release(ctx, "k", tok), idempotency.ErrNotOwner, tok)
-		assert.ErrorIs(t, s.Renew(ctx, "k", tok, time.Minute), idempotency.ErrNotOwner, tok)
+		assert.ErrorIs(t, s.Renew(ctx, "k", idempotency.Claim{Token: tok, Lease: time.Minute}), idempotency.ErrNotOwner, tok)
 	}
 	assert.ErrorIs(t, s.Complete(ctx, "k", "other", []byte("other"), time.Hour), idempotency.ErrNotOwner)
 	assert.ErrorIs(t, s.Complete(ctx, "k", "new", []byte("changed"), time.Hour), idempotency.ErrNotOwner)
@@ -184,7 +184,7 @@ func TestRenewExtendsLease(t *testing.T) {
 	ttl := c.PTTL(ctx, keys[0]).Val()
 	assert.LessOrEqual(t, ttl, 2*time.Second)
 
-	require.NoError(t, s.Renew(ctx, "k", "t", time.Hour))
+	require.NoError(t, s.Renew(ctx, "k", idempotency.Claim{Token: "t", Lease: time.Hour}))
 	ttl = c.PTTL(ctx, keys[0]).Val()
 	assert.Greater(t, ttl, 59*time.Minute)
 	e, err := s.Reserve(ctx, "k", claim("u"))
@@ -215,7 +215,7 @@ func TestLeaseRunsOut(t *testing.T) {
 
 	// The dead owner comes back: it cannot renew, release or complete
 	// over the new owner.
-	assert.ErrorIs(t, s.Renew(ctx, "k", "dead", time.Minute), idempotency.ErrNotOwner)
+	assert.ErrorIs(t, s.Renew(ctx, "k", idempotency.Claim{Token: "dead", Lease: time.Minute}), idempotency.ErrNotOwner)
 	assert.ErrorIs(t, s.Release(ctx, "k", "dead"), idempotency.ErrNotOwner)
 	assert.ErrorIs(t, s.Complete(ctx, "k", "dead", []byte("stale"), time.Hour), idempotency.ErrNotOwner)
 	require.NoError(t, s.Complete(ctx, "k", "next", []byte("fresh"), time.Hour))
@@ -295,7 +295,7 @@ func TestBadArguments(t *testing.T) {
 	_, err = s.Reserve(ctx, "k", claim("t"))
 	require.NoError(t, err)
 	assert.ErrorContains(t, s.Complete(ctx, "k", "t", nil, 0), "retention must be positive")
-	assert.ErrorContains(t, s.Renew(ctx, "k", "t", 0), "lease must be positive")
+	assert.ErrorContains(t, s.Renew(ctx, "k", idempotency.Claim{Token: "t", Lease: 0}), "lease must be positive")
 
 	// Sub-millisecond durations round up rather than reach Redis as 0.
 	_, err = s.Reserve(ctx, "k2", idempotency.Claim{Token: "t", Lease: time.Microsecond})
@@ -407,7 +407,7 @@ func TestClose(t *testing.T) {
 	assert.ErrorIs(t, err, idempotency.ErrClosed)
 	_, err = s.Lookup(ctx, "k")
 	assert.ErrorIs(t, err, idempotency.ErrClosed)
-	assert.ErrorIs(t, s.Renew(ctx, "k", "t1", time.Minute), idempotency.ErrClosed)
+	assert.ErrorIs(t, s.Renew(ctx, "k", idempotency.Claim{Token: "t1", Lease: time.Minute}), idempotency.ErrClosed)
 	assert.ErrorIs(t, s.Complete(ctx, "k", "t1", nil, time.Hour), idempotency.ErrClosed)
 	assert.ErrorIs(t, s.Release(ctx, "k", "t1"), idempotency.ErrClosed)
 	assert.ErrorIs(t, s.Wait(ctx, "k", seen), idempotency.ErrClosed)

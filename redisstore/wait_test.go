@@ -162,7 +162,7 @@ func TestWaitFollowsRenewal(t *testing.T) {
 	require.NoError(t, err)
 	seen, err := s.Reserve(ctx, "k", claim("b"))
 	require.NoError(t, err)
-	require.NoError(t, s.Renew(ctx, "k", "a", time.Hour))
+	require.NoError(t, s.Renew(ctx, "k", idempotency.Claim{Token: "a", Lease: time.Hour}))
 	done := goWait(ctx, s, "k", seen)
 	waitForWaiter(t, c, s, "k")
 	select {

@@ -1,6 +1,7 @@
 package storetest
 
 import (
+	"bytes"
 	"testing"
 	"time"
 
@@ -147,23 +148,37 @@ func testRenewWrongToken(t *testing.T, s *suite) {
 	wantOK(t, "Renew by the owner", renew(t, st, key, tok, longLease))
 }
 
-func testRenewNotPending(t *testing.T, s *suite) {
+// testRenewTakesBackAbsent: an owner whose key became absent (its lease ran
+// out and nobody took it, or it was released) takes it back with Renew, under
+// its own claim, fingerprint included.
+func testRenewTakesBackAbsent(t *testing.T, s *suite) {
 	st := s.open(t)
 
-	key := newKey("renew-absent")
-	wantNotOwner(t, "Renew of a key never reserved", renew(t, st, key, newToken(), longLease))
-	wantState(t, "Lookup after Renew of a key never reserved", lookup(t, st, key), idempotency.Absent)
+	key, tok, fp := newKey("renew-absent"), newToken(), newFingerprint()
+	err := st.Renew(ownerCtx(t.Context(), key, tok), key, idempotency.Claim{Token: tok, Fingerprint: fp, Lease: longLease})
+	wantOK(t, "Renew of an absent key", err)
+	e := lookup(t, st, key)
+	wantPendingUnder(t, "Lookup after Renew of an absent key", e, tok)
+	if !bytes.Equal(e.Fingerprint, fp) {
+		t.Errorf("Lookup after Renew of an absent key: fingerprint %x, want the claim's %x", e.Fingerprint, fp)
+	}
+	wantPendingUnder(t, "Reserve by another token after the take-back", reserve(t, st, key, newToken(), nil, longLease), tok)
 
-	key, tok := newKey("renew-released"), newToken()
+	key, tok = newKey("renew-released"), newToken()
 	reserve(t, st, key, tok, nil, longLease)
 	wantOK(t, "Release", release(t, st, key, tok))
-	wantNotOwner(t, "Renew by the owner after Release", renew(t, st, key, tok, longLease))
-	wantState(t, "Lookup after Renew of a released key", lookup(t, st, key), idempotency.Absent)
+	wantOK(t, "Renew by the owner after Release", renew(t, st, key, tok, longLease))
+	wantPendingUnder(t, "Lookup after Renew of a released key", lookup(t, st, key), tok)
+	wantOK(t, "Complete after the take-back", complete(t, st, key, tok, randomBytes(10), longRetention))
+}
 
+func testRenewNotAfterComplete(t *testing.T, s *suite) {
+	st := s.open(t)
 	key, tok, rec := newKey("renew-completed"), newToken(), randomBytes(100)
 	reserve(t, st, key, tok, nil, longLease)
 	wantOK(t, "Complete", complete(t, st, key, tok, rec, longRetention))
 	wantNotOwner(t, "Renew by the owner after Complete", renew(t, st, key, tok, longLease))
+	wantNotOwner(t, "Renew by another token after Complete", renew(t, st, key, newToken(), longLease))
 	wantCompleted(t, "Lookup after Renew of a completed key", lookup(t, st, key), rec)
 }
 

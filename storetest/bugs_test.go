@@ -38,6 +38,7 @@ func TestSuiteCatchesBugs(t *testing.T) {
 		{"racy-reserve", "TestReferenceShared", "Shared/OneWinner", `both acquired it`},
 		{"renew-ignores-token", "TestReference", "Renew/WrongToken", `Renew by another token: <nil>, want ErrNotOwner`},
 		{"renew-does-nothing", "TestReference", "Renew/ExtendsLease", `Lookup after the original lease, renewed: got absent`},
+		{"renew-no-takeback", "TestReference", "Renew/TakesBackAbsent", `Renew of an absent key: idempotency: key is not held by this owner`},
 		{"refuses-absent-complete", "TestReference", "Complete/AbsentKey", `want nil`},
 		{"refuses-absent-complete", "TestReference", "Complete/AfterLeaseRanOut", `nobody having taken over: .*want nil`},
 		{"no-fencing", "TestReference", "Lease/StaleOwnerFenced", `Complete by the stale owner: <nil>, want ErrNotOwner`},

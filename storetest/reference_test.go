@@ -132,19 +132,27 @@ func (s *refStore) Reserve(ctx context.Context, key string, claim idempotency.Cl
 	return idempotency.Entry{State: idempotency.Acquired, Token: k.token, LeaseExpires: k.leaseEnds}, nil
 }
 
-func (s *refStore) Renew(ctx context.Context, key, token string, lease time.Duration) error {
+func (s *refStore) Renew(ctx context.Context, key string, claim idempotency.Claim) error {
 	if s.isClosed() {
 		return idempotency.ErrClosed
 	}
 	b, key := s.b, s.b.mapKey(key)
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	k := b.live(key, time.Now())
-	if k == nil || k.completed || (k.token != token && !b.bugs["renew-ignores-token"]) {
+	now := time.Now()
+	k := b.live(key, now)
+	if k == nil {
+		if b.bugs["renew-no-takeback"] {
+			return idempotency.ErrNotOwner
+		}
+		b.keys[key] = &refKey{token: claim.Token, fingerprint: bytes.Clone(claim.Fingerprint), leaseEnds: now.Add(claim.Lease), changed: make(chan struct{})}
+		return nil
+	}
+	if k.completed || (k.token != claim.Token && !b.bugs["renew-ignores-token"]) {
 		return idempotency.ErrNotOwner
 	}
 	if !b.bugs["renew-does-nothing"] {
-		k.leaseEnds = time.Now().Add(lease)
+		k.leaseEnds = now.Add(claim.Lease)
 	}
 	return nil
 }

@@ -96,7 +96,8 @@ var cases = []struct {
 	{name: "Release/WrongToken", run: testReleaseWrongToken},
 	{name: "Release/NotPending", run: testReleaseNotPending},
 	{name: "Renew/WrongToken", run: testRenewWrongToken},
-	{name: "Renew/NotPending", run: testRenewNotPending},
+	{name: "Renew/TakesBackAbsent", run: testRenewTakesBackAbsent},
+	{name: "Renew/NotAfterComplete", run: testRenewNotAfterComplete},
 	{name: "Renew/ExtendsLease", run: testRenewExtendsLease},
 	{name: "Complete/WrongToken", run: testCompleteWrongToken},
 	{name: "Complete/AfterCompleted", run: testCompleteAfterCompleted},
@@ -242,7 +243,7 @@ func release(t *testing.T, st idempotency.Store, key, token string) error {
 
 func renew(t *testing.T, st idempotency.Store, key, token string, lease time.Duration) error {
 	t.Helper()
-	return st.Renew(ownerCtx(t.Context(), key, token), key, token, lease)
+	return st.Renew(ownerCtx(t.Context(), key, token), key, idempotency.Claim{Token: token, Lease: lease})
 }
 
 func wantOK(t *testing.T, what string, err error) {
