@@ -407,7 +407,7 @@ func (s *BoltStore) Close() error {
 				sh.end(k, l)
 			}
 			clear(sh.extra.m)
-			sh.extra.queue, sh.extra.head = nil, 0
+			sh.extra.queue, sh.extra.head, sh.extra.byExpiry = nil, 0, nil
 			sh.mu.Unlock()
 		}
 		if s.ownsDB {

@@ -3,14 +3,15 @@ package idempotency
 import (
 	"bytes"
 	"context"
+	"slices"
 	"sync/atomic"
 	"time"
 )
 
 // MemoryStore is a Store in process memory: the same semantics as the other
 // stores, without durability. Use it in tests, and where losing every record
-// on restart is acceptable. Its size is bounded: past the bound, the oldest
-// records are dropped first.
+// on restart is acceptable. Its size is bounded: past the bound, expired
+// records go first, then the oldest.
 type MemoryStore struct {
 	table    leaseTable[memRecords]
 	perShard int // records per shard before the oldest is dropped
@@ -21,7 +22,10 @@ type memRecords struct {
 	m     map[string]*memRecord
 	queue []queued // insertion order, for dropping the oldest
 	head  int
-	seq   uint64
+	// byExpiry is a min-heap of the records by expiry, so that expired
+	// records go first when the store is full, and go at all.
+	byExpiry []queued
+	seq      uint64
 }
 
 type memRecord struct {
@@ -30,9 +34,12 @@ type memRecord struct {
 	seq     uint64
 }
 
+// queued is a record's place in the insertion queue and the expiry heap;
+// it is stale once the record it names was replaced or dropped (seq differs).
 type queued struct {
-	key string
-	seq uint64
+	key     string
+	seq     uint64
+	expires time.Time
 }
 
 // A MemoryOption configures a MemoryStore.
@@ -42,7 +49,8 @@ type MemoryOption func(*MemoryStore)
 const DefaultMemoryMaxRecords = 1 << 20
 
 // WithMaxRecords bounds how many completed records a MemoryStore keeps; past
-// it, the oldest records are dropped, and their keys act as never used. The
+// it, expired records are dropped first, then the oldest live ones, whose
+// keys then act as never used. The
 // bound is applied per shard of the store, so it is approximate. Zero or less
 // keeps the default, DefaultMemoryMaxRecords.
 func WithMaxRecords(n int) MemoryOption {
@@ -78,28 +86,44 @@ func (r *memRecords) record(key string, now time.Time) *memRecord {
 	return rec
 }
 
+// put stores a record, then drops what must go: expired records first,
+// then, while the shard is over limit, the oldest. The shard's lock must be
+// held.
 func (r *memRecords) put(key string, data []byte, expires, now time.Time, limit int) {
 	r.seq++
 	r.m[key] = &memRecord{data: data, expires: expires, seq: r.seq}
-	r.queue = append(r.queue, queued{key, r.seq})
-	// Drop from the front what is stale (replaced, expired) or over the limit.
+	q := queued{key, r.seq, expires}
+	r.queue = append(r.queue, q)
+	r.pushExpiry(q)
+	for len(r.byExpiry) > 0 && !now.Before(r.byExpiry[0].expires) {
+		r.drop(r.popExpiry())
+	}
 	for r.head < len(r.queue) {
 		q := r.queue[r.head]
-		rec := r.m[q.key]
-		switch {
-		case rec == nil || rec.seq != q.seq:
-		case !now.Before(rec.expires) || len(r.m) > limit:
-			delete(r.m, q.key)
-		default:
-			r.compact()
-			return
+		if r.live(q) && len(r.m) <= limit {
+			break
 		}
+		r.drop(q)
 		r.queue[r.head] = queued{}
 		r.head++
 	}
 	r.compact()
 }
 
+// live reports whether q names the record that key holds now.
+func (r *memRecords) live(q queued) bool {
+	rec := r.m[q.key]
+	return rec != nil && rec.seq == q.seq
+}
+
+func (r *memRecords) drop(q queued) {
+	if r.live(q) {
+		delete(r.m, q.key)
+	}
+}
+
+// compact keeps the queue and the heap within a small multiple of the
+// records they order, dropping their stale entries.
 func (r *memRecords) compact() {
 	if r.head > 64 && r.head > len(r.queue)/2 {
 		n := copy(r.queue, r.queue[r.head:])
@@ -107,6 +131,55 @@ func (r *memRecords) compact() {
 		r.queue = r.queue[:n]
 		r.head = 0
 	}
+	if len(r.queue)-r.head > 2*len(r.m)+64 {
+		r.queue = slices.DeleteFunc(r.queue[r.head:], func(q queued) bool { return !r.live(q) })
+		r.head = 0
+	}
+	if len(r.byExpiry) > 2*len(r.m)+64 {
+		live := slices.DeleteFunc(r.byExpiry, func(q queued) bool { return !r.live(q) })
+		r.byExpiry = live[:0:len(live)]
+		for _, q := range live {
+			r.pushExpiry(q)
+		}
+	}
+}
+
+func (r *memRecords) pushExpiry(q queued) {
+	h := append(r.byExpiry, q)
+	for i := len(h) - 1; i > 0; {
+		p := (i - 1) / 2
+		if !h[i].expires.Before(h[p].expires) {
+			break
+		}
+		h[i], h[p] = h[p], h[i]
+		i = p
+	}
+	r.byExpiry = h
+}
+
+func (r *memRecords) popExpiry() queued {
+	h := r.byExpiry
+	top := h[0]
+	last := len(h) - 1
+	h[0] = h[last]
+	h[last] = queued{}
+	h = h[:last]
+	for i := 0; ; {
+		l, small := 2*i+1, i
+		if l < len(h) && h[l].expires.Before(h[small].expires) {
+			small = l
+		}
+		if l+1 < len(h) && h[l+1].expires.Before(h[small].expires) {
+			small = l + 1
+		}
+		if small == i {
+			break
+		}
+		h[i], h[small] = h[small], h[i]
+		i = small
+	}
+	r.byExpiry = h
+	return top
 }
 
 func (r *memRecord) entry() Entry {
@@ -217,7 +290,7 @@ func (s *MemoryStore) Close() error {
 			sh.end(k, l)
 		}
 		sh.extra.m = make(map[string]*memRecord)
-		sh.extra.queue, sh.extra.head = nil, 0
+		sh.extra.queue, sh.extra.head, sh.extra.byExpiry = nil, 0, nil
 		sh.mu.Unlock()
 	}
 	return nil
