@@ -47,6 +47,18 @@ type BoltStore struct {
 	logger     *slog.Logger
 
 	commits, written, commitNanos atomic.Uint64
+
+	// failed is set while the file cannot take writes: the last commit
+	// failed, and no commit or probe has succeeded since. New first
+	// executions are refused meanwhile.
+	failed  atomic.Pointer[writeFailure]
+	probing atomic.Bool
+}
+
+// writeFailure is why the file cannot take writes, and since when.
+type writeFailure struct {
+	err   error
+	since time.Time
 }
 
 // BoltStats counts the store's group commits since it was opened.
@@ -172,6 +184,15 @@ func newBoltConfig(opts []BoltOption) boltConfig {
 	}
 	return c
 }
+
+// ErrUnwritable is returned (wrapped) by a BoltStore's Reserve of a key that
+// would start a first execution while the store's file cannot take writes
+// (the disk is full, the file system went read-only, an I/O error): the
+// handler would run, but its outcome could not be saved, so the call is
+// refused before it runs (the interceptors answer Unavailable). Replays of
+// stored records still work. The store probes the file in the background and
+// takes first executions again once a write succeeds.
+var ErrUnwritable = errors.New("idempotency: the bbolt file cannot take writes")
 
 // ErrLocked is returned (wrapped) by OpenBolt when another process holds the
 // file.
@@ -303,6 +324,14 @@ func (s *BoltStore) cache(sh *leaseShard[memRecords], key string, data []byte, e
 	}
 }
 
+func (s *BoltStore) acquirable() error {
+	if f := s.failed.Load(); f != nil {
+		return fmt.Errorf("%w: %s: its last commit failed %v ago (%v); first executions resume once a write succeeds",
+			ErrUnwritable, s.db.Path(), time.Since(f.since).Round(time.Millisecond), f.err)
+	}
+	return nil
+}
+
 // Reserve implements Store.
 func (s *BoltStore) Reserve(ctx context.Context, key string, c Claim) (Entry, error) {
 	if s.closed.Load() {
@@ -350,7 +379,7 @@ func (s *BoltStore) Complete(ctx context.Context, key, token string, record []by
 	checkAbsent := l == nil
 	if l == nil {
 		// Not taken over while completing, whatever its expiry says.
-		l = &lease{token: token, expires: now.Add(DefaultLease)}
+		l = &lease{token: token, expires: now.Add(DefaultLease), length: DefaultLease}
 		sh.leases[key] = l
 	}
 	l.completing = true
@@ -368,10 +397,18 @@ func (s *BoltStore) Complete(ctx context.Context, key, token string, record []by
 	err := s.submit(w)
 
 	sh.mu.Lock()
-	if err == nil {
+	switch {
+	case err == nil:
 		s.cache(sh, key, w.value[expiryLen:], now.Add(retention), time.Now())
+		sh.end(key, l)
+	case errors.Is(err, ErrNotOwner), errors.Is(err, ErrClosed):
+		sh.end(key, l)
+	default:
+		// The outcome is real but not saved: the key stays held for one
+		// more lease, so that duplicates wait (and the owner may try
+		// again) instead of running the handler again at once.
+		l.unhold(time.Now())
 	}
-	sh.end(key, l)
 	sh.mu.Unlock()
 	return err
 }
@@ -486,6 +523,7 @@ func (s *BoltStore) commit(batch []*boltWrite) {
 	s.commits.Add(1)
 	s.written.Add(uint64(len(batch)))
 	s.commitNanos.Add(uint64(time.Since(start)))
+	s.wrote(err)
 	for i, w := range batch {
 		if err != nil {
 			w.done <- fmt.Errorf("idempotency: bbolt commit: %w", err)
@@ -494,6 +532,83 @@ func (s *BoltStore) commit(batch []*boltWrite) {
 		}
 		clear(batch[i : i+1])
 	}
+}
+
+// wrote records the outcome of a commit: a failure stops new first
+// executions until a write succeeds again, which a probe checks in the
+// background; a success resumes them. It runs on the commit loop.
+func (s *BoltStore) wrote(err error) {
+	if err == nil {
+		s.resume()
+		return
+	}
+	if s.failed.CompareAndSwap(nil, &writeFailure{err: err, since: time.Now()}) {
+		s.logger.Error("idempotency: a bbolt commit failed; new first executions are refused (Unavailable) until a write succeeds", "path", s.db.Path(), "err", err)
+	}
+	if s.probing.CompareAndSwap(false, true) {
+		// The commit loop is in the wait group, so Add cannot race
+		// Close's Wait.
+		s.wg.Add(1)
+		go s.probeLoop()
+	}
+}
+
+// resume takes first executions again after a write succeeded.
+func (s *BoltStore) resume() {
+	if f := s.failed.Swap(nil); f != nil {
+		s.logger.Info("idempotency: the bbolt file takes writes again; first executions resume", "path", s.db.Path(), "down_for", time.Since(f.since).Round(time.Millisecond))
+	}
+}
+
+// Probes of a file that cannot take writes start this often and back off
+// to the maximum.
+const (
+	boltProbeMin = 50 * time.Millisecond
+	boltProbeMax = 2 * time.Second
+)
+
+// probeLoop writes a probe to the file until a write succeeds (or a commit
+// of records does), then clears the failure.
+func (s *BoltStore) probeLoop() {
+	defer s.wg.Done()
+	defer s.probing.Store(false)
+	every := boltProbeMin
+	t := time.NewTimer(every)
+	defer t.Stop()
+	for s.failed.Load() != nil {
+		select {
+		case <-t.C:
+		case <-s.stop:
+			return
+		}
+		if err := s.probe(); err == nil {
+			s.resume()
+			return
+		}
+		every = min(2*every, boltProbeMax)
+		t.Reset(every)
+	}
+}
+
+// probeSize is what a probe writes: enough to need pages the file may not
+// have yet, as a batch of records would.
+const probeSize = 64 << 10
+
+// probe checks that the file takes writes as a commit of records would: it
+// writes a value into a bucket of its own, durably, then removes the bucket.
+func (s *BoltStore) probe() error {
+	name := append(bytes.Clone(s.records), ".probe"...)
+	err := s.db.Update(func(tx *bolt.Tx) error {
+		b, err := tx.CreateBucketIfNotExists(name)
+		if err != nil {
+			return err
+		}
+		return b.Put([]byte("probe"), make([]byte, probeSize))
+	})
+	if err != nil {
+		return err
+	}
+	return s.db.Update(func(tx *bolt.Tx) error { return tx.DeleteBucket(name) })
 }
 
 func (s *BoltStore) put(records, expiry *bolt.Bucket, w *boltWrite) error {

@@ -75,11 +75,15 @@ func (l *lease) runsOut() bool { return !l.completing && !l.held }
 
 // unhold makes l a lease that runs out by the clock, one lease length from
 // now: what is left of a held lease whose owner could not save its outcome,
-// so that duplicates wait instead of running again at once. The shard's lock
-// must be held.
+// so that duplicates wait instead of running again at once. Its waiters are
+// woken to wait again, now with a timer. The shard's lock must be held.
 func (l *lease) unhold(now time.Time) {
 	l.held, l.completing = false, false
 	l.expires = now.Add(l.length)
+	if l.done != nil {
+		close(l.done)
+		l.done = nil
+	}
 }
 
 // acquire makes key pending under c. The shard's lock must be held.
@@ -109,6 +113,9 @@ func (l *lease) pending() Entry {
 type records[T any] interface {
 	// record returns the live record of key; the shard's lock is held.
 	record(sh *leaseShard[T], key string, now time.Time) (Entry, bool, error)
+	// acquirable returns an error if no key may be acquired now (the
+	// store could not save an outcome).
+	acquirable() error
 }
 
 // state is Reserve (c set) and Lookup (c nil) for the stores that keep
@@ -132,6 +139,9 @@ func (t *leaseTable[T]) state(src records[T], key string, c *Claim) (Entry, erro
 		return e, nil
 	case c == nil:
 		return Entry{State: Absent}, nil
+	}
+	if err := src.acquirable(); err != nil {
+		return Entry{}, err
 	}
 	return sh.acquire(key, *c, now), nil
 }
@@ -160,6 +170,9 @@ func (t *leaseTable[T]) renew(src records[T], key string, c Claim) error {
 		return err
 	case found:
 		return ErrNotOwner
+	}
+	if err := src.acquirable(); err != nil {
+		return err
 	}
 	sh.acquire(key, c, now)
 	return nil

@@ -204,6 +204,8 @@ func (s *MemoryStore) record(sh *leaseShard[memRecords], key string, now time.Ti
 	return Entry{}, false, nil
 }
 
+func (s *MemoryStore) acquirable() error { return nil }
+
 // Renew implements Store.
 func (s *MemoryStore) Renew(ctx context.Context, key string, c Claim) error {
 	if s.closed.Load() {
