@@ -367,6 +367,9 @@ func (s *BoltStore) Complete(ctx context.Context, key, token string, record []by
 	if s.closed.Load() {
 		return ErrClosed
 	}
+	if err := checkRecord(key, retention); err != nil {
+		return err
+	}
 	sh := s.table.shard(key)
 	now := time.Now()
 	sh.mu.Lock()
