@@ -1,0 +1,98 @@
+package idempotency_test
+
+import (
+	"context"
+	"errors"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+
+	"github.com/grpcidem/idempotency"
+	paymentsv1 "github.com/grpcidem/idempotency/proto/payments/v1"
+)
+
+// slowReplyStore answers Reserve late, as a database far away does: the
+// reservation is made at once, but its answer takes replyDelay, and a caller
+// that gives up meanwhile gets only its context's error.
+type slowReplyStore struct {
+	idempotency.Store
+	replyDelay time.Duration
+}
+
+func (s slowReplyStore) Reserve(ctx context.Context, key string, c idempotency.Claim) (idempotency.Entry, error) {
+	e, err := s.Store.Reserve(context.WithoutCancel(ctx), key, c)
+	select {
+	case <-time.After(s.replyDelay):
+		return e, err
+	case <-ctx.Done():
+		return idempotency.Entry{}, ctx.Err()
+	}
+}
+
+// TestCallerDeadlineDuringReserve: a caller whose deadline ends while its
+// key is being reserved must not leave the key held: the retry with the same
+// key runs at once (it used to wait for the whole lease).
+func TestCallerDeadlineDuringReserve(t *testing.T) {
+	stores(t, func(t *testing.T, newStore func(t testing.TB) idempotency.Store) {
+		e := newEnv(t, slowReplyStore{newStore(t), 150 * time.Millisecond}, envConfig{})
+		req := &paymentsv1.ChargeRequest{Account: "a", AmountCents: 1, Currency: "EUR"}
+
+		ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+		_, err := e.client.Charge(withKey(ctx, "k"), req)
+		cancel()
+		require.Equal(t, codes.DeadlineExceeded, status.Code(err), "%v", err)
+
+		ctx, cancel = context.WithTimeout(context.Background(), 3*time.Second)
+		defer cancel()
+		start := time.Now()
+		var header metadata.MD
+		_, err = e.client.Charge(withKey(ctx, "k"), req, grpc.Header(&header))
+		require.NoError(t, err, "the retry found the key held by the call that gave up")
+		assert.False(t, idempotency.IsReplayed(header), "the first call never ran")
+		assert.Less(t, time.Since(start), 2*time.Second)
+		assert.Equal(t, int64(1), e.svc.execs.Load())
+	})
+}
+
+// flakyCompleteStore fails the first failures Completes, as a store whose
+// connection broke does.
+type flakyCompleteStore struct {
+	idempotency.Store
+	failures atomic.Int64
+}
+
+func (s *flakyCompleteStore) Complete(ctx context.Context, key, token string, record []byte, retention time.Duration) error {
+	if s.failures.Add(-1) >= 0 {
+		return errors.New("connection reset by peer")
+	}
+	return s.Store.Complete(ctx, key, token, record, retention)
+}
+
+// TestCompleteIsRetried: a Complete that fails for a moment is retried
+// within the store timeout, so the answered call's duplicate replays it
+// instead of running the handler again once the lease runs out.
+func TestCompleteIsRetried(t *testing.T) {
+	stores(t, func(t *testing.T, newStore func(t testing.TB) idempotency.Store) {
+		store := &flakyCompleteStore{Store: newStore(t)}
+		store.failures.Store(3)
+		e := newEnv(t, store, envConfig{server: []idempotency.Option{idempotency.WithLease(time.Second), idempotency.WithLogger(nil)}})
+		ctx := testCtx(t)
+		req := &paymentsv1.ChargeRequest{Account: "a", AmountCents: 1, Currency: "EUR"}
+		first, err := e.client.Charge(withKey(ctx, "k"), req)
+		require.NoError(t, err)
+		time.Sleep(1500 * time.Millisecond) // past the lease
+		var header metadata.MD
+		again, err := e.client.Charge(withKey(ctx, "k"), req, grpc.Header(&header))
+		require.NoError(t, err)
+		assert.True(t, idempotency.IsReplayed(header))
+		assert.Equal(t, first.ChargeId, again.ChargeId, "the handler ran again")
+		assert.Equal(t, int64(1), e.svc.execs.Load())
+	})
+}
