@@ -96,3 +96,37 @@ func TestCompleteIsRetried(t *testing.T) {
 		assert.Equal(t, int64(1), e.svc.execs.Load())
 	})
 }
+
+// lostLeaseStore answers every Renew with ErrNotOwner, as a shared store does
+// once another owner took the key over.
+type lostLeaseStore struct{ idempotency.Store }
+
+func (lostLeaseStore) Renew(context.Context, string, idempotency.Claim) error {
+	return idempotency.ErrNotOwner
+}
+
+// TestLeaseLostCancelsHandler: when the renewal finds another owner on the
+// key, the handler's context is cancelled with ErrLeaseLost, and its
+// Execution reports it, so the handler can stop before its side effect.
+func TestLeaseLostCancelsHandler(t *testing.T) {
+	e := newEnv(t, lostLeaseStore{idempotency.NewMemoryStore()}, envConfig{server: []idempotency.Option{idempotency.WithLease(time.Second), idempotency.WithLogger(nil)}})
+	e.svc.hold = make(chan struct{})
+	e.svc.started = make(chan struct{}, 1)
+	ctx := testCtx(t)
+	done := make(chan error, 1)
+	go func() {
+		_, err := e.client.Charge(withKey(ctx, "k"), &paymentsv1.ChargeRequest{Account: "a", AmountCents: 1, Currency: "EUR"})
+		done <- err
+	}()
+	<-e.svc.started
+	exec := e.svc.seenExecutions()[0]
+	require.NotNil(t, exec)
+	deadline := time.Now().Add(5 * time.Second)
+	for exec.Err() == nil && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	assert.ErrorIs(t, exec.Err(), idempotency.ErrLeaseLost)
+	close(e.svc.hold)
+	<-done
+	assert.ErrorIs(t, e.svc.lastCause(), idempotency.ErrLeaseLost, "the handler's context was not cancelled with ErrLeaseLost")
+}

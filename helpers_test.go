@@ -45,6 +45,13 @@ type payments struct {
 	mu         sync.Mutex
 	keys       []string // the idempotency key each execution saw
 	executions []*idempotency.Execution
+	cause      error // why the context of a held execution ended
+}
+
+func (p *payments) lastCause() error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.cause
 }
 
 func chargeID() string {
@@ -66,6 +73,9 @@ func (p *payments) begin(ctx context.Context) error {
 		select {
 		case <-p.hold:
 		case <-ctx.Done():
+			p.mu.Lock()
+			p.cause = context.Cause(ctx)
+			p.mu.Unlock()
 			// Like a real payment: once started, it finishes.
 			<-p.hold
 		}
