@@ -129,7 +129,10 @@ func (c *call) reserve(ctx context.Context, fp []byte) (reservation, error) {
 	start := time.Now()
 	var waitCtx context.Context
 	for {
-		if ctx.Err() != nil {
+		if err := ctx.Err(); err != nil {
+			if waitCtx == nil {
+				return reservation{}, status.FromContextError(err).Err()
+			}
 			return reservation{}, c.waitEnded(ctx, start)
 		}
 		e, err := c.storeReserve(ctx, claim)

@@ -15,7 +15,10 @@
 // Subtests run in parallel and use fresh random keys, so a store backed by a
 // shared server (Redis, PostgreSQL) need not start empty. If two stores from
 // two newStore calls see the same keys, pass SharedBackend to also check that
-// instances reserve, fence and wake each other's waiters. The suite's leases
+// instances reserve, fence and wake each other's waiters. A store that keeps
+// its leases in this process (and so honours idempotency.Claim.Held) passes
+// HeldLeases, to check that a held lease never runs out by the clock. The
+// suite's leases
 // and retentions are a few hundred milliseconds; TimeScale stretches them for
 // a backend whose clock is coarse, and ClockTolerance widens how far the
 // times a store reports may stray from the suite's clock.

@@ -1,6 +1,8 @@
 package storetest
 
 import (
+	"context"
+	"errors"
 	"testing"
 	"time"
 
@@ -133,4 +135,35 @@ func testRetentionExpiredIsAbsent(t *testing.T, s *suite) {
 	wantAcquired(t, "Reserve after the retention", reserve(t, st, key, tok2, nil, longLease), tok2)
 	wantOK(t, "Complete by the new owner", complete(t, st, key, tok2, rec2, longRetention))
 	wantCompleted(t, "Lookup after the new owner's Complete", lookup(t, st, key), rec2)
+}
+
+// testLeaseHeldNeverRunsOut: a held lease outlives its length (its owner is
+// alive as long as the process is): it is neither absent nor taken over,
+// its waiters keep waiting, and it ends with its owner's Release.
+func testLeaseHeldNeverRunsOut(t *testing.T, s *suite) {
+	st := s.open(t)
+	key, tok, short := newKey("lease-held"), newToken(), s.shortLease()
+	claim := idempotency.Claim{Token: tok, Lease: short, Held: true}
+	e, err := st.Reserve(ownerCtx(t.Context(), key, tok), key, claim)
+	if err != nil {
+		t.Fatalf("Reserve of a held lease: %v", err)
+	}
+	wantAcquired(t, "Reserve of a held lease", e, tok)
+	seen := reserve(t, st, key, newToken(), nil, longLease)
+	wantPendingUnder(t, "Reserve by another token", seen, tok)
+
+	waited := make(chan error, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 4*short)
+		defer cancel()
+		waited <- st.Wait(ctx, key, seen)
+	}()
+	sleepUntil(time.Now().Add(3 * short))
+	wantPendingUnder(t, "Lookup of a held lease three lease lengths later", lookup(t, st, key), tok)
+	wantPendingUnder(t, "Reserve of a held lease three lease lengths later", reserve(t, st, key, newToken(), nil, longLease), tok)
+	if err := <-waited; !errors.Is(err, context.DeadlineExceeded) {
+		t.Errorf("Wait on a held lease past its length: %v, want it to wait until its context ends", err)
+	}
+	wantOK(t, "Release by the owner", release(t, st, key, tok))
+	wantState(t, "Lookup after Release", lookup(t, st, key), idempotency.Absent)
 }

@@ -23,7 +23,7 @@ func TestMemoryStore(t *testing.T) {
 		s := idempotency.NewMemoryStore()
 		closeStore(t, s)
 		return s
-	})
+	}, storetest.HeldLeases())
 }
 
 func TestBoltStore(t *testing.T) {
@@ -34,5 +34,5 @@ func TestBoltStore(t *testing.T) {
 		}
 		closeStore(t, s)
 		return s
-	})
+	}, storetest.HeldLeases())
 }

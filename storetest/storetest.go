@@ -39,7 +39,18 @@ func ClockTolerance(d time.Duration) Option {
 	return func(c *config) { c.tolerance = d }
 }
 
+// HeldLeases declares that the store keeps its leases in this process's
+// memory and so honours Claim.Held: a held lease ends with Complete or
+// Release, never by the clock. Run then also checks that a held lease is
+// never taken over and that its waiters wait for its owner, however late
+// the clock says it is. The memory and bbolt stores pass it; a store shared
+// between processes cannot.
+func HeldLeases() Option {
+	return func(c *config) { c.held = true }
+}
+
 type config struct {
+	held      bool
 	shared    bool
 	scale     float64
 	tolerance time.Duration
@@ -74,6 +85,9 @@ func Run(t *testing.T, newStore func(t *testing.T) idempotency.Store, opts ...Op
 				if c.shared && !s.shared {
 					t.Skip("needs two instances on one backend: pass storetest.SharedBackend() if newStore's stores share keys")
 				}
+				if c.held && !s.held {
+					t.Skip("for stores that keep leases in this process: pass storetest.HeldLeases() if the store honours Claim.Held")
+				}
 				t.Parallel()
 				c.run(t, s)
 			})
@@ -84,6 +98,7 @@ func Run(t *testing.T, newStore func(t *testing.T) idempotency.Store, opts ...Op
 var cases = []struct {
 	name   string
 	shared bool
+	held   bool
 	run    func(*testing.T, *suite)
 }{
 	{name: "Reserve/Absent", run: testReserveAbsent},
@@ -106,6 +121,7 @@ var cases = []struct {
 	{name: "Lease/ExpiredIsAbsent", run: testLeaseExpiredIsAbsent},
 	{name: "Lease/Takeover", run: testLeaseTakeover},
 	{name: "Lease/StaleOwnerFenced", run: testLeaseStaleOwnerFenced},
+	{name: "Lease/HeldNeverRunsOut", held: true, run: testLeaseHeldNeverRunsOut},
 	{name: "Retention/ExpiredIsAbsent", run: testRetentionExpiredIsAbsent},
 	{name: "Wait/Complete", run: testWaitComplete},
 	{name: "Wait/Release", run: testWaitRelease},
