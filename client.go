@@ -3,6 +3,7 @@ package idempotency
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"math/rand/v2"
 	"sync"
@@ -34,6 +35,8 @@ type clientOptions struct {
 	maxBackoff     time.Duration
 	perAttempt     time.Duration
 	retryCodes     []codes.Code
+	keySet         bool    // WithKey was given, even with ""
+	errs           []error // options set out of their range
 }
 
 // Defaults of the retry helper.
@@ -41,6 +44,41 @@ const (
 	DefaultInitialBackoff = 50 * time.Millisecond
 	DefaultMaxBackoff     = 2 * time.Second
 )
+
+// Bounds of the retry helper's durations (WithBackoff, WithPerAttemptTimeout).
+const (
+	MinBackoff           = time.Millisecond
+	MaxBackoff           = 10 * time.Minute
+	MinPerAttemptTimeout = time.Millisecond
+	MaxPerAttemptTimeout = time.Hour
+)
+
+func (o *clientOptions) setDuration(name string, dst *time.Duration, d, lo, hi time.Duration) {
+	switch {
+	case d == 0:
+	case d < lo || d > hi:
+		o.errs = append(o.errs, fmt.Errorf("idempotency: %s(%v) is out of range: use %v to %v, or 0 for the default", name, d, lo, hi))
+	default:
+		*dst = d
+	}
+}
+
+// check returns the first misuse among the call's options, as an
+// InvalidArgument status, so that nothing is sent.
+func (o *clientOptions) check() error {
+	if len(o.errs) > 0 {
+		return status.Error(codes.InvalidArgument, errors.Join(o.errs...).Error())
+	}
+	if o.keySet && !o.noKey {
+		if err := ValidateKey(o.key); err != nil {
+			return status.Errorf(codes.InvalidArgument, "idempotency: WithKey: %s", status.Convert(err).Message())
+		}
+	}
+	if o.initialBackoff > o.maxBackoff {
+		return status.Errorf(codes.InvalidArgument, "idempotency: WithBackoff: the initial backoff %v is longer than the maximum %v", o.initialBackoff, o.maxBackoff)
+	}
+	return nil
+}
 
 // DefaultRetryCodes are the status codes the retry helper retries: the
 // ones an idempotent server answers when a retry with the same key can
@@ -59,8 +97,10 @@ func defaultClientOptions() clientOptions {
 // WithKey sets the idempotency key of one logical call, instead of a fresh
 // random one. Use it per call, with a key your application keeps (an order
 // id, a payment intent), so that a retry after a crash of the client reuses it.
+// A key the server would refuse (empty, over 255 bytes, not visible ASCII)
+// fails the call with InvalidArgument before anything is sent.
 func WithKey(key string) CallOption {
-	return CallOption{apply: func(o *clientOptions) { o.key, o.noKey = key, false }}
+	return CallOption{apply: func(o *clientOptions) { o.key, o.keySet, o.noKey = key, true, false }}
 }
 
 // WithoutKey sends the call without an idempotency key (and without retries).
@@ -84,38 +124,56 @@ func Attempts(n *int) CallOption {
 // all, with the same key, while it fails with a retryable code
 // (DefaultRetryCodes, and DeadlineExceeded of a per-attempt timeout) and the
 // caller's deadline allows. Between attempts it sleeps a random time between
-// zero and an exponentially growing, capped bound (full jitter). The default
-// is 1: no retries. Retry only calls to servers that run the idempotency
-// interceptor: the key is what makes a retry safe.
+// zero and an exponentially growing, capped bound (full jitter). The default,
+// and what zero or less means, is 1: no retries. Retry only calls to servers
+// that run the idempotency interceptor: the key is what makes a retry safe.
 func WithMaxAttempts(n int) CallOption {
 	return CallOption{apply: func(o *clientOptions) { o.maxAttempts = max(1, n) }}
 }
 
 // WithBackoff sets the bound of the first retry's sleep and the cap of the
-// bound, which doubles with each retry. Zero or less keeps the defaults,
-// DefaultInitialBackoff and DefaultMaxBackoff.
+// bound, which doubles with each retry. Each must be between MinBackoff (1ms)
+// and MaxBackoff (10m), and initial at most maxBackoff; zero keeps the
+// default, DefaultInitialBackoff and DefaultMaxBackoff. Out of range, the
+// interceptor panics when given it at dial time, and the call fails with
+// InvalidArgument when given it per call.
 func WithBackoff(initial, maxBackoff time.Duration) CallOption {
 	return CallOption{apply: func(o *clientOptions) {
-		if initial > 0 {
-			o.initialBackoff = initial
-		}
-		if maxBackoff > 0 {
-			o.maxBackoff = maxBackoff
-		}
+		o.setDuration("WithBackoff", &o.initialBackoff, initial, MinBackoff, MaxBackoff)
+		o.setDuration("WithBackoff", &o.maxBackoff, maxBackoff, MinBackoff, MaxBackoff)
 	}}
 }
 
 // WithPerAttemptTimeout bounds each attempt of a unary call; an attempt that
-// runs out is retried (within the caller's own deadline). Zero means no
+// runs out is retried (within the caller's own deadline). It must be between
+// MinPerAttemptTimeout (1ms) and MaxPerAttemptTimeout (1h); zero means no
 // bound but the caller's.
 func WithPerAttemptTimeout(d time.Duration) CallOption {
-	return CallOption{apply: func(o *clientOptions) { o.perAttempt = d }}
+	return CallOption{apply: func(o *clientOptions) {
+		o.setDuration("WithPerAttemptTimeout", &o.perAttempt, d, MinPerAttemptTimeout, MaxPerAttemptTimeout)
+	}}
 }
 
 // WithRetryCodes replaces the status codes that are retried
 // (DefaultRetryCodes).
 func WithRetryCodes(cs ...codes.Code) CallOption {
 	return CallOption{apply: func(o *clientOptions) { o.retryCodes = cs }}
+}
+
+// newClientOptions applies the dial-time options, and panics on a misuse:
+// it is caught when the client is built, not by its first call.
+func newClientOptions(opts []CallOption) clientOptions {
+	o := defaultClientOptions()
+	for _, opt := range opts {
+		if opt.apply != nil {
+			opt.apply(&o)
+		}
+	}
+	if err := o.check(); err != nil {
+		panic(status.Convert(err).Message())
+	}
+	// The per-call options start from these; the checks passed.
+	return o
 }
 
 // split applies the idempotency options among callOpts to a copy of base
@@ -125,7 +183,9 @@ func split(base clientOptions, callOpts []grpc.CallOption) (clientOptions, []grp
 	rest := callOpts[:0:0]
 	for _, co := range callOpts {
 		if ours, ok := co.(CallOption); ok {
-			ours.apply(&o)
+			if ours.apply != nil {
+				ours.apply(&o)
+			}
 			continue
 		}
 		rest = append(rest, co)
@@ -171,7 +231,7 @@ func (o *clientOptions) retryable(err error, ctx, attemptCtx context.Context) bo
 func (o *clientOptions) sleep(ctx context.Context, n int) bool {
 	bound := o.initialBackoff
 	for i := 1; i < n && bound < o.maxBackoff; i++ {
-		bound *= 2
+		bound *= 2 // bounded by 2*MaxBackoff: no overflow
 	}
 	bound = min(bound, o.maxBackoff)
 	d := time.Duration(rand.Int64N(int64(bound) + 1))
@@ -194,13 +254,15 @@ func (o *clientOptions) sleep(ctx context.Context, n int) bool {
 // (WithMaxAttempts), and grpc-go's retry policy and transparent retries,
 // which happen below it. opts are defaults for every call; per-call options
 // override them.
+//
+// It panics if an option is out of its documented range.
 func UnaryClientInterceptor(opts ...CallOption) grpc.UnaryClientInterceptor {
-	base := defaultClientOptions()
-	for _, o := range opts {
-		o.apply(&base)
-	}
+	base := newClientOptions(opts)
 	return func(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, callOpts ...grpc.CallOption) error {
 		o, rest := split(base, callOpts)
+		if err := o.check(); err != nil {
+			return err
+		}
 		ctx, keyed := o.withKey(ctx)
 		var header metadata.MD
 		if o.replayed != nil {
@@ -241,13 +303,15 @@ func UnaryClientInterceptor(opts ...CallOption) grpc.UnaryClientInterceptor {
 // before its first response is opened again with the same key and request;
 // other streams are not retried, since their requests are not all known when
 // they fail.
+//
+// It panics if an option is out of its documented range.
 func StreamClientInterceptor(opts ...CallOption) grpc.StreamClientInterceptor {
-	base := defaultClientOptions()
-	for _, o := range opts {
-		o.apply(&base)
-	}
+	base := newClientOptions(opts)
 	return func(ctx context.Context, desc *grpc.StreamDesc, cc *grpc.ClientConn, method string, streamer grpc.Streamer, callOpts ...grpc.CallOption) (grpc.ClientStream, error) {
 		o, rest := split(base, callOpts)
+		if err := o.check(); err != nil {
+			return nil, err
+		}
 		ctx, keyed := o.withKey(ctx)
 		cs := &clientStream{o: o, ctx: ctx, desc: desc, cc: cc, method: method, streamer: streamer, opts: rest}
 		cs.retry = keyed && o.maxAttempts > 1 && desc.ServerStreams && !desc.ClientStreams

@@ -2,6 +2,8 @@ package idempotency_test
 
 import (
 	"context"
+	"math"
+	"strings"
 	"testing"
 	"time"
 
@@ -12,6 +14,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/grpcidem/idempotency"
+	paymentsv1 "github.com/grpcidem/idempotency/proto/payments/v1"
 )
 
 func clientEnv(t *testing.T, opts ...idempotency.CallOption) *env {
@@ -125,4 +128,30 @@ func TestClientKeyStableAcrossGRPCRetryPolicy(t *testing.T) {
 	require.Len(t, keys, 3, "grpc-go's retry policy ran three attempts")
 	assert.Equal(t, keys[0], keys[1])
 	assert.Equal(t, keys[0], keys[2])
+}
+
+// TestClientRefusesMisuse: a key the server would refuse, or a duration out
+// of range, fails the call with InvalidArgument before anything is sent; at
+// dial time it panics, so it is caught when the client is built.
+func TestClientRefusesMisuse(t *testing.T) {
+	e := clientEnv(t)
+	ctx := testCtx(t)
+	req := &paymentsv1.ChargeRequest{Account: "a", AmountCents: 1, Currency: "EUR"}
+	for _, opt := range []grpc.CallOption{
+		idempotency.WithKey(""),
+		idempotency.WithKey(strings.Repeat("k", 256)),
+		idempotency.WithKey("café"),
+		idempotency.WithKey("a b"),
+		idempotency.WithBackoff(time.Nanosecond, 0),
+		idempotency.WithBackoff(time.Second, math.MaxInt64),
+		idempotency.WithBackoff(time.Minute, time.Second),
+		idempotency.WithPerAttemptTimeout(-time.Second),
+	} {
+		_, err := e.client.Charge(ctx, req, opt)
+		require.Equal(t, codes.InvalidArgument, status.Code(err), "%v", err)
+		assert.Contains(t, status.Convert(err).Message(), "idempotency: ")
+	}
+	assert.Zero(t, e.svc.execs.Load(), "a refused call reached the server")
+	assert.Panics(t, func() { idempotency.UnaryClientInterceptor(idempotency.WithBackoff(time.Second, math.MaxInt64)) })
+	assert.Panics(t, func() { idempotency.StreamClientInterceptor(idempotency.WithPerAttemptTimeout(2 * time.Hour)) })
 }
