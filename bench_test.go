@@ -19,26 +19,26 @@ import (
 
 	"github.com/grpcidem/idempotency"
 	"github.com/grpcidem/idempotency/internal/cpuclock"
-	paymentsv1 "github.com/grpcidem/idempotency/proto/payments/v1"
+	testpb "github.com/grpcidem/idempotency/internal/testpb"
 )
 
 // benchPayments answers at once, so that the benchmarks measure the
 // interceptor and the store, not the handler.
 type benchPayments struct {
-	paymentsv1.UnimplementedPaymentServiceServer
+	testpb.UnimplementedPaymentServiceServer
 }
 
-func (benchPayments) Charge(ctx context.Context, req *paymentsv1.ChargeRequest) (*paymentsv1.ChargeResponse, error) {
-	return &paymentsv1.ChargeResponse{ChargeId: "ch_0123456789abcdef", Account: req.Account, AmountCents: req.AmountCents, Currency: req.Currency}, nil
+func (benchPayments) Charge(ctx context.Context, req *testpb.ChargeRequest) (*testpb.ChargeResponse, error) {
+	return &testpb.ChargeResponse{ChargeId: "ch_0123456789abcdef", Account: req.Account, AmountCents: req.AmountCents, Currency: req.Currency}, nil
 }
 
 // ChargeInstallments sends its installments at once, with ids that cost
 // nothing to make.
-func (benchPayments) ChargeInstallments(req *paymentsv1.InstallmentsRequest, ss grpc.ServerStreamingServer[paymentsv1.ChargeResponse]) error {
+func (benchPayments) ChargeInstallments(req *testpb.InstallmentsRequest, ss grpc.ServerStreamingServer[testpb.ChargeResponse]) error {
 	_ = ss.SetHeader(metadata.Pairs("x-plan", "installments"))
 	amount := req.AmountCents / int64(req.Count)
 	for i := range req.Count {
-		if err := ss.Send(&paymentsv1.ChargeResponse{ChargeId: "ch_" + strconv.Itoa(int(i)) + "_0123456789ab", Account: req.Account, AmountCents: amount, Currency: req.Currency}); err != nil {
+		if err := ss.Send(&testpb.ChargeResponse{ChargeId: "ch_" + strconv.Itoa(int(i)) + "_0123456789ab", Account: req.Account, AmountCents: amount, Currency: req.Currency}); err != nil {
 			return err
 		}
 	}
@@ -48,7 +48,7 @@ func (benchPayments) ChargeInstallments(req *paymentsv1.InstallmentsRequest, ss 
 
 // benchClient starts a bufconn server with the interceptors on store (none
 // when store is nil) and returns a client for it.
-func benchClient(b *testing.B, store idempotency.Store) paymentsv1.PaymentServiceClient {
+func benchClient(b *testing.B, store idempotency.Store) testpb.PaymentServiceClient {
 	b.Helper()
 	lis := bufconn.Listen(1 << 20)
 	var opts []grpc.ServerOption
@@ -57,7 +57,7 @@ func benchClient(b *testing.B, store idempotency.Store) paymentsv1.PaymentServic
 			grpc.StreamInterceptor(idempotency.StreamServerInterceptor(store)))
 	}
 	srv := grpc.NewServer(opts...)
-	paymentsv1.RegisterPaymentServiceServer(srv, benchPayments{})
+	testpb.RegisterPaymentServiceServer(srv, benchPayments{})
 	go func() { _ = srv.Serve(lis) }()
 	conn, err := grpc.NewClient("passthrough:///bufnet",
 		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) { return lis.DialContext(ctx) }),
@@ -69,7 +69,7 @@ func benchClient(b *testing.B, store idempotency.Store) paymentsv1.PaymentServic
 		conn.Close()
 		srv.Stop()
 	})
-	return paymentsv1.NewPaymentServiceClient(conn)
+	return testpb.NewPaymentServiceClient(conn)
 }
 
 // BenchmarkUnary measures the cost of one call over bufconn: without the
@@ -154,9 +154,9 @@ func freshKeys() func(context.Context) context.Context {
 // reports cpu-µs/op, the process's CPU time (user and system) per call:
 // against ns/op and the cores, it tells whether a benchmark was bound by the
 // CPU or by waiting.
-func runCalls(b *testing.B, client paymentsv1.PaymentServiceClient, par int, withKey func(context.Context) context.Context) {
+func runCalls(b *testing.B, client testpb.PaymentServiceClient, par int, withKey func(context.Context) context.Context) {
 	b.Helper()
-	req := &paymentsv1.ChargeRequest{Account: "acct_1", AmountCents: 1250, Currency: "EUR"}
+	req := &testpb.ChargeRequest{Account: "acct_1", AmountCents: 1250, Currency: "EUR"}
 	call := func(ctx context.Context) {
 		if withKey != nil {
 			ctx = withKey(ctx)
@@ -325,10 +325,10 @@ func BenchmarkBoltCommit(b *testing.B) {
 //
 //	go test -run '^$' -bench BenchmarkInterceptorOnly -benchmem .
 func BenchmarkInterceptorOnly(b *testing.B) {
-	info := &grpc.UnaryServerInfo{FullMethod: paymentsv1.PaymentService_Charge_FullMethodName}
-	req := &paymentsv1.ChargeRequest{Account: "acct_1", AmountCents: 1250, Currency: "EUR"}
+	info := &grpc.UnaryServerInfo{FullMethod: testpb.PaymentService_Charge_FullMethodName}
+	req := &testpb.ChargeRequest{Account: "acct_1", AmountCents: 1250, Currency: "EUR"}
 	handler := func(ctx context.Context, r any) (any, error) {
-		return benchPayments{}.Charge(ctx, r.(*paymentsv1.ChargeRequest))
+		return benchPayments{}.Charge(ctx, r.(*testpb.ChargeRequest))
 	}
 	stores := map[string]func(b *testing.B) idempotency.Store{
 		"memory": func(b *testing.B) idempotency.Store { return idempotency.NewMemoryStore() },

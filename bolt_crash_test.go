@@ -22,7 +22,7 @@ import (
 	"google.golang.org/grpc/metadata"
 
 	"github.com/grpcidem/idempotency"
-	paymentsv1 "github.com/grpcidem/idempotency/proto/payments/v1"
+	testpb "github.com/grpcidem/idempotency/internal/testpb"
 )
 
 const crashChildEnv = "IDEMPOTENCY_CRASH_CHILD_DB"
@@ -32,14 +32,14 @@ const crashChildEnv = "IDEMPOTENCY_CRASH_CHILD_DB"
 // next instant. A call is a unary Charge, or ChargeInstallments (a server
 // stream) when plan is set.
 type ack struct {
-	charge          *paymentsv1.ChargeRequest
-	plan            *paymentsv1.InstallmentsRequest
+	charge          *testpb.ChargeRequest
+	plan            *testpb.InstallmentsRequest
 	msgs            [][]byte
 	header, trailer metadata.MD
 }
 
 // call makes a's call with key and returns it with what was answered.
-func (a ack) call(ctx context.Context, t *testing.T, client paymentsv1.PaymentServiceClient, key string) (ack, error) {
+func (a ack) call(ctx context.Context, t *testing.T, client testpb.PaymentServiceClient, key string) (ack, error) {
 	ctx = withKey(ctx, key)
 	a.msgs = nil
 	if a.plan == nil {
@@ -96,7 +96,7 @@ func TestBoltKilledMidLoadKeepsEveryAnswer(t *testing.T) {
 		addr, kill := startCrashChild(t, path)
 		conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
 		require.NoError(t, err)
-		client := paymentsv1.NewPaymentServiceClient(conn)
+		client := testpb.NewPaymentServiceClient(conn)
 
 		ctx, stop := context.WithTimeout(context.Background(), 30*time.Second)
 		var killed atomic.Bool
@@ -106,9 +106,9 @@ func TestBoltKilledMidLoadKeepsEveryAnswer(t *testing.T) {
 			wg.Go(func() {
 				for i := 0; ctx.Err() == nil; i++ {
 					key := fmt.Sprintf("r%d-w%d-%d", round, w, i)
-					a := ack{charge: &paymentsv1.ChargeRequest{Account: "acct-" + key, AmountCents: int64(100 + i), Currency: "EUR"}}
+					a := ack{charge: &testpb.ChargeRequest{Account: "acct-" + key, AmountCents: int64(100 + i), Currency: "EUR"}}
 					if w%4 == 0 {
-						a = ack{plan: &paymentsv1.InstallmentsRequest{Account: "acct-" + key, AmountCents: int64(900 + i), Currency: "EUR", Count: 3}}
+						a = ack{plan: &testpb.InstallmentsRequest{Account: "acct-" + key, AmountCents: int64(900 + i), Currency: "EUR", Count: 3}}
 					}
 					got, err := a.call(ctx, t, client, key)
 					if err != nil {
@@ -200,7 +200,7 @@ func crashChild(t *testing.T, path string) {
 	require.NoError(t, err)
 	srv := grpc.NewServer(grpc.ChainUnaryInterceptor(idempotency.UnaryServerInterceptor(store)),
 		grpc.ChainStreamInterceptor(idempotency.StreamServerInterceptor(store)))
-	paymentsv1.RegisterPaymentServiceServer(srv, &payments{})
+	testpb.RegisterPaymentServiceServer(srv, &payments{})
 	go func() { _ = srv.Serve(lis) }()
 	fmt.Printf("ADDR %s\n", lis.Addr())
 	time.Sleep(time.Minute)

@@ -14,7 +14,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/grpcidem/idempotency"
-	paymentsv1 "github.com/grpcidem/idempotency/proto/payments/v1"
+	testpb "github.com/grpcidem/idempotency/internal/testpb"
 )
 
 func clientEnv(t *testing.T, opts ...idempotency.CallOption) *env {
@@ -112,7 +112,7 @@ func TestClientPerAttemptTimeoutThenReplay(t *testing.T) {
 
 func TestClientKeyStableAcrossGRPCRetryPolicy(t *testing.T) {
 	const serviceConfig = `{"methodConfig": [{
-		"name": [{"service": "payments.v1.PaymentService"}],
+		"name": [{"service": "idempotency.testing.v1.PaymentService"}],
 		"retryPolicy": {"maxAttempts": 4, "initialBackoff": "0.01s", "maxBackoff": "0.05s",
 			"backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}}]}`
 	e := newEnv(t, idempotency.NewMemoryStore(), envConfig{client: []grpc.DialOption{
@@ -136,7 +136,7 @@ func TestClientKeyStableAcrossGRPCRetryPolicy(t *testing.T) {
 func TestClientRefusesMisuse(t *testing.T) {
 	e := clientEnv(t)
 	ctx := testCtx(t)
-	req := &paymentsv1.ChargeRequest{Account: "a", AmountCents: 1, Currency: "EUR"}
+	req := &testpb.ChargeRequest{Account: "a", AmountCents: 1, Currency: "EUR"}
 	for _, opt := range []grpc.CallOption{
 		idempotency.WithKey(""),
 		idempotency.WithKey(strings.Repeat("k", 256)),

@@ -17,13 +17,13 @@ import (
 	"google.golang.org/grpc/test/bufconn"
 
 	"github.com/grpcidem/idempotency"
-	paymentsv1 "github.com/grpcidem/idempotency/proto/payments/v1"
+	testpb "github.com/grpcidem/idempotency/internal/testpb"
 )
 
 // examplePayments is the payment service of the examples. Each charge gets
 // the next number as its id, so that a repeated id can only be a replay.
 type examplePayments struct {
-	paymentsv1.UnimplementedPaymentServiceServer
+	testpb.UnimplementedPaymentServiceServer
 	executions atomic.Int64
 	charges    atomic.Int64
 }
@@ -32,8 +32,8 @@ func (p *examplePayments) charge(req interface {
 	GetAccount() string
 	GetAmountCents() int64
 	GetCurrency() string
-}, amount int64) *paymentsv1.ChargeResponse {
-	return &paymentsv1.ChargeResponse{
+}, amount int64) *testpb.ChargeResponse {
+	return &testpb.ChargeResponse{
 		ChargeId:    fmt.Sprintf("ch_%d", p.charges.Add(1)),
 		Account:     req.GetAccount(),
 		AmountCents: amount,
@@ -41,12 +41,12 @@ func (p *examplePayments) charge(req interface {
 	}
 }
 
-func (p *examplePayments) Charge(_ context.Context, req *paymentsv1.ChargeRequest) (*paymentsv1.ChargeResponse, error) {
+func (p *examplePayments) Charge(_ context.Context, req *testpb.ChargeRequest) (*testpb.ChargeResponse, error) {
 	p.executions.Add(1)
 	return p.charge(req, req.GetAmountCents()), nil
 }
 
-func (p *examplePayments) ChargeInstallments(req *paymentsv1.InstallmentsRequest, stream grpc.ServerStreamingServer[paymentsv1.ChargeResponse]) error {
+func (p *examplePayments) ChargeInstallments(req *testpb.InstallmentsRequest, stream grpc.ServerStreamingServer[testpb.ChargeResponse]) error {
 	p.executions.Add(1)
 	if req.GetCount() <= 0 {
 		return status.Error(codes.InvalidArgument, "count must be positive")
@@ -78,7 +78,7 @@ func startExampleServer(srv *grpc.Server, opts ...grpc.DialOption) (*grpc.Client
 	}
 }
 
-func printCharges(stream grpc.ServerStreamingClient[paymentsv1.ChargeResponse]) {
+func printCharges(stream grpc.ServerStreamingClient[testpb.ChargeResponse]) {
 	var ids []string
 	for {
 		c, err := stream.Recv()
@@ -104,13 +104,13 @@ func ExampleUnaryServerInterceptor() {
 		idempotency.UnaryServerInterceptor(store, idempotency.WithRequiredKey("*")),
 	))
 	svc := &examplePayments{}
-	paymentsv1.RegisterPaymentServiceServer(srv, svc)
+	testpb.RegisterPaymentServiceServer(srv, svc)
 	conn, stop := startExampleServer(srv)
 	defer stop()
-	client := paymentsv1.NewPaymentServiceClient(conn)
+	client := testpb.NewPaymentServiceClient(conn)
 
 	ctx := metadata.AppendToOutgoingContext(context.Background(), idempotency.KeyHeader, "order-1001")
-	req := &paymentsv1.ChargeRequest{Account: "acct_1", AmountCents: 1250, Currency: "EUR"}
+	req := &testpb.ChargeRequest{Account: "acct_1", AmountCents: 1250, Currency: "EUR"}
 	for range 2 {
 		var header metadata.MD
 		resp, err := client.Charge(ctx, req, grpc.Header(&header))
@@ -121,7 +121,7 @@ func ExampleUnaryServerInterceptor() {
 		fmt.Printf("%s, replayed: %t\n", resp.GetChargeId(), idempotency.IsReplayed(header))
 	}
 
-	_, err := client.Charge(ctx, &paymentsv1.ChargeRequest{Account: "acct_1", AmountCents: 9999, Currency: "EUR"})
+	_, err := client.Charge(ctx, &testpb.ChargeRequest{Account: "acct_1", AmountCents: 9999, Currency: "EUR"})
 	fmt.Println("same key, other amount:", status.Code(err))
 	_, err = client.Charge(context.Background(), req)
 	fmt.Println("no key:", status.Code(err))
@@ -144,13 +144,13 @@ func ExampleStreamServerInterceptor() {
 		grpc.ChainStreamInterceptor(idempotency.StreamServerInterceptor(store)),
 	)
 	svc := &examplePayments{}
-	paymentsv1.RegisterPaymentServiceServer(srv, svc)
+	testpb.RegisterPaymentServiceServer(srv, svc)
 	conn, stop := startExampleServer(srv)
 	defer stop()
-	client := paymentsv1.NewPaymentServiceClient(conn)
+	client := testpb.NewPaymentServiceClient(conn)
 
 	ctx := metadata.AppendToOutgoingContext(context.Background(), idempotency.KeyHeader, "plan-7")
-	req := &paymentsv1.InstallmentsRequest{Account: "acct_1", AmountCents: 3000, Currency: "EUR", Count: 3}
+	req := &testpb.InstallmentsRequest{Account: "acct_1", AmountCents: 3000, Currency: "EUR", Count: 3}
 	for range 2 {
 		stream, err := client.ChargeInstallments(ctx, req)
 		if err != nil {
@@ -191,14 +191,14 @@ func ExampleUnaryClientInterceptor() {
 		idempotency.UnaryServerInterceptor(store),
 	))
 	svc := &examplePayments{}
-	paymentsv1.RegisterPaymentServiceServer(srv, svc)
+	testpb.RegisterPaymentServiceServer(srv, svc)
 	conn, stop := startExampleServer(srv, grpc.WithChainUnaryInterceptor(
 		idempotency.UnaryClientInterceptor(idempotency.WithMaxAttempts(3)),
 	))
 	defer stop()
-	client := paymentsv1.NewPaymentServiceClient(conn)
+	client := testpb.NewPaymentServiceClient(conn)
 
-	req := &paymentsv1.ChargeRequest{Account: "acct_1", AmountCents: 1250, Currency: "EUR"}
+	req := &testpb.ChargeRequest{Account: "acct_1", AmountCents: 1250, Currency: "EUR"}
 	var replayed bool
 	var attempts int
 	resp, err := client.Charge(context.Background(), req, idempotency.Replayed(&replayed), idempotency.Attempts(&attempts))
@@ -253,16 +253,16 @@ func ExampleStreamClientInterceptor() {
 		idempotency.StreamServerInterceptor(store),
 	))
 	svc := &examplePayments{}
-	paymentsv1.RegisterPaymentServiceServer(srv, svc)
+	testpb.RegisterPaymentServiceServer(srv, svc)
 	conn, stop := startExampleServer(srv, grpc.WithChainStreamInterceptor(
 		idempotency.StreamClientInterceptor(idempotency.WithMaxAttempts(3)),
 	))
 	defer stop()
-	client := paymentsv1.NewPaymentServiceClient(conn)
+	client := testpb.NewPaymentServiceClient(conn)
 
 	var replayed bool
 	var attempts int
-	req := &paymentsv1.InstallmentsRequest{Account: "acct_1", AmountCents: 3000, Currency: "EUR", Count: 3}
+	req := &testpb.InstallmentsRequest{Account: "acct_1", AmountCents: 3000, Currency: "EUR", Count: 3}
 	stream, err := client.ChargeInstallments(context.Background(), req, idempotency.Replayed(&replayed), idempotency.Attempts(&attempts))
 	if err != nil {
 		fmt.Println(err)

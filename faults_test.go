@@ -15,7 +15,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/grpcidem/idempotency"
-	paymentsv1 "github.com/grpcidem/idempotency/proto/payments/v1"
+	testpb "github.com/grpcidem/idempotency/internal/testpb"
 )
 
 // slowReplyStore answers Reserve late, as a database far away does: the
@@ -42,7 +42,7 @@ func (s slowReplyStore) Reserve(ctx context.Context, key string, c idempotency.C
 func TestCallerDeadlineDuringReserve(t *testing.T) {
 	stores(t, func(t *testing.T, newStore func(t testing.TB) idempotency.Store) {
 		e := newEnv(t, slowReplyStore{newStore(t), 150 * time.Millisecond}, envConfig{})
-		req := &paymentsv1.ChargeRequest{Account: "a", AmountCents: 1, Currency: "EUR"}
+		req := &testpb.ChargeRequest{Account: "a", AmountCents: 1, Currency: "EUR"}
 
 		ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
 		_, err := e.client.Charge(withKey(ctx, "k"), req)
@@ -84,7 +84,7 @@ func TestCompleteIsRetried(t *testing.T) {
 		store.failures.Store(3)
 		e := newEnv(t, store, envConfig{server: []idempotency.Option{idempotency.WithLease(time.Second), idempotency.WithLogger(nil)}})
 		ctx := testCtx(t)
-		req := &paymentsv1.ChargeRequest{Account: "a", AmountCents: 1, Currency: "EUR"}
+		req := &testpb.ChargeRequest{Account: "a", AmountCents: 1, Currency: "EUR"}
 		first, err := e.client.Charge(withKey(ctx, "k"), req)
 		require.NoError(t, err)
 		time.Sleep(1500 * time.Millisecond) // past the lease
@@ -115,7 +115,7 @@ func TestLeaseLostCancelsHandler(t *testing.T) {
 	ctx := testCtx(t)
 	done := make(chan error, 1)
 	go func() {
-		_, err := e.client.Charge(withKey(ctx, "k"), &paymentsv1.ChargeRequest{Account: "a", AmountCents: 1, Currency: "EUR"})
+		_, err := e.client.Charge(withKey(ctx, "k"), &testpb.ChargeRequest{Account: "a", AmountCents: 1, Currency: "EUR"})
 		done <- err
 	}()
 	<-e.svc.started

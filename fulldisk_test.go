@@ -18,7 +18,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/grpcidem/idempotency"
-	paymentsv1 "github.com/grpcidem/idempotency/proto/payments/v1"
+	testpb "github.com/grpcidem/idempotency/internal/testpb"
 )
 
 // smallDisk mounts a tmpfs of size bytes for the test and returns its path.
@@ -75,9 +75,9 @@ func TestBoltFullDisk(t *testing.T) {
 		idempotency.WithLogger(nil),
 	}})
 	ctx := testCtx(t)
-	charge := func(key string, account string) (*paymentsv1.ChargeResponse, metadata.MD, error) {
+	charge := func(key string, account string) (*testpb.ChargeResponse, metadata.MD, error) {
 		var header metadata.MD
-		resp, err := e.client.Charge(withKey(ctx, key), &paymentsv1.ChargeRequest{Account: account, AmountCents: 100, Currency: "EUR"}, grpc.Header(&header))
+		resp, err := e.client.Charge(withKey(ctx, key), &testpb.ChargeRequest{Account: account, AmountCents: 100, Currency: "EUR"}, grpc.Header(&header))
 		return resp, header, err
 	}
 

@@ -10,7 +10,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/grpcidem/idempotency"
-	paymentsv1 "github.com/grpcidem/idempotency/proto/payments/v1"
+	testpb "github.com/grpcidem/idempotency/internal/testpb"
 )
 
 // FuzzKey feeds arbitrary key metadata to the server interceptor: it must
@@ -22,7 +22,7 @@ func FuzzKey(f *testing.F) {
 	}
 	store := idempotency.NewMemoryStore()
 	unary := idempotency.UnaryServerInterceptor(store)
-	info := &grpc.UnaryServerInfo{FullMethod: paymentsv1.PaymentService_Charge_FullMethodName}
+	info := &grpc.UnaryServerInfo{FullMethod: testpb.PaymentService_Charge_FullMethodName}
 	f.Fuzz(func(t *testing.T, key string) {
 		valid := len(key) >= 1 && len(key) <= 255
 		for i := 0; i < len(key); i++ {
@@ -33,9 +33,9 @@ func FuzzKey(f *testing.F) {
 		ctx := metadata.NewIncomingContext(context.Background(), metadata.Pairs(idempotency.KeyHeader, key))
 		ctx = grpc.NewContextWithServerTransportStream(ctx, nopTransport{})
 		ran := false
-		_, err := unary(ctx, &paymentsv1.ChargeRequest{Account: key}, info, func(context.Context, any) (any, error) {
+		_, err := unary(ctx, &testpb.ChargeRequest{Account: key}, info, func(context.Context, any) (any, error) {
 			ran = true
-			return &paymentsv1.ChargeResponse{}, nil
+			return &testpb.ChargeResponse{}, nil
 		})
 		if valid != (idempotency.ValidateKey(key) == nil) {
 			t.Fatalf("ValidateKey(%q) disagrees with the contract", key)
@@ -55,13 +55,13 @@ func FuzzStoredRecord(f *testing.F) {
 	f.Add([]byte{})
 	f.Add([]byte{0x0a, 0x05, 'h', 'e', 'l', 'l', 'o'})
 	f.Add([]byte{0x32, 0x02, 0x08, 0x01})
-	info := &grpc.UnaryServerInfo{FullMethod: paymentsv1.PaymentService_Charge_FullMethodName}
+	info := &grpc.UnaryServerInfo{FullMethod: testpb.PaymentService_Charge_FullMethodName}
 	f.Fuzz(func(t *testing.T, data []byte) {
 		store := corruptStore{data: data}
 		unary := idempotency.UnaryServerInterceptor(store)
 		ctx := metadata.NewIncomingContext(context.Background(), metadata.Pairs(idempotency.KeyHeader, "k"))
 		ctx = grpc.NewContextWithServerTransportStream(ctx, nopTransport{})
-		_, err := unary(ctx, &paymentsv1.ChargeRequest{}, info, func(context.Context, any) (any, error) {
+		_, err := unary(ctx, &testpb.ChargeRequest{}, info, func(context.Context, any) (any, error) {
 			t.Fatal("the handler must not run for a completed key")
 			return nil, nil
 		})
@@ -80,7 +80,7 @@ func (s corruptStore) Reserve(context.Context, string, idempotency.Claim) (idemp
 
 type nopTransport struct{}
 
-func (nopTransport) Method() string                  { return paymentsv1.PaymentService_Charge_FullMethodName }
+func (nopTransport) Method() string                  { return testpb.PaymentService_Charge_FullMethodName }
 func (nopTransport) SetHeader(md metadata.MD) error  { return nil }
 func (nopTransport) SendHeader(md metadata.MD) error { return nil }
 func (nopTransport) SetTrailer(md metadata.MD) error { return nil }

@@ -25,14 +25,14 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/grpcidem/idempotency"
-	paymentsv1 "github.com/grpcidem/idempotency/proto/payments/v1"
+	testpb "github.com/grpcidem/idempotency/internal/testpb"
 )
 
 // payments is a test PaymentService. Every execution makes a fresh charge
 // id, so a repeated id proves a replay. It sets header and trailer metadata
 // (one of them binary) so that replays can be compared byte for byte.
 type payments struct {
-	paymentsv1.UnimplementedPaymentServiceServer
+	testpb.UnimplementedPaymentServiceServer
 	execs atomic.Int64
 	// hold, when set, blocks each execution until it is closed.
 	hold chan struct{}
@@ -115,7 +115,7 @@ func validate(account string, amount int64) error {
 	return nil
 }
 
-func (p *payments) Charge(ctx context.Context, req *paymentsv1.ChargeRequest) (*paymentsv1.ChargeResponse, error) {
+func (p *payments) Charge(ctx context.Context, req *testpb.ChargeRequest) (*testpb.ChargeResponse, error) {
 	if err := p.begin(ctx); err != nil {
 		return nil, err
 	}
@@ -125,10 +125,10 @@ func (p *payments) Charge(ctx context.Context, req *paymentsv1.ChargeRequest) (*
 	if err := validate(req.Account, req.AmountCents); err != nil {
 		return nil, err
 	}
-	return &paymentsv1.ChargeResponse{ChargeId: id, Account: req.Account, AmountCents: req.AmountCents, Currency: req.Currency}, nil
+	return &testpb.ChargeResponse{ChargeId: id, Account: req.Account, AmountCents: req.AmountCents, Currency: req.Currency}, nil
 }
 
-func (p *payments) ChargeInstallments(req *paymentsv1.InstallmentsRequest, ss grpc.ServerStreamingServer[paymentsv1.ChargeResponse]) error {
+func (p *payments) ChargeInstallments(req *testpb.InstallmentsRequest, ss grpc.ServerStreamingServer[testpb.ChargeResponse]) error {
 	if err := p.begin(ss.Context()); err != nil {
 		return err
 	}
@@ -144,7 +144,7 @@ func (p *payments) ChargeInstallments(req *paymentsv1.InstallmentsRequest, ss gr
 		if i == req.Count-1 {
 			amount = req.AmountCents - amount*int64(req.Count-1)
 		}
-		if err := ss.Send(&paymentsv1.ChargeResponse{ChargeId: chargeID(), Account: req.Account, AmountCents: amount, Currency: req.Currency}); err != nil {
+		if err := ss.Send(&testpb.ChargeResponse{ChargeId: chargeID(), Account: req.Account, AmountCents: amount, Currency: req.Currency}); err != nil {
 			return err
 		}
 	}
@@ -152,11 +152,11 @@ func (p *payments) ChargeInstallments(req *paymentsv1.InstallmentsRequest, ss gr
 	return nil
 }
 
-func (p *payments) ChargeBatch(ss grpc.ClientStreamingServer[paymentsv1.ChargeRequest, paymentsv1.BatchResponse]) error {
+func (p *payments) ChargeBatch(ss grpc.ClientStreamingServer[testpb.ChargeRequest, testpb.BatchResponse]) error {
 	if err := p.begin(ss.Context()); err != nil {
 		return err
 	}
-	out := &paymentsv1.BatchResponse{}
+	out := &testpb.BatchResponse{}
 	for {
 		req, err := ss.Recv()
 		if errors.Is(err, io.EOF) {
@@ -168,13 +168,13 @@ func (p *payments) ChargeBatch(ss grpc.ClientStreamingServer[paymentsv1.ChargeRe
 		if err := validate(req.Account, req.AmountCents); err != nil {
 			return err
 		}
-		out.Charges = append(out.Charges, &paymentsv1.ChargeResponse{ChargeId: chargeID(), Account: req.Account, AmountCents: req.AmountCents, Currency: req.Currency})
+		out.Charges = append(out.Charges, &testpb.ChargeResponse{ChargeId: chargeID(), Account: req.Account, AmountCents: req.AmountCents, Currency: req.Currency})
 	}
 	_ = grpc.SetHeader(ss.Context(), metadata.Pairs("x-batch", "1"))
 	return ss.SendAndClose(out)
 }
 
-func (p *payments) ChargeInteractive(ss grpc.BidiStreamingServer[paymentsv1.ChargeRequest, paymentsv1.ChargeResponse]) error {
+func (p *payments) ChargeInteractive(ss grpc.BidiStreamingServer[testpb.ChargeRequest, testpb.ChargeResponse]) error {
 	if err := p.begin(ss.Context()); err != nil {
 		return err
 	}
@@ -190,7 +190,7 @@ func (p *payments) ChargeInteractive(ss grpc.BidiStreamingServer[paymentsv1.Char
 		if err := validate(req.Account, req.AmountCents); err != nil {
 			return err
 		}
-		if err := ss.Send(&paymentsv1.ChargeResponse{ChargeId: chargeID(), Account: req.Account, AmountCents: req.AmountCents, Currency: req.Currency}); err != nil {
+		if err := ss.Send(&testpb.ChargeResponse{ChargeId: chargeID(), Account: req.Account, AmountCents: req.AmountCents, Currency: req.Currency}); err != nil {
 			return err
 		}
 	}
@@ -201,7 +201,7 @@ type env struct {
 	svc    *payments
 	store  idempotency.Store
 	conn   *grpc.ClientConn
-	client paymentsv1.PaymentServiceClient
+	client testpb.PaymentServiceClient
 }
 
 type envConfig struct {
@@ -220,7 +220,7 @@ func newEnv(t testing.TB, store idempotency.Store, cfg envConfig) *env {
 		grpc.ChainStreamInterceptor(idempotency.StreamServerInterceptor(store, cfg.server...)),
 	)
 	srv := grpc.NewServer(sopts...)
-	paymentsv1.RegisterPaymentServiceServer(srv, e.svc)
+	testpb.RegisterPaymentServiceServer(srv, e.svc)
 	go func() { _ = srv.Serve(lis) }()
 	dopts := append([]grpc.DialOption{
 		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) { return lis.DialContext(ctx) }),
@@ -229,7 +229,7 @@ func newEnv(t testing.TB, store idempotency.Store, cfg envConfig) *env {
 	conn, err := grpc.NewClient("passthrough:///bufnet", dopts...)
 	require.NoError(t, err)
 	e.conn = conn
-	e.client = paymentsv1.NewPaymentServiceClient(conn)
+	e.client = testpb.NewPaymentServiceClient(conn)
 	t.Cleanup(func() {
 		conn.Close()
 		srv.Stop()

@@ -19,18 +19,18 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/grpcidem/idempotency"
-	paymentsv1 "github.com/grpcidem/idempotency/proto/payments/v1"
+	testpb "github.com/grpcidem/idempotency/internal/testpb"
 )
 
-var chargeReq = &paymentsv1.ChargeRequest{Account: "acct_1", AmountCents: 1250, Currency: "EUR"}
+var chargeReq = &testpb.ChargeRequest{Account: "acct_1", AmountCents: 1250, Currency: "EUR"}
 
 type answer struct {
-	resp            *paymentsv1.ChargeResponse
+	resp            *testpb.ChargeResponse
 	err             error
 	header, trailer metadata.MD
 }
 
-func charge(ctx context.Context, e *env, req *paymentsv1.ChargeRequest, opts ...grpc.CallOption) answer {
+func charge(ctx context.Context, e *env, req *testpb.ChargeRequest, opts ...grpc.CallOption) answer {
 	var a answer
 	opts = append(opts, grpc.Header(&a.header), grpc.Trailer(&a.trailer))
 	a.resp, a.err = e.client.Charge(ctx, req, opts...)
@@ -64,7 +64,7 @@ func TestUnaryErrorWithDetailsIsReplayed(t *testing.T) {
 	stores(t, func(t *testing.T, newStore func(testing.TB) idempotency.Store) {
 		e := newEnv(t, newStore(t), envConfig{})
 		ctx := withKey(testCtx(t), "bad-1")
-		bad := &paymentsv1.ChargeRequest{Account: "", AmountCents: 5}
+		bad := &testpb.ChargeRequest{Account: "", AmountCents: 5}
 
 		first := charge(ctx, e, bad)
 		require.Equal(t, codes.InvalidArgument, status.Code(first.err))
@@ -82,7 +82,7 @@ func TestUnaryTransientErrorRunsAgain(t *testing.T) {
 	stores(t, func(t *testing.T, newStore func(testing.TB) idempotency.Store) {
 		e := newEnv(t, newStore(t), envConfig{})
 		ctx := withKey(testCtx(t), "flaky-1")
-		flaky := &paymentsv1.ChargeRequest{Account: "flaky", AmountCents: 5}
+		flaky := &testpb.ChargeRequest{Account: "flaky", AmountCents: 5}
 		for i := range 3 {
 			a := charge(ctx, e, flaky)
 			assert.Equal(t, codes.Internal, status.Code(a.err))
@@ -106,7 +106,7 @@ func TestUnaryTransientErrorRunsAgain(t *testing.T) {
 func TestCacheableCodesAreConfigurable(t *testing.T) {
 	e := newEnv(t, idempotency.NewMemoryStore(), envConfig{server: []idempotency.Option{idempotency.WithCacheableCodes(codes.OK, codes.Internal)}})
 	ctx := withKey(testCtx(t), "k")
-	flaky := &paymentsv1.ChargeRequest{Account: "flaky", AmountCents: 5}
+	flaky := &testpb.ChargeRequest{Account: "flaky", AmountCents: 5}
 	charge(ctx, e, flaky)
 	a := charge(ctx, e, flaky)
 	assert.Equal(t, codes.Internal, status.Code(a.err))
@@ -199,16 +199,16 @@ func TestKeyReusedForAnotherRequest(t *testing.T) {
 		ctx := withKey(testCtx(t), "reused")
 		require.NoError(t, charge(ctx, e, chargeReq).err)
 
-		other := &paymentsv1.ChargeRequest{Account: "acct_1", AmountCents: 9999, Currency: "EUR"}
+		other := &testpb.ChargeRequest{Account: "acct_1", AmountCents: 9999, Currency: "EUR"}
 		a := charge(ctx, e, other)
 		assert.Equal(t, codes.FailedPrecondition, status.Code(a.err))
 		assert.Contains(t, status.Convert(a.err).Message(), "different request")
 
-		stream, err := e.client.ChargeInstallments(ctx, &paymentsv1.InstallmentsRequest{Account: "acct_1", AmountCents: 1250, Currency: "EUR", Count: 2})
+		stream, err := e.client.ChargeInstallments(ctx, &testpb.InstallmentsRequest{Account: "acct_1", AmountCents: 1250, Currency: "EUR", Count: 2})
 		require.NoError(t, err)
 		_, err = stream.Recv()
 		assert.Equal(t, codes.FailedPrecondition, status.Code(err))
-		assert.Contains(t, status.Convert(err).Message(), "/payments.v1.PaymentService/Charge")
+		assert.Contains(t, status.Convert(err).Message(), "/idempotency.testing.v1.PaymentService/Charge")
 		assert.EqualValues(t, 1, e.svc.execs.Load(), "the handler does not run for a reused key")
 	})
 }
@@ -221,7 +221,7 @@ func TestKeyReusedWhileFirstRuns(t *testing.T) {
 	done := make(chan answer, 1)
 	go func() { done <- charge(ctx, e, chargeReq) }()
 	<-e.svc.started
-	a := charge(ctx, e, &paymentsv1.ChargeRequest{Account: "other", AmountCents: 1})
+	a := charge(ctx, e, &testpb.ChargeRequest{Account: "other", AmountCents: 1})
 	assert.Equal(t, codes.FailedPrecondition, status.Code(a.err), "a different request is refused at once, not after the wait")
 	close(e.svc.hold)
 	require.NoError(t, (<-done).err)
@@ -258,8 +258,8 @@ func TestKeyValidation(t *testing.T) {
 			}
 			ran := false
 			_, err := unary(metadata.NewIncomingContext(testCtx(t), tc.md), chargeReq,
-				&grpc.UnaryServerInfo{FullMethod: paymentsv1.PaymentService_Charge_FullMethodName},
-				func(context.Context, any) (any, error) { ran = true; return &paymentsv1.ChargeResponse{}, nil })
+				&grpc.UnaryServerInfo{FullMethod: testpb.PaymentService_Charge_FullMethodName},
+				func(context.Context, any) (any, error) { ran = true; return &testpb.ChargeResponse{}, nil })
 			require.Equal(t, codes.InvalidArgument, status.Code(err), "%v", err)
 			assert.Contains(t, status.Convert(err).Message(), idempotency.KeyHeader)
 			assert.Contains(t, status.Convert(err).Message(), tc.want)
@@ -280,7 +280,7 @@ func TestNoKeyAndRequiredKey(t *testing.T) {
 	assert.EqualValues(t, 2, e.svc.execs.Load(), "without a key, calls run as without the interceptor")
 
 	r := newEnv(t, idempotency.NewMemoryStore(), envConfig{server: []idempotency.Option{
-		idempotency.WithRequiredKey(paymentsv1.PaymentService_Charge_FullMethodName)}})
+		idempotency.WithRequiredKey(testpb.PaymentService_Charge_FullMethodName)}})
 	a := charge(testCtx(t), r, chargeReq)
 	require.Equal(t, codes.InvalidArgument, status.Code(a.err))
 	assert.Contains(t, status.Convert(a.err).Message(), idempotency.KeyHeader)
@@ -467,7 +467,7 @@ func TestExecutionInHandlerContext(t *testing.T) {
 	require.NotNil(t, execs[0])
 	assert.Equal(t, "exec-1", execs[0].Key)
 	assert.Equal(t, idempotency.StoreKey("", "exec-1"), execs[0].StoreKey)
-	assert.Equal(t, paymentsv1.PaymentService_Charge_FullMethodName, execs[0].Method)
+	assert.Equal(t, testpb.PaymentService_Charge_FullMethodName, execs[0].Method)
 	assert.NotEmpty(t, execs[0].Token)
 	assert.Nil(t, execs[1], "a call without a key has no Execution")
 }
@@ -525,7 +525,7 @@ func TestHandlerPanicReleasesKey(t *testing.T) {
 
 		e.svc.panicOnce.Store(true)
 		sctx := withKey(testCtx(t), "boom-stream")
-		stream, err := e.client.ChargeInstallments(sctx, &paymentsv1.InstallmentsRequest{Account: "a", AmountCents: 10, Count: 2})
+		stream, err := e.client.ChargeInstallments(sctx, &testpb.InstallmentsRequest{Account: "a", AmountCents: 10, Count: 2})
 		require.NoError(t, err)
 		_, err = stream.Recv()
 		require.Equal(t, codes.Internal, status.Code(err))

@@ -15,7 +15,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/grpcidem/idempotency"
-	paymentsv1 "github.com/grpcidem/idempotency/proto/payments/v1"
+	testpb "github.com/grpcidem/idempotency/internal/testpb"
 )
 
 // TestDurationOptionsOutOfRange: a duration option outside its documented
@@ -101,7 +101,7 @@ func TestBoltMaxRetentionSurvivesRestart(t *testing.T) {
 	require.NoError(t, err)
 	e := newEnv(t, s, envConfig{server: []idempotency.Option{idempotency.WithRetention(idempotency.MaxRetention)}})
 	ctx := testCtx(t)
-	req := &paymentsv1.ChargeRequest{Account: "a", AmountCents: 1, Currency: "EUR"}
+	req := &testpb.ChargeRequest{Account: "a", AmountCents: 1, Currency: "EUR"}
 	first, err := e.client.Charge(withKey(ctx, "k"), req)
 	require.NoError(t, err)
 	require.NoError(t, s.Close())
@@ -127,7 +127,7 @@ func TestScopeTooLong(t *testing.T) {
 			}})
 			ctx := testCtx(t)
 			for range 3 {
-				_, err := e.client.Charge(withKey(ctx, "k"), &paymentsv1.ChargeRequest{Account: "a", AmountCents: 1, Currency: "EUR"})
+				_, err := e.client.Charge(withKey(ctx, "k"), &testpb.ChargeRequest{Account: "a", AmountCents: 1, Currency: "EUR"})
 				require.Equal(t, codes.InvalidArgument, status.Code(err), "%v", err)
 				assert.Contains(t, status.Convert(err).Message(), "scopes of at most 256 bytes")
 			}
@@ -140,7 +140,7 @@ func TestScopeTooLong(t *testing.T) {
 		}})
 		ctx := testCtx(t)
 		key := strings.Repeat("k", idempotency.MaxKeyLength)
-		req := &paymentsv1.ChargeRequest{Account: "a", AmountCents: 1, Currency: "EUR"}
+		req := &testpb.ChargeRequest{Account: "a", AmountCents: 1, Currency: "EUR"}
 		first, err := e.client.Charge(withKey(ctx, key), req)
 		require.NoError(t, err)
 		again, err := e.client.Charge(withKey(ctx, key), req)

@@ -21,7 +21,7 @@ import (
 	"google.golang.org/grpc/metadata"
 
 	"github.com/grpcidem/idempotency"
-	paymentsv1 "github.com/grpcidem/idempotency/proto/payments/v1"
+	testpb "github.com/grpcidem/idempotency/internal/testpb"
 )
 
 const pauseChildEnv = "IDEMPOTENCY_PAUSE_CHILD"
@@ -46,13 +46,13 @@ func TestPausedProcessKeepsItsKeys(t *testing.T) {
 			conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
 			require.NoError(t, err)
 			defer conn.Close()
-			client := paymentsv1.NewPaymentServiceClient(conn)
+			client := testpb.NewPaymentServiceClient(conn)
 
 			for round := range 2 {
 				key := fmt.Sprintf("pause-%s-%d", kind, round)
-				req := &paymentsv1.ChargeRequest{Account: "acct-" + key, AmountCents: 100, Currency: "EUR"}
+				req := &testpb.ChargeRequest{Account: "acct-" + key, AmountCents: 100, Currency: "EUR"}
 				type answer struct {
-					resp     *paymentsv1.ChargeResponse
+					resp     *testpb.ChargeResponse
 					replayed bool
 					err      error
 				}
@@ -128,7 +128,7 @@ func startPauseChild(t *testing.T, spec string) (string, *os.Process) {
 // slowPayments takes 3 seconds to charge.
 type slowPayments struct{ payments }
 
-func (p *slowPayments) Charge(ctx context.Context, req *paymentsv1.ChargeRequest) (*paymentsv1.ChargeResponse, error) {
+func (p *slowPayments) Charge(ctx context.Context, req *testpb.ChargeRequest) (*testpb.ChargeResponse, error) {
 	time.Sleep(3 * time.Second)
 	return p.payments.Charge(ctx, req)
 }
@@ -147,7 +147,7 @@ func pauseChild(t *testing.T, spec string) {
 	require.NoError(t, err)
 	opts := []idempotency.Option{idempotency.WithLease(time.Second)}
 	srv := grpc.NewServer(grpc.ChainUnaryInterceptor(idempotency.UnaryServerInterceptor(store, opts...)))
-	paymentsv1.RegisterPaymentServiceServer(srv, &slowPayments{})
+	testpb.RegisterPaymentServiceServer(srv, &slowPayments{})
 	go func() { _ = srv.Serve(lis) }()
 	fmt.Printf("ADDR %s\n", lis.Addr())
 	time.Sleep(2 * time.Minute)

@@ -11,7 +11,7 @@ import (
 	"google.golang.org/grpc/metadata"
 
 	"github.com/grpcidem/idempotency"
-	paymentsv1 "github.com/grpcidem/idempotency/proto/payments/v1"
+	testpb "github.com/grpcidem/idempotency/internal/testpb"
 )
 
 // BenchmarkServerStream measures a 100-message server stream over bufconn:
@@ -22,7 +22,7 @@ import (
 //	go test -run '^$' -bench ServerStream -benchmem -count 5 .
 func BenchmarkServerStream(b *testing.B) {
 	const messages = 100
-	req := &paymentsv1.InstallmentsRequest{Account: "acct_1", AmountCents: 100_000, Currency: "EUR", Count: messages}
+	req := &testpb.InstallmentsRequest{Account: "acct_1", AmountCents: 100_000, Currency: "EUR", Count: messages}
 	for _, mode := range []string{"baseline", "first", "replay"} {
 		b.Run("bolt/"+mode, func(b *testing.B) {
 			var store idempotency.Store
@@ -36,7 +36,7 @@ func BenchmarkServerStream(b *testing.B) {
 			}
 			client := benchClient(b, store)
 			seq := 0
-			var out paymentsv1.ChargeResponse
+			var out testpb.ChargeResponse
 			run := func() (replayed bool) {
 				ctx := context.Background()
 				switch mode {

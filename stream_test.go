@@ -22,18 +22,18 @@ import (
 	"google.golang.org/grpc/test/bufconn"
 
 	"github.com/grpcidem/idempotency"
-	paymentsv1 "github.com/grpcidem/idempotency/proto/payments/v1"
+	testpb "github.com/grpcidem/idempotency/internal/testpb"
 )
 
 var (
-	installmentsReq = &paymentsv1.InstallmentsRequest{Account: "acct_1", AmountCents: 10_000, Currency: "EUR", Count: 4}
-	batchReqs       = []*paymentsv1.ChargeRequest{
+	installmentsReq = &testpb.InstallmentsRequest{Account: "acct_1", AmountCents: 10_000, Currency: "EUR", Count: 4}
+	batchReqs       = []*testpb.ChargeRequest{
 		{Account: "acct_1", AmountCents: 100, Currency: "EUR"},
 		{Account: "acct_2", AmountCents: 200, Currency: "EUR"},
 		{Account: "acct_3", AmountCents: 300, Currency: "USD"},
 	}
 	// badBatchReqs fails on its second message, with error details.
-	badBatchReqs = []*paymentsv1.ChargeRequest{batchReqs[0], {Account: "", AmountCents: 5}, batchReqs[2]}
+	badBatchReqs = []*testpb.ChargeRequest{batchReqs[0], {Account: "", AmountCents: 5}, batchReqs[2]}
 )
 
 // streamAnswer is what a client saw of one stream: every response,
@@ -45,7 +45,7 @@ type streamAnswer struct {
 	err             error
 }
 
-func (a *streamAnswer) add(t testing.TB, m *paymentsv1.ChargeResponse) {
+func (a *streamAnswer) add(t testing.TB, m *testpb.ChargeResponse) {
 	a.msgs = append(a.msgs, mustMarshal(t, m))
 	a.ids = append(a.ids, m.ChargeId)
 }
@@ -61,7 +61,7 @@ func (a *streamAnswer) finish(cs grpc.ClientStream, err error) streamAnswer {
 	return *a
 }
 
-func installments(t testing.TB, ctx context.Context, e *env, req *paymentsv1.InstallmentsRequest, opts ...grpc.CallOption) streamAnswer {
+func installments(t testing.TB, ctx context.Context, e *env, req *testpb.InstallmentsRequest, opts ...grpc.CallOption) streamAnswer {
 	var a streamAnswer
 	stream, err := e.client.ChargeInstallments(ctx, req, opts...)
 	if err != nil {
@@ -76,7 +76,7 @@ func installments(t testing.TB, ctx context.Context, e *env, req *paymentsv1.Ins
 	}
 }
 
-func batch(t testing.TB, ctx context.Context, e *env, reqs []*paymentsv1.ChargeRequest, opts ...grpc.CallOption) streamAnswer {
+func batch(t testing.TB, ctx context.Context, e *env, reqs []*testpb.ChargeRequest, opts ...grpc.CallOption) streamAnswer {
 	var a streamAnswer
 	stream, err := e.client.ChargeBatch(ctx, opts...)
 	if err != nil {
@@ -100,7 +100,7 @@ func batch(t testing.TB, ctx context.Context, e *env, reqs []*paymentsv1.ChargeR
 // interactive runs a bidi stream. With lockstep, it waits for each answer
 // before it sends the next request, as a conversational client does;
 // otherwise it sends everything, then reads.
-func interactive(t testing.TB, ctx context.Context, e *env, reqs []*paymentsv1.ChargeRequest, lockstep bool, opts ...grpc.CallOption) streamAnswer {
+func interactive(t testing.TB, ctx context.Context, e *env, reqs []*testpb.ChargeRequest, lockstep bool, opts ...grpc.CallOption) streamAnswer {
 	var a streamAnswer
 	stream, err := e.client.ChargeInteractive(ctx, opts...)
 	if err != nil {
@@ -174,7 +174,7 @@ func TestServerStreamReplayIsByteIdentical(t *testing.T) {
 		}
 		assert.EqualValues(t, 1, e.svc.execs.Load())
 
-		bad := &paymentsv1.InstallmentsRequest{Account: "", AmountCents: 10, Count: 2}
+		bad := &testpb.InstallmentsRequest{Account: "", AmountCents: 10, Count: 2}
 		ctx = withKey(testCtx(t), "plan-bad")
 		first = installments(t, ctx, e, bad)
 		require.Equal(t, codes.InvalidArgument, status.Code(first.err))
@@ -279,19 +279,19 @@ func TestServerStreamConcurrentDuplicates(t *testing.T) {
 }
 
 func TestStreamInputMismatch(t *testing.T) {
-	changed := []*paymentsv1.ChargeRequest{batchReqs[0], {Account: "acct_2", AmountCents: 201, Currency: "EUR"}, batchReqs[2]}
-	cases := map[string][]*paymentsv1.ChargeRequest{
+	changed := []*testpb.ChargeRequest{batchReqs[0], {Account: "acct_2", AmountCents: 201, Currency: "EUR"}, batchReqs[2]}
+	cases := map[string][]*testpb.ChargeRequest{
 		"one message changed": changed,
 		"one message missing": batchReqs[:2],
-		"one message extra":   append(append([]*paymentsv1.ChargeRequest(nil), batchReqs...), batchReqs[0]),
+		"one message extra":   append(append([]*testpb.ChargeRequest(nil), batchReqs...), batchReqs[0]),
 		"reordered":           {batchReqs[1], batchReqs[0], batchReqs[2]},
 		"none":                nil,
 	}
-	run := map[string]func(t testing.TB, ctx context.Context, e *env, reqs []*paymentsv1.ChargeRequest) streamAnswer{
-		"client stream": func(t testing.TB, ctx context.Context, e *env, reqs []*paymentsv1.ChargeRequest) streamAnswer {
+	run := map[string]func(t testing.TB, ctx context.Context, e *env, reqs []*testpb.ChargeRequest) streamAnswer{
+		"client stream": func(t testing.TB, ctx context.Context, e *env, reqs []*testpb.ChargeRequest) streamAnswer {
 			return batch(t, ctx, e, reqs)
 		},
-		"bidi": func(t testing.TB, ctx context.Context, e *env, reqs []*paymentsv1.ChargeRequest) streamAnswer {
+		"bidi": func(t testing.TB, ctx context.Context, e *env, reqs []*testpb.ChargeRequest) streamAnswer {
 			return interactive(t, ctx, e, reqs, false)
 		},
 	}
@@ -353,7 +353,7 @@ func TestStreamReusingAnotherCallsKey(t *testing.T) {
 			"bidi":          interactive(t, ctx, e, batchReqs, false),
 		} {
 			require.Equal(t, codes.FailedPrecondition, status.Code(a.err), "%s: %v", name, a.err)
-			assert.Contains(t, status.Convert(a.err).Message(), paymentsv1.PaymentService_Charge_FullMethodName, name)
+			assert.Contains(t, status.Convert(a.err).Message(), testpb.PaymentService_Charge_FullMethodName, name)
 			assert.Empty(t, a.msgs, "%s: no stored message leaks to another method", name)
 		}
 		assert.EqualValues(t, 1, e.svc.execs.Load())
@@ -363,7 +363,7 @@ func TestStreamReusingAnotherCallsKey(t *testing.T) {
 		require.NoError(t, batch(t, ctx, e, batchReqs).err)
 		a := charge(ctx, e, chargeReq)
 		require.Equal(t, codes.FailedPrecondition, status.Code(a.err))
-		assert.Contains(t, status.Convert(a.err).Message(), paymentsv1.PaymentService_ChargeBatch_FullMethodName)
+		assert.Contains(t, status.Convert(a.err).Message(), testpb.PaymentService_ChargeBatch_FullMethodName)
 		b := installments(t, ctx, e, installmentsReq)
 		require.Equal(t, codes.FailedPrecondition, status.Code(b.err))
 		assert.EqualValues(t, 2, e.svc.execs.Load())
@@ -445,7 +445,7 @@ func TestStreamRecordingBound(t *testing.T) {
 				store := newStore(t)
 				e := newEnv(t, store, envConfig{server: []idempotency.Option{b.opt, ev.option()}})
 
-				req := &paymentsv1.InstallmentsRequest{Account: "acct_1", AmountCents: 10_000, Currency: "EUR", Count: b.fits}
+				req := &testpb.InstallmentsRequest{Account: "acct_1", AmountCents: 10_000, Currency: "EUR", Count: b.fits}
 				execs := int64(2)
 				if b.fits > 0 {
 					ctx := withKey(testCtx(t), "fits")
@@ -498,7 +498,7 @@ func TestStreamRecordingMemoryIsBounded(t *testing.T) {
 			client:    []grpc.DialOption{grpc.WithInitialWindowSize(64 << 10), grpc.WithInitialConnWindowSize(64 << 10)},
 			serverOpt: []grpc.ServerOption{grpc.InitialWindowSize(64 << 10), grpc.InitialConnWindowSize(64 << 10)},
 		})
-		req := &paymentsv1.InstallmentsRequest{Account: strings.Repeat("a", msgSize), AmountCents: count * 100, Currency: "EUR", Count: count}
+		req := &testpb.InstallmentsRequest{Account: strings.Repeat("a", msgSize), AmountCents: count * 100, Currency: "EUR", Count: count}
 		stream, err := e.client.ChargeInstallments(withKey(testCtx(t), "long"), req)
 		require.NoError(t, err)
 		before := liveHeap()
@@ -549,7 +549,7 @@ func TestBidiLockstepClient(t *testing.T) {
 		assertReplayOf(t, first, again)
 
 		// A lockstep replay whose inputs differ ends too, refused.
-		other := []*paymentsv1.ChargeRequest{batchReqs[0], batchReqs[0], batchReqs[0]}
+		other := []*testpb.ChargeRequest{batchReqs[0], batchReqs[0], batchReqs[0]}
 		a := interactive(t, ctx, e, other, true)
 		assert.Equal(t, codes.FailedPrecondition, status.Code(a.err), "%v", a.err)
 		assert.EqualValues(t, 1, e.svc.execs.Load())
@@ -566,7 +566,7 @@ var windows = envConfig{
 func TestStreamClientCancelsMidStream(t *testing.T) {
 	hangUps := map[string]func(t *testing.T, ctx context.Context, e *env){
 		"server stream": func(t *testing.T, ctx context.Context, e *env) {
-			stream, err := e.client.ChargeInstallments(ctx, &paymentsv1.InstallmentsRequest{Account: "acct_1", AmountCents: 1_000_000, Currency: "EUR", Count: 10_000})
+			stream, err := e.client.ChargeInstallments(ctx, &testpb.InstallmentsRequest{Account: "acct_1", AmountCents: 1_000_000, Currency: "EUR", Count: 10_000})
 			require.NoError(t, err)
 			for range 5 {
 				_, err := stream.Recv()
@@ -612,7 +612,7 @@ func TestStreamClientCancelsMidStream(t *testing.T) {
 				var a streamAnswer
 				switch name {
 				case "server stream":
-					a = installments(t, retry, e, &paymentsv1.InstallmentsRequest{Account: "acct_1", AmountCents: 1_000_000, Currency: "EUR", Count: 10_000})
+					a = installments(t, retry, e, &testpb.InstallmentsRequest{Account: "acct_1", AmountCents: 1_000_000, Currency: "EUR", Count: 10_000})
 					assert.Len(t, a.msgs, 10_000)
 				case "client stream":
 					a = batch(t, retry, e, batchReqs)
@@ -634,31 +634,31 @@ func TestStreamClientCancelsMidStream(t *testing.T) {
 // when their client goes away, as handlers that watch their context often
 // do. What such a stream sent is not its whole outcome.
 type quitter struct {
-	paymentsv1.UnimplementedPaymentServiceServer
+	testpb.UnimplementedPaymentServiceServer
 	execs atomic.Int64
 }
 
-func (q *quitter) ChargeInstallments(req *paymentsv1.InstallmentsRequest, ss grpc.ServerStreamingServer[paymentsv1.ChargeResponse]) error {
+func (q *quitter) ChargeInstallments(req *testpb.InstallmentsRequest, ss grpc.ServerStreamingServer[testpb.ChargeResponse]) error {
 	q.execs.Add(1)
 	for i := range req.Count {
 		if i == 2 {
 			<-ss.Context().Done()
 			return nil
 		}
-		if err := ss.Send(&paymentsv1.ChargeResponse{ChargeId: chargeID(), Account: req.Account, AmountCents: 1}); err != nil {
+		if err := ss.Send(&testpb.ChargeResponse{ChargeId: chargeID(), Account: req.Account, AmountCents: 1}); err != nil {
 			return err
 		}
 	}
 	return nil
 }
 
-func (q *quitter) ChargeInteractive(ss grpc.BidiStreamingServer[paymentsv1.ChargeRequest, paymentsv1.ChargeResponse]) error {
+func (q *quitter) ChargeInteractive(ss grpc.BidiStreamingServer[testpb.ChargeRequest, testpb.ChargeResponse]) error {
 	q.execs.Add(1)
 	req, err := ss.Recv()
 	if err != nil {
 		return err
 	}
-	if err := ss.Send(&paymentsv1.ChargeResponse{ChargeId: chargeID(), Account: req.Account}); err != nil {
+	if err := ss.Send(&testpb.ChargeResponse{ChargeId: chargeID(), Account: req.Account}); err != nil {
 		return err
 	}
 	<-ss.Context().Done()
@@ -667,11 +667,11 @@ func (q *quitter) ChargeInteractive(ss grpc.BidiStreamingServer[paymentsv1.Charg
 
 // serve runs svc on bufconn behind the stream interceptor, for tests that
 // need a service that behaves unlike payments.
-func serve(t testing.TB, store idempotency.Store, svc paymentsv1.PaymentServiceServer, opts []idempotency.Option, dialOpts ...grpc.DialOption) *env {
+func serve(t testing.TB, store idempotency.Store, svc testpb.PaymentServiceServer, opts []idempotency.Option, dialOpts ...grpc.DialOption) *env {
 	t.Helper()
 	lis := bufconn.Listen(1 << 20)
 	srv := grpc.NewServer(grpc.ChainStreamInterceptor(idempotency.StreamServerInterceptor(store, opts...)))
-	paymentsv1.RegisterPaymentServiceServer(srv, svc)
+	testpb.RegisterPaymentServiceServer(srv, svc)
 	go func() { _ = srv.Serve(lis) }()
 	dialOpts = append([]grpc.DialOption{
 		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) { return lis.DialContext(ctx) }),
@@ -683,7 +683,7 @@ func serve(t testing.TB, store idempotency.Store, svc paymentsv1.PaymentServiceS
 		conn.Close()
 		srv.Stop()
 	})
-	return &env{store: store, conn: conn, client: paymentsv1.NewPaymentServiceClient(conn)}
+	return &env{store: store, conn: conn, client: testpb.NewPaymentServiceClient(conn)}
 }
 
 // A handler that returns OK after its client went away did not finish its
@@ -698,7 +698,7 @@ func TestStreamEndedByHangUpIsNotStored(t *testing.T) {
 				e := serve(t, store, q, []idempotency.Option{ev.option()})
 				ctx, cancel := context.WithCancel(withKey(testCtx(t), "quit"))
 				if kind == "server stream" {
-					stream, err := e.client.ChargeInstallments(ctx, &paymentsv1.InstallmentsRequest{Account: "acct_1", Count: 5})
+					stream, err := e.client.ChargeInstallments(ctx, &testpb.InstallmentsRequest{Account: "acct_1", Count: 5})
 					require.NoError(t, err)
 					for range 2 {
 						_, err := stream.Recv()
@@ -835,13 +835,13 @@ func TestStreamClientInterceptor(t *testing.T) {
 
 // failsMidStream sends one installment, then fails with a retryable code.
 type failsMidStream struct {
-	paymentsv1.UnimplementedPaymentServiceServer
+	testpb.UnimplementedPaymentServiceServer
 	execs atomic.Int64
 }
 
-func (f *failsMidStream) ChargeInstallments(req *paymentsv1.InstallmentsRequest, ss grpc.ServerStreamingServer[paymentsv1.ChargeResponse]) error {
+func (f *failsMidStream) ChargeInstallments(req *testpb.InstallmentsRequest, ss grpc.ServerStreamingServer[testpb.ChargeResponse]) error {
 	f.execs.Add(1)
-	if err := ss.Send(&paymentsv1.ChargeResponse{ChargeId: chargeID(), Account: req.Account}); err != nil {
+	if err := ss.Send(&testpb.ChargeResponse{ChargeId: chargeID(), Account: req.Account}); err != nil {
 		return err
 	}
 	return status.Error(codes.Unavailable, "bank link lost")
@@ -926,7 +926,7 @@ func TestStreamDuplicateWhileFirstRuns(t *testing.T) {
 		go func() { done <- installments(t, ctx, e, installmentsReq) }()
 		<-e.svc.started
 
-		other := &paymentsv1.InstallmentsRequest{Account: "acct_1", AmountCents: 10_000, Currency: "EUR", Count: 5}
+		other := &testpb.InstallmentsRequest{Account: "acct_1", AmountCents: 10_000, Currency: "EUR", Count: 5}
 		a := installments(t, ctx, e, other)
 		assert.Equal(t, codes.FailedPrecondition, status.Code(a.err), "a different request is refused at once, not after the wait")
 

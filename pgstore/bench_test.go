@@ -15,7 +15,7 @@ import (
 	"google.golang.org/grpc/test/bufconn"
 
 	"github.com/grpcidem/idempotency"
-	paymentsv1 "github.com/grpcidem/idempotency/proto/payments/v1"
+	testpb "github.com/grpcidem/idempotency/internal/testpb"
 )
 
 // Run with -cpu 1, so that the p64 benchmarks run 64 goroutines:
@@ -123,7 +123,7 @@ func BenchmarkInterceptor(b *testing.B) {
 				sopts = append(sopts, grpc.ChainUnaryInterceptor(idempotency.UnaryServerInterceptor(s)))
 			}
 			srv := grpc.NewServer(sopts...)
-			paymentsv1.RegisterPaymentServiceServer(srv, p)
+			testpb.RegisterPaymentServiceServer(srv, p)
 			lis := bufconn.Listen(1 << 20)
 			go srv.Serve(lis)
 			defer srv.Stop()
@@ -133,8 +133,8 @@ func BenchmarkInterceptor(b *testing.B) {
 				b.Fatal(err)
 			}
 			defer cc.Close()
-			client := paymentsv1.NewPaymentServiceClient(cc)
-			req := &paymentsv1.ChargeRequest{Account: "acct", AmountCents: 500, Currency: "EUR"}
+			client := testpb.NewPaymentServiceClient(cc)
+			req := &testpb.ChargeRequest{Account: "acct", AmountCents: 500, Currency: "EUR"}
 			replayKeys := make([]string, 256)
 			for i := range replayKeys {
 				replayKeys[i] = idempotency.NewKey()
@@ -164,9 +164,9 @@ func BenchmarkInterceptor(b *testing.B) {
 }
 
 type plainPayments struct {
-	paymentsv1.UnimplementedPaymentServiceServer
+	testpb.UnimplementedPaymentServiceServer
 }
 
-func (plainPayments) Charge(_ context.Context, req *paymentsv1.ChargeRequest) (*paymentsv1.ChargeResponse, error) {
-	return &paymentsv1.ChargeResponse{ChargeId: "ch_" + randomHex(8), Account: req.Account, AmountCents: req.AmountCents, Currency: req.Currency}, nil
+func (plainPayments) Charge(_ context.Context, req *testpb.ChargeRequest) (*testpb.ChargeResponse, error) {
+	return &testpb.ChargeResponse{ChargeId: "ch_" + randomHex(8), Account: req.Account, AmountCents: req.AmountCents, Currency: req.Currency}, nil
 }

@@ -11,8 +11,8 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/grpcidem/idempotency"
+	testpb "github.com/grpcidem/idempotency/internal/testpb"
 	"github.com/grpcidem/idempotency/pgstore"
-	paymentsv1 "github.com/grpcidem/idempotency/proto/payments/v1"
 )
 
 func Example() {
@@ -34,18 +34,18 @@ func Example() {
 		grpc.ChainUnaryInterceptor(idempotency.UnaryServerInterceptor(store)),
 		grpc.ChainStreamInterceptor(idempotency.StreamServerInterceptor(store)),
 	)
-	paymentsv1.RegisterPaymentServiceServer(srv, &ledger{store: store})
+	testpb.RegisterPaymentServiceServer(srv, &ledger{store: store})
 	// srv.Serve(lis)
 }
 
 // ledger writes each charge in the transaction that stores the call's
 // record: the charge exists if and only if its record does.
 type ledger struct {
-	paymentsv1.UnimplementedPaymentServiceServer
+	testpb.UnimplementedPaymentServiceServer
 	store *pgstore.Store
 }
 
-func (l *ledger) Charge(ctx context.Context, req *paymentsv1.ChargeRequest) (*paymentsv1.ChargeResponse, error) {
+func (l *ledger) Charge(ctx context.Context, req *testpb.ChargeRequest) (*testpb.ChargeResponse, error) {
 	tx, err := l.store.BeginTx(ctx)
 	if err != nil {
 		return nil, status.Errorf(codes.Internal, "begin: %v", err)
@@ -58,7 +58,7 @@ func (l *ledger) Charge(ctx context.Context, req *paymentsv1.ChargeRequest) (*pa
 	if err != nil {
 		return nil, status.Errorf(codes.Internal, "charge: %v", err)
 	}
-	return &paymentsv1.ChargeResponse{ChargeId: id, Account: req.Account, AmountCents: req.AmountCents, Currency: req.Currency}, nil
+	return &testpb.ChargeResponse{ChargeId: id, Account: req.Account, AmountCents: req.AmountCents, Currency: req.Currency}, nil
 }
 
 func ExampleSchema() {

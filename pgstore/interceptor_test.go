@@ -17,14 +17,14 @@ import (
 	"google.golang.org/grpc/test/bufconn"
 
 	"github.com/grpcidem/idempotency"
+	testpb "github.com/grpcidem/idempotency/internal/testpb"
 	"github.com/grpcidem/idempotency/pgstore"
-	paymentsv1 "github.com/grpcidem/idempotency/proto/payments/v1"
 )
 
 // txPayments charges by inserting a row in the handler's transaction, so a
 // charge exists if and only if its record does.
 type txPayments struct {
-	paymentsv1.UnimplementedPaymentServiceServer
+	testpb.UnimplementedPaymentServiceServer
 	store *pgstore.Store
 	biz   business
 	runs  atomic.Int64
@@ -33,7 +33,7 @@ type txPayments struct {
 	hook func(ctx context.Context, run int64, tx pgx.Tx) error
 }
 
-func (p *txPayments) Charge(ctx context.Context, req *paymentsv1.ChargeRequest) (*paymentsv1.ChargeResponse, error) {
+func (p *txPayments) Charge(ctx context.Context, req *testpb.ChargeRequest) (*testpb.ChargeResponse, error) {
 	run := p.runs.Add(1)
 	tx, err := p.store.BeginTx(ctx)
 	if err != nil {
@@ -49,14 +49,14 @@ func (p *txPayments) Charge(ctx context.Context, req *paymentsv1.ChargeRequest) 
 			return nil, err
 		}
 	}
-	return &paymentsv1.ChargeResponse{ChargeId: id, Account: req.Account, AmountCents: req.AmountCents, Currency: req.Currency}, nil
+	return &testpb.ChargeResponse{ChargeId: id, Account: req.Account, AmountCents: req.AmountCents, Currency: req.Currency}, nil
 }
 
 // serve runs p behind the idempotency interceptor on lis until the test ends.
 func serve(t *testing.T, lis net.Listener, p *txPayments, opts ...idempotency.Option) {
 	t.Helper()
 	srv := grpc.NewServer(grpc.ChainUnaryInterceptor(idempotency.UnaryServerInterceptor(p.store, opts...)))
-	paymentsv1.RegisterPaymentServiceServer(srv, p)
+	testpb.RegisterPaymentServiceServer(srv, p)
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
@@ -68,7 +68,7 @@ func serve(t *testing.T, lis net.Listener, p *txPayments, opts ...idempotency.Op
 	})
 }
 
-func dial(t *testing.T, target string, opts ...grpc.DialOption) paymentsv1.PaymentServiceClient {
+func dial(t *testing.T, target string, opts ...grpc.DialOption) testpb.PaymentServiceClient {
 	t.Helper()
 	opts = append(opts,
 		grpc.WithTransportCredentials(insecure.NewCredentials()),
@@ -79,10 +79,10 @@ func dial(t *testing.T, target string, opts ...grpc.DialOption) paymentsv1.Payme
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { cc.Close() })
-	return paymentsv1.NewPaymentServiceClient(cc)
+	return testpb.NewPaymentServiceClient(cc)
 }
 
-func bufServer(t *testing.T, p *txPayments, opts ...idempotency.Option) paymentsv1.PaymentServiceClient {
+func bufServer(t *testing.T, p *txPayments, opts ...idempotency.Option) testpb.PaymentServiceClient {
 	t.Helper()
 	lis := bufconn.Listen(1 << 20)
 	serve(t, lis, p, opts...)
@@ -91,16 +91,16 @@ func bufServer(t *testing.T, p *txPayments, opts ...idempotency.Option) payments
 }
 
 type callResult struct {
-	resp     *paymentsv1.ChargeResponse
+	resp     *testpb.ChargeResponse
 	err      error
 	replayed bool
 	attempts int
 }
 
-func charge(ctx context.Context, c paymentsv1.PaymentServiceClient, k string, opts ...grpc.CallOption) callResult {
+func charge(ctx context.Context, c testpb.PaymentServiceClient, k string, opts ...grpc.CallOption) callResult {
 	var r callResult
 	opts = append(opts, idempotency.WithKey(k), idempotency.Replayed(&r.replayed), idempotency.Attempts(&r.attempts))
-	r.resp, r.err = c.Charge(ctx, &paymentsv1.ChargeRequest{Account: "acct", AmountCents: 500, Currency: "EUR"}, opts...)
+	r.resp, r.err = c.Charge(ctx, &testpb.ChargeRequest{Account: "acct", AmountCents: 500, Currency: "EUR"}, opts...)
 	return r
 }
 
@@ -212,7 +212,7 @@ type replica struct {
 	pool   *pgxpool.Pool
 	store  *pgstore.Store
 	p      *txPayments
-	client paymentsv1.PaymentServiceClient
+	client testpb.PaymentServiceClient
 }
 
 func startReplicas(t *testing.T, n int, table string, biz business) []*replica {

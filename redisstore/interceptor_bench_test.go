@@ -13,7 +13,7 @@ import (
 
 	"github.com/grpcidem/idempotency"
 	"github.com/grpcidem/idempotency/internal/cpuclock"
-	paymentsv1 "github.com/grpcidem/idempotency/proto/payments/v1"
+	testpb "github.com/grpcidem/idempotency/internal/testpb"
 	"github.com/redis/go-redis/v9"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
@@ -24,14 +24,14 @@ import (
 // benchPayments answers at once, so that the benchmark measures the
 // interceptor and the store, not the handler.
 type benchPayments struct {
-	paymentsv1.UnimplementedPaymentServiceServer
+	testpb.UnimplementedPaymentServiceServer
 }
 
-func (benchPayments) Charge(_ context.Context, req *paymentsv1.ChargeRequest) (*paymentsv1.ChargeResponse, error) {
-	return &paymentsv1.ChargeResponse{ChargeId: "ch_0123456789abcdef", Account: req.Account, AmountCents: req.AmountCents, Currency: req.Currency}, nil
+func (benchPayments) Charge(_ context.Context, req *testpb.ChargeRequest) (*testpb.ChargeResponse, error) {
+	return &testpb.ChargeResponse{ChargeId: "ch_0123456789abcdef", Account: req.Account, AmountCents: req.AmountCents, Currency: req.Currency}, nil
 }
 
-func benchGRPC(b *testing.B, store idempotency.Store) paymentsv1.PaymentServiceClient {
+func benchGRPC(b *testing.B, store idempotency.Store) testpb.PaymentServiceClient {
 	b.Helper()
 	lis := bufconn.Listen(1 << 20)
 	var opts []grpc.ServerOption
@@ -39,7 +39,7 @@ func benchGRPC(b *testing.B, store idempotency.Store) paymentsv1.PaymentServiceC
 		opts = append(opts, grpc.UnaryInterceptor(idempotency.UnaryServerInterceptor(store)))
 	}
 	srv := grpc.NewServer(opts...)
-	paymentsv1.RegisterPaymentServiceServer(srv, benchPayments{})
+	testpb.RegisterPaymentServiceServer(srv, benchPayments{})
 	go func() { _ = srv.Serve(lis) }()
 	conn, err := grpc.NewClient("passthrough:///bufnet",
 		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) { return lis.DialContext(ctx) }),
@@ -51,7 +51,7 @@ func benchGRPC(b *testing.B, store idempotency.Store) paymentsv1.PaymentServiceC
 		_ = conn.Close()
 		srv.Stop()
 	})
-	return paymentsv1.NewPaymentServiceClient(conn)
+	return testpb.NewPaymentServiceClient(conn)
 }
 
 // BenchmarkUnary is the root package's BenchmarkUnary with the Redis store:
@@ -72,7 +72,7 @@ func benchGRPC(b *testing.B, store idempotency.Store) paymentsv1.PaymentServiceC
 //
 //	go test -run '^$' -bench BenchmarkUnary -benchmem -count 5 .
 func BenchmarkUnary(b *testing.B) {
-	req := &paymentsv1.ChargeRequest{Account: "acct_1", AmountCents: 1250, Currency: "EUR"}
+	req := &testpb.ChargeRequest{Account: "acct_1", AmountCents: 1250, Currency: "EUR"}
 	for _, mode := range []string{"none/baseline", "redis/first", "redis/replay"} {
 		for _, par := range []int{1, 64} {
 			b.Run(mode+"/p"+strconv.Itoa(par), func(b *testing.B) {

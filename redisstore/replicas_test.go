@@ -13,7 +13,7 @@ import (
 	"time"
 
 	"github.com/grpcidem/idempotency"
-	paymentsv1 "github.com/grpcidem/idempotency/proto/payments/v1"
+	testpb "github.com/grpcidem/idempotency/internal/testpb"
 	"github.com/grpcidem/idempotency/redisstore"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -67,12 +67,12 @@ func (b *bank) count(account string) int {
 }
 
 type paymentServer struct {
-	paymentsv1.UnimplementedPaymentServiceServer
+	testpb.UnimplementedPaymentServiceServer
 	replica int
 	bank    *bank
 }
 
-func (p *paymentServer) Charge(ctx context.Context, req *paymentsv1.ChargeRequest) (*paymentsv1.ChargeResponse, error) {
+func (p *paymentServer) Charge(ctx context.Context, req *testpb.ChargeRequest) (*testpb.ChargeResponse, error) {
 	if gate := p.bank.run(req.Account); gate != nil {
 		p.bank.entered <- req.Account
 		select {
@@ -88,7 +88,7 @@ func (p *paymentServer) Charge(ctx context.Context, req *paymentsv1.ChargeReques
 	if err := grpc.SetHeader(ctx, metadata.Pairs("charged-by", strconv.Itoa(p.replica))); err != nil {
 		return nil, err
 	}
-	return &paymentsv1.ChargeResponse{
+	return &testpb.ChargeResponse{
 		ChargeId:    fmt.Sprintf("ch-%d-%s", p.replica, randomHex(8)),
 		Account:     req.Account,
 		AmountCents: req.AmountCents,
@@ -96,10 +96,10 @@ func (p *paymentServer) Charge(ctx context.Context, req *paymentsv1.ChargeReques
 	}, nil
 }
 
-func (p *paymentServer) ChargeInstallments(req *paymentsv1.InstallmentsRequest, stream grpc.ServerStreamingServer[paymentsv1.ChargeResponse]) error {
+func (p *paymentServer) ChargeInstallments(req *testpb.InstallmentsRequest, stream grpc.ServerStreamingServer[testpb.ChargeResponse]) error {
 	p.bank.run(req.Account)
 	for i := range req.Count {
-		if err := stream.Send(&paymentsv1.ChargeResponse{
+		if err := stream.Send(&testpb.ChargeResponse{
 			ChargeId:    fmt.Sprintf("ch-%d-%s-%d", p.replica, randomHex(4), i),
 			Account:     req.Account,
 			AmountCents: req.AmountCents / int64(req.Count),
@@ -127,7 +127,7 @@ func (m *mortalStore) Renew(ctx context.Context, key string, claim idempotency.C
 
 type replica struct {
 	store  *mortalStore
-	client paymentsv1.PaymentServiceClient
+	client testpb.PaymentServiceClient
 
 	mu     sync.Mutex
 	events []idempotency.Event
@@ -166,7 +166,7 @@ func newReplicas(t *testing.T, n int, lease time.Duration, b *bank) []*replica {
 			grpc.UnaryInterceptor(idempotency.UnaryServerInterceptor(r.store, opts...)),
 			grpc.StreamInterceptor(idempotency.StreamServerInterceptor(r.store, opts...)),
 		)
-		paymentsv1.RegisterPaymentServiceServer(srv, &paymentServer{replica: i, bank: b})
+		testpb.RegisterPaymentServiceServer(srv, &paymentServer{replica: i, bank: b})
 		lis, err := net.Listen("tcp", "127.0.0.1:0")
 		require.NoError(t, err)
 		served := make(chan struct{})
@@ -181,14 +181,14 @@ func newReplicas(t *testing.T, n int, lease time.Duration, b *bank) []*replica {
 			srv.Stop()
 			<-served
 		})
-		r.client = paymentsv1.NewPaymentServiceClient(conn)
+		r.client = testpb.NewPaymentServiceClient(conn)
 		rs = append(rs, r)
 	}
 	return rs
 }
 
 type chargeResult struct {
-	resp     *paymentsv1.ChargeResponse
+	resp     *testpb.ChargeResponse
 	header   metadata.MD
 	replayed bool
 	err      error
@@ -197,7 +197,7 @@ type chargeResult struct {
 func charge(ctx context.Context, r *replica, key, account string) chargeResult {
 	var header metadata.MD
 	ctx = metadata.AppendToOutgoingContext(ctx, idempotency.KeyHeader, key)
-	resp, err := r.client.Charge(ctx, &paymentsv1.ChargeRequest{Account: account, AmountCents: 1250, Currency: "EUR"}, grpc.Header(&header))
+	resp, err := r.client.Charge(ctx, &testpb.ChargeRequest{Account: account, AmountCents: 1250, Currency: "EUR"}, grpc.Header(&header))
 	return chargeResult{resp: resp, header: header, replayed: idempotency.IsReplayed(header), err: err}
 }
 
@@ -244,12 +244,12 @@ func TestReplicasExecuteEachKeyOnce(t *testing.T) {
 		assert.True(t, res.replayed)
 		assert.True(t, proto.Equal(results[0][0].resp, res.resp), "replica %d", i)
 	}
-	var streams [][]*paymentsv1.ChargeResponse
+	var streams [][]*testpb.ChargeResponse
 	for _, r := range rs {
 		sctx := metadata.AppendToOutgoingContext(ctx, idempotency.KeyHeader, "installments")
-		st, err := r.client.ChargeInstallments(sctx, &paymentsv1.InstallmentsRequest{Account: "inst", AmountCents: 900, Currency: "EUR", Count: 3})
+		st, err := r.client.ChargeInstallments(sctx, &testpb.InstallmentsRequest{Account: "inst", AmountCents: 900, Currency: "EUR", Count: 3})
 		require.NoError(t, err)
-		var got []*paymentsv1.ChargeResponse
+		var got []*testpb.ChargeResponse
 		for {
 			m, err := st.Recv()
 			if errors.Is(err, io.EOF) {

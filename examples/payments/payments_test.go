@@ -25,7 +25,7 @@ import (
 	"github.com/grpcidem/idempotency"
 	"github.com/grpcidem/idempotency/examples/internal/stores"
 	"github.com/grpcidem/idempotency/examples/payments/internal/app"
-	paymentsv1 "github.com/grpcidem/idempotency/proto/payments/v1"
+	paymentsv1 "github.com/grpcidem/idempotency/examples/proto/payments/v1"
 )
 
 // syncBuffer is an output stream written by a command's goroutines and read

@@ -24,7 +24,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
-	paymentsv1 "github.com/grpcidem/idempotency/proto/payments/v1"
+	paymentsv1 "github.com/grpcidem/idempotency/examples/proto/payments/v1"
 )
 
 // MaxInstallments bounds ChargeInstallments' count, below the interceptors'

@@ -17,7 +17,7 @@ import (
 	"google.golang.org/grpc/test/bufconn"
 
 	"github.com/grpcidem/idempotency/examples/payments/service"
-	paymentsv1 "github.com/grpcidem/idempotency/proto/payments/v1"
+	paymentsv1 "github.com/grpcidem/idempotency/examples/proto/payments/v1"
 )
 
 // serve runs svc on an in-memory connection, without interceptors: these

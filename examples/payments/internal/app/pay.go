@@ -14,7 +14,7 @@ import (
 
 	"github.com/grpcidem/idempotency"
 	"github.com/grpcidem/idempotency/examples/payments/service"
-	paymentsv1 "github.com/grpcidem/idempotency/proto/payments/v1"
+	paymentsv1 "github.com/grpcidem/idempotency/examples/proto/payments/v1"
 )
 
 // Modes are the ways to pay, one per RPC kind.

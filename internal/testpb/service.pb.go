@@ -2,12 +2,13 @@
 // versions:
 // 	protoc-gen-go v1.36.12
 // 	protoc        (unknown)
-// source: payments/v1/payments.proto
+// source: idempotency/testing/v1/service.proto
 
-// Package payments.v1 is the example service of this module: a payment API
-// whose every RPC kind is made safe to retry by the idempotency interceptors.
+// Package idempotency.testing.v1 is the service the module's own tests and
+// benchmarks run: a payment API shaped like the example's, whose every RPC kind
+// the interceptors make safe to retry. It is not part of the API.
 
-package paymentsv1
+package testpb
 
 import (
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
@@ -35,7 +36,7 @@ type ChargeRequest struct {
 
 func (x *ChargeRequest) Reset() {
 	*x = ChargeRequest{}
-	mi := &file_payments_v1_payments_proto_msgTypes[0]
+	mi := &file_idempotency_testing_v1_service_proto_msgTypes[0]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -47,7 +48,7 @@ func (x *ChargeRequest) String() string {
 func (*ChargeRequest) ProtoMessage() {}
 
 func (x *ChargeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_payments_v1_payments_proto_msgTypes[0]
+	mi := &file_idempotency_testing_v1_service_proto_msgTypes[0]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -60,7 +61,7 @@ func (x *ChargeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ChargeRequest.ProtoReflect.Descriptor instead.
 func (*ChargeRequest) Descriptor() ([]byte, []int) {
-	return file_payments_v1_payments_proto_rawDescGZIP(), []int{0}
+	return file_idempotency_testing_v1_service_proto_rawDescGZIP(), []int{0}
 }
 
 func (x *ChargeRequest) GetAccount() string {
@@ -96,7 +97,7 @@ type ChargeResponse struct {
 
 func (x *ChargeResponse) Reset() {
 	*x = ChargeResponse{}
-	mi := &file_payments_v1_payments_proto_msgTypes[1]
+	mi := &file_idempotency_testing_v1_service_proto_msgTypes[1]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -108,7 +109,7 @@ func (x *ChargeResponse) String() string {
 func (*ChargeResponse) ProtoMessage() {}
 
 func (x *ChargeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_payments_v1_payments_proto_msgTypes[1]
+	mi := &file_idempotency_testing_v1_service_proto_msgTypes[1]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -121,7 +122,7 @@ func (x *ChargeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ChargeResponse.ProtoReflect.Descriptor instead.
 func (*ChargeResponse) Descriptor() ([]byte, []int) {
-	return file_payments_v1_payments_proto_rawDescGZIP(), []int{1}
+	return file_idempotency_testing_v1_service_proto_rawDescGZIP(), []int{1}
 }
 
 func (x *ChargeResponse) GetChargeId() string {
@@ -164,7 +165,7 @@ type InstallmentsRequest struct {
 
 func (x *InstallmentsRequest) Reset() {
 	*x = InstallmentsRequest{}
-	mi := &file_payments_v1_payments_proto_msgTypes[2]
+	mi := &file_idempotency_testing_v1_service_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -176,7 +177,7 @@ func (x *InstallmentsRequest) String() string {
 func (*InstallmentsRequest) ProtoMessage() {}
 
 func (x *InstallmentsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_payments_v1_payments_proto_msgTypes[2]
+	mi := &file_idempotency_testing_v1_service_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -189,7 +190,7 @@ func (x *InstallmentsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InstallmentsRequest.ProtoReflect.Descriptor instead.
 func (*InstallmentsRequest) Descriptor() ([]byte, []int) {
-	return file_payments_v1_payments_proto_rawDescGZIP(), []int{2}
+	return file_idempotency_testing_v1_service_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *InstallmentsRequest) GetAccount() string {
@@ -229,7 +230,7 @@ type BatchResponse struct {
 
 func (x *BatchResponse) Reset() {
 	*x = BatchResponse{}
-	mi := &file_payments_v1_payments_proto_msgTypes[3]
+	mi := &file_idempotency_testing_v1_service_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -241,7 +242,7 @@ func (x *BatchResponse) String() string {
 func (*BatchResponse) ProtoMessage() {}
 
 func (x *BatchResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_payments_v1_payments_proto_msgTypes[3]
+	mi := &file_idempotency_testing_v1_service_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -254,7 +255,7 @@ func (x *BatchResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BatchResponse.ProtoReflect.Descriptor instead.
 func (*BatchResponse) Descriptor() ([]byte, []int) {
-	return file_payments_v1_payments_proto_rawDescGZIP(), []int{3}
+	return file_idempotency_testing_v1_service_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *BatchResponse) GetCharges() []*ChargeResponse {
@@ -264,11 +265,11 @@ func (x *BatchResponse) GetCharges() []*ChargeResponse {
 	return nil
 }
 
-var File_payments_v1_payments_proto protoreflect.FileDescriptor
+var File_idempotency_testing_v1_service_proto protoreflect.FileDescriptor
 
-const file_payments_v1_payments_proto_rawDesc = "" +
+const file_idempotency_testing_v1_service_proto_rawDesc = "" +
 	"\n" +
-	"\x1apayments/v1/payments.proto\x12\vpayments.v1\"h\n" +
+	"$idempotency/testing/v1/service.proto\x12\x16idempotency.testing.v1\"h\n" +
 	"\rChargeRequest\x12\x18\n" +
 	"\aaccount\x18\x01 \x01(\tR\aaccount\x12!\n" +
 	"\famount_cents\x18\x02 \x01(\x03R\vamountCents\x12\x1a\n" +
@@ -282,44 +283,44 @@ const file_payments_v1_payments_proto_rawDesc = "" +
 	"\aaccount\x18\x01 \x01(\tR\aaccount\x12!\n" +
 	"\famount_cents\x18\x02 \x01(\x03R\vamountCents\x12\x1a\n" +
 	"\bcurrency\x18\x03 \x01(\tR\bcurrency\x12\x14\n" +
-	"\x05count\x18\x04 \x01(\x05R\x05count\"F\n" +
-	"\rBatchResponse\x125\n" +
-	"\acharges\x18\x01 \x03(\v2\x1b.payments.v1.ChargeResponseR\acharges2\xc5\x02\n" +
-	"\x0ePaymentService\x12A\n" +
-	"\x06Charge\x12\x1a.payments.v1.ChargeRequest\x1a\x1b.payments.v1.ChargeResponse\x12U\n" +
-	"\x12ChargeInstallments\x12 .payments.v1.InstallmentsRequest\x1a\x1b.payments.v1.ChargeResponse0\x01\x12G\n" +
-	"\vChargeBatch\x12\x1a.payments.v1.ChargeRequest\x1a\x1a.payments.v1.BatchResponse(\x01\x12P\n" +
-	"\x11ChargeInteractive\x12\x1a.payments.v1.ChargeRequest\x1a\x1b.payments.v1.ChargeResponse(\x010\x01B>Z<github.com/grpcidem/idempotency/proto/payments/v1;paymentsv1b\x06proto3"
+	"\x05count\x18\x04 \x01(\x05R\x05count\"Q\n" +
+	"\rBatchResponse\x12@\n" +
+	"\acharges\x18\x01 \x03(\v2&.idempotency.testing.v1.ChargeResponseR\acharges2\x9d\x03\n" +
+	"\x0ePaymentService\x12W\n" +
+	"\x06Charge\x12%.idempotency.testing.v1.ChargeRequest\x1a&.idempotency.testing.v1.ChargeResponse\x12k\n" +
+	"\x12ChargeInstallments\x12+.idempotency.testing.v1.InstallmentsRequest\x1a&.idempotency.testing.v1.ChargeResponse0\x01\x12]\n" +
+	"\vChargeBatch\x12%.idempotency.testing.v1.ChargeRequest\x1a%.idempotency.testing.v1.BatchResponse(\x01\x12f\n" +
+	"\x11ChargeInteractive\x12%.idempotency.testing.v1.ChargeRequest\x1a&.idempotency.testing.v1.ChargeResponse(\x010\x01B8Z6github.com/grpcidem/idempotency/internal/testpb;testpbb\x06proto3"
 
 var (
-	file_payments_v1_payments_proto_rawDescOnce sync.Once
-	file_payments_v1_payments_proto_rawDescData []byte
+	file_idempotency_testing_v1_service_proto_rawDescOnce sync.Once
+	file_idempotency_testing_v1_service_proto_rawDescData []byte
 )
 
-func file_payments_v1_payments_proto_rawDescGZIP() []byte {
-	file_payments_v1_payments_proto_rawDescOnce.Do(func() {
-		file_payments_v1_payments_proto_rawDescData = protoimpl.X.CompressGZIP(unsafe.Slice(unsafe.StringData(file_payments_v1_payments_proto_rawDesc), len(file_payments_v1_payments_proto_rawDesc)))
+func file_idempotency_testing_v1_service_proto_rawDescGZIP() []byte {
+	file_idempotency_testing_v1_service_proto_rawDescOnce.Do(func() {
+		file_idempotency_testing_v1_service_proto_rawDescData = protoimpl.X.CompressGZIP(unsafe.Slice(unsafe.StringData(file_idempotency_testing_v1_service_proto_rawDesc), len(file_idempotency_testing_v1_service_proto_rawDesc)))
 	})
-	return file_payments_v1_payments_proto_rawDescData
+	return file_idempotency_testing_v1_service_proto_rawDescData
 }
 
-var file_payments_v1_payments_proto_msgTypes = make([]protoimpl.MessageInfo, 4)
-var file_payments_v1_payments_proto_goTypes = []any{
-	(*ChargeRequest)(nil),       // 0: payments.v1.ChargeRequest
-	(*ChargeResponse)(nil),      // 1: payments.v1.ChargeResponse
-	(*InstallmentsRequest)(nil), // 2: payments.v1.InstallmentsRequest
-	(*BatchResponse)(nil),       // 3: payments.v1.BatchResponse
+var file_idempotency_testing_v1_service_proto_msgTypes = make([]protoimpl.MessageInfo, 4)
+var file_idempotency_testing_v1_service_proto_goTypes = []any{
+	(*ChargeRequest)(nil),       // 0: idempotency.testing.v1.ChargeRequest
+	(*ChargeResponse)(nil),      // 1: idempotency.testing.v1.ChargeResponse
+	(*InstallmentsRequest)(nil), // 2: idempotency.testing.v1.InstallmentsRequest
+	(*BatchResponse)(nil),       // 3: idempotency.testing.v1.BatchResponse
 }
-var file_payments_v1_payments_proto_depIdxs = []int32{
-	1, // 0: payments.v1.BatchResponse.charges:type_name -> payments.v1.ChargeResponse
-	0, // 1: payments.v1.PaymentService.Charge:input_type -> payments.v1.ChargeRequest
-	2, // 2: payments.v1.PaymentService.ChargeInstallments:input_type -> payments.v1.InstallmentsRequest
-	0, // 3: payments.v1.PaymentService.ChargeBatch:input_type -> payments.v1.ChargeRequest
-	0, // 4: payments.v1.PaymentService.ChargeInteractive:input_type -> payments.v1.ChargeRequest
-	1, // 5: payments.v1.PaymentService.Charge:output_type -> payments.v1.ChargeResponse
-	1, // 6: payments.v1.PaymentService.ChargeInstallments:output_type -> payments.v1.ChargeResponse
-	3, // 7: payments.v1.PaymentService.ChargeBatch:output_type -> payments.v1.BatchResponse
-	1, // 8: payments.v1.PaymentService.ChargeInteractive:output_type -> payments.v1.ChargeResponse
+var file_idempotency_testing_v1_service_proto_depIdxs = []int32{
+	1, // 0: idempotency.testing.v1.BatchResponse.charges:type_name -> idempotency.testing.v1.ChargeResponse
+	0, // 1: idempotency.testing.v1.PaymentService.Charge:input_type -> idempotency.testing.v1.ChargeRequest
+	2, // 2: idempotency.testing.v1.PaymentService.ChargeInstallments:input_type -> idempotency.testing.v1.InstallmentsRequest
+	0, // 3: idempotency.testing.v1.PaymentService.ChargeBatch:input_type -> idempotency.testing.v1.ChargeRequest
+	0, // 4: idempotency.testing.v1.PaymentService.ChargeInteractive:input_type -> idempotency.testing.v1.ChargeRequest
+	1, // 5: idempotency.testing.v1.PaymentService.Charge:output_type -> idempotency.testing.v1.ChargeResponse
+	1, // 6: idempotency.testing.v1.PaymentService.ChargeInstallments:output_type -> idempotency.testing.v1.ChargeResponse
+	3, // 7: idempotency.testing.v1.PaymentService.ChargeBatch:output_type -> idempotency.testing.v1.BatchResponse
+	1, // 8: idempotency.testing.v1.PaymentService.ChargeInteractive:output_type -> idempotency.testing.v1.ChargeResponse
 	5, // [5:9] is the sub-list for method output_type
 	1, // [1:5] is the sub-list for method input_type
 	1, // [1:1] is the sub-list for extension type_name
@@ -327,26 +328,26 @@ var file_payments_v1_payments_proto_depIdxs = []int32{
 	0, // [0:1] is the sub-list for field type_name
 }
 
-func init() { file_payments_v1_payments_proto_init() }
-func file_payments_v1_payments_proto_init() {
-	if File_payments_v1_payments_proto != nil {
+func init() { file_idempotency_testing_v1_service_proto_init() }
+func file_idempotency_testing_v1_service_proto_init() {
+	if File_idempotency_testing_v1_service_proto != nil {
 		return
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
-			RawDescriptor: unsafe.Slice(unsafe.StringData(file_payments_v1_payments_proto_rawDesc), len(file_payments_v1_payments_proto_rawDesc)),
+			RawDescriptor: unsafe.Slice(unsafe.StringData(file_idempotency_testing_v1_service_proto_rawDesc), len(file_idempotency_testing_v1_service_proto_rawDesc)),
 			NumEnums:      0,
 			NumMessages:   4,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
-		GoTypes:           file_payments_v1_payments_proto_goTypes,
-		DependencyIndexes: file_payments_v1_payments_proto_depIdxs,
-		MessageInfos:      file_payments_v1_payments_proto_msgTypes,
+		GoTypes:           file_idempotency_testing_v1_service_proto_goTypes,
+		DependencyIndexes: file_idempotency_testing_v1_service_proto_depIdxs,
+		MessageInfos:      file_idempotency_testing_v1_service_proto_msgTypes,
 	}.Build()
-	File_payments_v1_payments_proto = out.File
-	file_payments_v1_payments_proto_goTypes = nil
-	file_payments_v1_payments_proto_depIdxs = nil
+	File_idempotency_testing_v1_service_proto = out.File
+	file_idempotency_testing_v1_service_proto_goTypes = nil
+	file_idempotency_testing_v1_service_proto_depIdxs = nil
 }
