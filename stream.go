@@ -30,9 +30,15 @@ import (
 //     answer before it sends the next one completes.
 //
 // Recording is bounded by WithMaxStreamMessages and WithMaxRecordSize; a
-// stream that outgrows them is not stored and its key is released. A stream
-// that does not complete (its client went away, a send or receive failed)
-// stores nothing.
+// stream that outgrows them is not stored and its key is released.
+//
+// A handler that returns after its client has gone (its deadline passed, it
+// cancelled, its connection closed) is recorded as a unary one is: what it
+// sends and sets from then on is recorded, not failed, and its outcome is
+// stored if its code is cacheable, so that the client's retry replays it.
+// A stream whose requests were cut short (a receive failed before the
+// handler read their end), or whose send failed while its client was still
+// there, stores nothing and releases its key.
 //
 // It panics if store is nil or an option is out of its documented range.
 func StreamServerInterceptor(store Store, opts ...Option) grpc.StreamServerInterceptor {
@@ -89,7 +95,7 @@ func (s *server) stream(srv any, ss grpc.ServerStream, info *grpc.StreamServerIn
 	defer cancel(nil)
 	rs.ctx = hctx
 	if ts.ServerTransportStream != nil {
-		rs.ctx = grpc.NewContextWithServerTransportStream(rs.ctx, ts)
+		rs.ctx = grpc.NewContextWithServerTransportStream(rs.ctx, &streamTransport{ServerTransportStream: ts.ServerTransportStream, rec: ts, client: ctx})
 	}
 	rs.ts = ts
 	rs.recording = true
@@ -105,16 +111,13 @@ func (s *server) stream(srv any, ss grpc.ServerStream, info *grpc.StreamServerIn
 	}
 	rec.Header, rec.Trailer = ts.recorded()
 	cacheable := s.o.isCacheable(st.Code())
-	broken := rs.broken
-	if broken == nil && ctx.Err() != nil {
-		// The client went away before the handler returned, so what the
-		// handler sent may be only the start of its outcome, even if it
-		// then returned OK, as handlers that watch their context do.
-		broken = fmt.Errorf("the client went away mid-stream: %w", context.Cause(ctx))
-	}
-	if broken != nil {
+	// A client that went away before the handler returned is no reason to
+	// drop the outcome: the handler ran to its end, and its sends from then
+	// on were recorded, so its record is whole and the client's retry
+	// replays it, as for a unary call.
+	if rs.broken != nil {
 		// Half an outcome is worse than none: a retry must run again.
-		c.s.o.logger.Info("idempotency: stream did not complete; key released", "method", c.method, "key", c.key, "err", broken)
+		c.s.o.logger.Info("idempotency: stream's requests were cut short or a send failed; outcome not stored, key released", "method", c.method, "key", c.key, "err", rs.broken)
 		cacheable = false
 	}
 	if err := c.finish(rs.ctx, r.exec, rec, cacheable, rs.overflow, ran); err != nil {
@@ -141,7 +144,9 @@ type recordingStream struct {
 	responses [][]byte
 	size      int
 	overflow  error
-	broken    error
+	// broken is why the outcome cannot be stored: the requests were cut
+	// short, or a send failed while the client was still there.
+	broken error
 }
 
 func (r *recordingStream) Context() context.Context {
@@ -169,6 +174,9 @@ func (r *recordingStream) RecvMsg(m any) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	switch {
+	case r.closed:
+		// Every request was read; what a later receive says changes
+		// nothing.
 	case err == nil:
 		if ferr := r.fp.add(m); ferr != nil {
 			r.broken = ferr
@@ -176,22 +184,40 @@ func (r *recordingStream) RecvMsg(m any) error {
 	case errors.Is(err, io.EOF):
 		r.closed = true
 	default:
-		r.broken = err
+		r.broken = fmt.Errorf("the requests were cut short: %w", err)
 	}
 	return err
 }
 
+// unlessGone runs send, which passes part of the handler's outcome on to
+// the client, unless the client has gone (its deadline passed, it
+// cancelled, its connection closed). Its error is send's, but only while
+// the client is there: once it has gone, what the handler sends is recorded,
+// not failed, so that a handler that runs to its end after its client left
+// (a charge that was under way) leaves its whole outcome for the client's
+// retry to replay, as a unary handler does.
+func unlessGone(client context.Context, send func() error) error {
+	if client.Err() != nil {
+		return nil
+	}
+	if err := send(); err != nil && client.Err() == nil {
+		return err
+	}
+	return nil
+}
+
 func (r *recordingStream) SendMsg(m any) error {
-	err := r.ServerStream.SendMsg(m)
 	if !r.recording {
+		return r.ServerStream.SendMsg(m)
+	}
+	if err := unlessGone(r.ServerStream.Context(), func() error { return r.ServerStream.SendMsg(m) }); err != nil {
+		r.mu.Lock()
+		r.broken = fmt.Errorf("a send failed: %w", err)
+		r.mu.Unlock()
 		return err
 	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if err != nil {
-		r.broken = err
-		return err
-	}
 	if r.overflow != nil {
 		return nil
 	}
@@ -221,7 +247,10 @@ func (r *recordingStream) SendMsg(m any) error {
 }
 
 func (r *recordingStream) SetHeader(md metadata.MD) error {
-	if err := r.ServerStream.SetHeader(md); err != nil || r.ts == nil {
+	if r.ts == nil {
+		return r.ServerStream.SetHeader(md)
+	}
+	if err := unlessGone(r.ServerStream.Context(), func() error { return r.ServerStream.SetHeader(md) }); err != nil {
 		return err
 	}
 	r.ts.addHeader(md)
@@ -229,7 +258,10 @@ func (r *recordingStream) SetHeader(md metadata.MD) error {
 }
 
 func (r *recordingStream) SendHeader(md metadata.MD) error {
-	if err := r.ServerStream.SendHeader(md); err != nil || r.ts == nil {
+	if r.ts == nil {
+		return r.ServerStream.SendHeader(md)
+	}
+	if err := unlessGone(r.ServerStream.Context(), func() error { return r.ServerStream.SendHeader(md) }); err != nil {
 		return err
 	}
 	r.ts.addHeader(md)
@@ -239,10 +271,48 @@ func (r *recordingStream) SendHeader(md metadata.MD) error {
 func (r *recordingStream) SetTrailer(md metadata.MD) {
 	r.ServerStream.SetTrailer(md)
 	if r.ts != nil {
-		r.ts.mu.Lock()
-		r.ts.trailer = metadata.Join(r.ts.trailer, md)
-		r.ts.mu.Unlock()
+		r.ts.addTrailer(md)
 	}
+}
+
+// streamTransport is the ServerTransportStream in a first execution's stream
+// context, for grpc.SetHeader, grpc.SendHeader and grpc.SetTrailer: it
+// records what they set into rec, and, as recordingStream does, does not
+// fail them once the client has gone.
+type streamTransport struct {
+	grpc.ServerTransportStream
+	rec    *transportRecorder
+	client context.Context
+}
+
+func (t *streamTransport) SetHeader(md metadata.MD) error {
+	if err := unlessGone(t.client, func() error { return t.ServerTransportStream.SetHeader(md) }); err != nil {
+		return err
+	}
+	t.rec.addHeader(md)
+	return nil
+}
+
+func (t *streamTransport) SendHeader(md metadata.MD) error {
+	if err := unlessGone(t.client, func() error { return t.ServerTransportStream.SendHeader(md) }); err != nil {
+		return err
+	}
+	t.rec.addHeader(md)
+	return nil
+}
+
+func (t *streamTransport) SetTrailer(md metadata.MD) error {
+	if err := unlessGone(t.client, func() error { return t.ServerTransportStream.SetTrailer(md) }); err != nil {
+		return err
+	}
+	t.rec.addTrailer(md)
+	return nil
+}
+
+func (r *transportRecorder) addTrailer(md metadata.MD) {
+	r.mu.Lock()
+	r.trailer = metadata.Join(r.trailer, md)
+	r.mu.Unlock()
 }
 
 // replayStream answers a duplicate stream from rec. For client and bidi

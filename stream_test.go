@@ -604,16 +604,26 @@ func TestStreamClientCancelsMidStream(t *testing.T) {
 				cancel()
 
 				executed := ev.nextExecuted(t)
-				assert.False(t, executed.Stored, "a stream cut short is not stored")
+				retry := withKey(testCtx(t), "hangup")
+				if name == "server stream" {
+					// Nothing was cut short: the handler ran to its end
+					// after its client left, its sends from then on were
+					// recorded, and the retry replays all of it.
+					assert.True(t, executed.Stored, "a handler that ran to its end is stored")
+					assert.Equal(t, idempotency.Completed, lookup(t, store, "hangup"))
+					a := installments(t, retry, e, &testpb.InstallmentsRequest{Account: "acct_1", AmountCents: 1_000_000, Currency: "EUR", Count: 10_000})
+					require.NoError(t, a.err)
+					assert.True(t, idempotency.IsReplayed(a.header))
+					assert.Len(t, a.msgs, 10_000)
+					assert.EqualValues(t, 1, e.svc.execs.Load())
+					return
+				}
+				assert.False(t, executed.Stored, "a stream whose requests were cut short is not stored")
 				assert.Equal(t, idempotency.Absent, lookup(t, store, "hangup"), "no partial record")
 
 				// A retry runs the handler again, in full.
-				retry := withKey(testCtx(t), "hangup")
 				var a streamAnswer
 				switch name {
-				case "server stream":
-					a = installments(t, retry, e, &testpb.InstallmentsRequest{Account: "acct_1", AmountCents: 1_000_000, Currency: "EUR", Count: 10_000})
-					assert.Len(t, a.msgs, 10_000)
 				case "client stream":
 					a = batch(t, retry, e, batchReqs)
 				case "bidi":
@@ -630,20 +640,28 @@ func TestStreamClientCancelsMidStream(t *testing.T) {
 	})
 }
 
-// quitter is a PaymentService whose streams stop early, without an error,
-// when their client goes away, as handlers that watch their context often
-// do. What such a stream sent is not its whole outcome.
+// quitter is a PaymentService whose streams stop early when their client
+// goes away, as handlers that watch their context often do: with OK, or,
+// with sayWhy, with the context's error.
 type quitter struct {
 	testpb.UnimplementedPaymentServiceServer
-	execs atomic.Int64
+	execs  atomic.Int64
+	sayWhy bool
+}
+
+func (q *quitter) quit(ctx context.Context) error {
+	<-ctx.Done()
+	if q.sayWhy {
+		return status.FromContextError(ctx.Err()).Err()
+	}
+	return nil
 }
 
 func (q *quitter) ChargeInstallments(req *testpb.InstallmentsRequest, ss grpc.ServerStreamingServer[testpb.ChargeResponse]) error {
 	q.execs.Add(1)
 	for i := range req.Count {
 		if i == 2 {
-			<-ss.Context().Done()
-			return nil
+			return q.quit(ss.Context())
 		}
 		if err := ss.Send(&testpb.ChargeResponse{ChargeId: chargeID(), Account: req.Account, AmountCents: 1}); err != nil {
 			return err
@@ -661,8 +679,7 @@ func (q *quitter) ChargeInteractive(ss grpc.BidiStreamingServer[testpb.ChargeReq
 	if err := ss.Send(&testpb.ChargeResponse{ChargeId: chargeID(), Account: req.Account}); err != nil {
 		return err
 	}
-	<-ss.Context().Done()
-	return nil
+	return q.quit(ss.Context())
 }
 
 // serve runs svc on bufconn behind the stream interceptor, for tests that
@@ -686,37 +703,66 @@ func serve(t testing.TB, store idempotency.Store, svc testpb.PaymentServiceServe
 	return &env{store: store, conn: conn, client: testpb.NewPaymentServiceClient(conn)}
 }
 
-// A handler that returns OK after its client went away did not finish its
-// stream: what it sent is not stored as the outcome.
-func TestStreamEndedByHangUpIsNotStored(t *testing.T) {
+// A stream handler that returns after its client went away is recorded as a
+// unary one is: the interceptor cannot tell a handler that stopped early
+// from one that finished, so what it returned is its outcome, stored if its
+// code is cacheable. A handler that stopped because its client left says so
+// with the context's error, which releases the key.
+func TestStreamEndedByHangUpIsStoredAsReturned(t *testing.T) {
 	stores(t, func(t *testing.T, newStore func(testing.TB) idempotency.Store) {
 		for _, kind := range []string{"server stream", "bidi"} {
-			t.Run(kind, func(t *testing.T) {
-				ev := newEvents()
-				store := newStore(t)
-				q := &quitter{}
-				e := serve(t, store, q, []idempotency.Option{ev.option()})
-				ctx, cancel := context.WithCancel(withKey(testCtx(t), "quit"))
-				if kind == "server stream" {
-					stream, err := e.client.ChargeInstallments(ctx, &testpb.InstallmentsRequest{Account: "acct_1", Count: 5})
-					require.NoError(t, err)
-					for range 2 {
-						_, err := stream.Recv()
-						require.NoError(t, err)
-					}
-				} else {
-					stream, err := e.client.ChargeInteractive(ctx)
-					require.NoError(t, err)
-					require.NoError(t, stream.Send(batchReqs[0]))
-					_, err = stream.Recv()
-					require.NoError(t, err)
+			for _, sayWhy := range []bool{false, true} {
+				name := kind + "/returns OK"
+				if sayWhy {
+					name = kind + "/returns the context's error"
 				}
-				cancel()
-				executed := ev.nextExecuted(t)
-				assert.Equal(t, codes.OK, executed.Code, "the handler returned OK")
-				assert.False(t, executed.Stored, "but its stream was cut short")
-				assert.Equal(t, idempotency.Absent, lookup(t, store, "quit"), "no partial record")
-			})
+				t.Run(name, func(t *testing.T) {
+					ev := newEvents()
+					store := newStore(t)
+					q := &quitter{sayWhy: sayWhy}
+					e := serve(t, store, q, []idempotency.Option{ev.option()})
+					ctx, cancel := context.WithCancel(withKey(testCtx(t), "quit"))
+					var first streamAnswer
+					if kind == "server stream" {
+						stream, err := e.client.ChargeInstallments(ctx, &testpb.InstallmentsRequest{Account: "acct_1", Count: 5})
+						require.NoError(t, err)
+						for range 2 {
+							m, err := stream.Recv()
+							require.NoError(t, err)
+							first.add(t, m)
+						}
+					} else {
+						stream, err := e.client.ChargeInteractive(ctx)
+						require.NoError(t, err)
+						require.NoError(t, stream.Send(batchReqs[0]))
+						m, err := stream.Recv()
+						require.NoError(t, err)
+						first.add(t, m)
+					}
+					cancel()
+					executed := ev.nextExecuted(t)
+					if sayWhy {
+						assert.Equal(t, codes.Canceled, executed.Code)
+						assert.False(t, executed.Stored)
+						assert.Equal(t, idempotency.Absent, lookup(t, store, "quit"), "the key is released for a retry")
+						return
+					}
+					assert.Equal(t, codes.OK, executed.Code, "the handler returned OK")
+					assert.True(t, executed.Stored, "so its outcome is stored")
+
+					retry := withKey(testCtx(t), "quit")
+					var again streamAnswer
+					if kind == "server stream" {
+						again = installments(t, retry, e, &testpb.InstallmentsRequest{Account: "acct_1", Count: 5})
+					} else {
+						again = interactive(t, retry, e, batchReqs[:1], false)
+					}
+					require.NoError(t, again.err)
+					assert.True(t, idempotency.IsReplayed(again.header))
+					assert.Equal(t, first.msgs, again.msgs, "what the handler sent before it returned")
+					assert.EqualValues(t, 1, q.execs.Load())
+				})
+			}
 		}
 	})
 }
