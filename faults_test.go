@@ -130,3 +130,29 @@ func TestLeaseLostCancelsHandler(t *testing.T) {
 	<-done
 	assert.ErrorIs(t, e.svc.lastCause(), idempotency.ErrLeaseLost, "the handler's context was not cancelled with ErrLeaseLost")
 }
+
+// TestUnaryOutlivingItsDeadlineKeepsItsMetadata: a unary handler that sets
+// its header and trailer after its caller's deadline passed has them
+// recorded, so the retry's replay carries them like any other.
+func TestUnaryOutlivingItsDeadlineKeepsItsMetadata(t *testing.T) {
+	stores(t, func(t *testing.T, newStore func(t testing.TB) idempotency.Store) {
+		e := newEnv(t, newStore(t), envConfig{})
+		e.svc.hold = make(chan struct{})
+		e.svc.started = make(chan struct{}, 1)
+		req := &testpb.ChargeRequest{Account: "a", AmountCents: 1, Currency: "EUR"}
+		ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+		defer cancel()
+		_, err := e.client.Charge(withKey(ctx, "late"), req)
+		require.Equal(t, codes.DeadlineExceeded, status.Code(err), "%v", err)
+		<-e.svc.started
+		close(e.svc.hold) // the handler now sets its header and trailer
+
+		var header, trailer metadata.MD
+		resp, err := e.client.Charge(withKey(testCtx(t), "late"), req, grpc.Header(&header), grpc.Trailer(&trailer))
+		require.NoError(t, err)
+		assert.True(t, idempotency.IsReplayed(header))
+		assert.Equal(t, []string{resp.ChargeId}, header.Get("x-charge-id"), "the header set after the deadline was not recorded")
+		assert.Equal(t, []string{"entry-" + resp.ChargeId}, trailer.Get("x-ledger"), "the trailer set after the deadline was not recorded")
+		assert.Equal(t, int64(1), e.svc.execs.Load())
+	})
+}

@@ -491,7 +491,7 @@ func (s *server) unary(ctx context.Context, req any, info *grpc.UnaryServerInfo,
 		return handler(ctx, req) // fail-open
 	}
 
-	ts := &transportRecorder{ServerTransportStream: grpc.ServerTransportStreamFromContext(ctx)}
+	ts := &transportRecorder{ServerTransportStream: grpc.ServerTransportStreamFromContext(ctx), client: ctx}
 	hctx, cancel := handlerContext(ctx, r.exec)
 	defer cancel(nil)
 	if ts.ServerTransportStream != nil {
@@ -555,15 +555,18 @@ func replayHeader(rec *Record) metadata.MD {
 
 // transportRecorder records the header and trailer metadata a handler sets
 // through grpc.SetHeader, grpc.SendHeader and grpc.SetTrailer, and passes
-// them on.
+// them on, unless the client has gone: then they are recorded, not failed,
+// so that a handler that runs to its end after its client left keeps its
+// whole outcome for the client's retry to replay.
 type transportRecorder struct {
 	grpc.ServerTransportStream
+	client          context.Context
 	mu              sync.Mutex
 	header, trailer metadata.MD
 }
 
 func (r *transportRecorder) SetHeader(md metadata.MD) error {
-	if err := r.ServerTransportStream.SetHeader(md); err != nil {
+	if err := unlessGone(r.client, func() error { return r.ServerTransportStream.SetHeader(md) }); err != nil {
 		return err
 	}
 	r.addHeader(md)
@@ -571,7 +574,7 @@ func (r *transportRecorder) SetHeader(md metadata.MD) error {
 }
 
 func (r *transportRecorder) SendHeader(md metadata.MD) error {
-	if err := r.ServerTransportStream.SendHeader(md); err != nil {
+	if err := unlessGone(r.client, func() error { return r.ServerTransportStream.SendHeader(md) }); err != nil {
 		return err
 	}
 	r.addHeader(md)
@@ -579,12 +582,10 @@ func (r *transportRecorder) SendHeader(md metadata.MD) error {
 }
 
 func (r *transportRecorder) SetTrailer(md metadata.MD) error {
-	if err := r.ServerTransportStream.SetTrailer(md); err != nil {
+	if err := unlessGone(r.client, func() error { return r.ServerTransportStream.SetTrailer(md) }); err != nil {
 		return err
 	}
-	r.mu.Lock()
-	r.trailer = metadata.Join(r.trailer, md)
-	r.mu.Unlock()
+	r.addTrailer(md)
 	return nil
 }
 

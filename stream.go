@@ -90,12 +90,12 @@ func (s *server) stream(srv any, ss grpc.ServerStream, info *grpc.StreamServerIn
 		return handler(srv, rs) // fail-open; rs hands over the request read
 	}
 
-	ts := &transportRecorder{ServerTransportStream: grpc.ServerTransportStreamFromContext(ctx)}
+	ts := &transportRecorder{ServerTransportStream: grpc.ServerTransportStreamFromContext(ctx), client: ctx}
 	hctx, cancel := handlerContext(ctx, r.exec)
 	defer cancel(nil)
 	rs.ctx = hctx
 	if ts.ServerTransportStream != nil {
-		rs.ctx = grpc.NewContextWithServerTransportStream(rs.ctx, &streamTransport{ServerTransportStream: ts.ServerTransportStream, rec: ts, client: ctx})
+		rs.ctx = grpc.NewContextWithServerTransportStream(rs.ctx, ts)
 	}
 	rs.ts = ts
 	rs.recording = true
@@ -273,40 +273,6 @@ func (r *recordingStream) SetTrailer(md metadata.MD) {
 	if r.ts != nil {
 		r.ts.addTrailer(md)
 	}
-}
-
-// streamTransport is the ServerTransportStream in a first execution's stream
-// context, for grpc.SetHeader, grpc.SendHeader and grpc.SetTrailer: it
-// records what they set into rec, and, as recordingStream does, does not
-// fail them once the client has gone.
-type streamTransport struct {
-	grpc.ServerTransportStream
-	rec    *transportRecorder
-	client context.Context
-}
-
-func (t *streamTransport) SetHeader(md metadata.MD) error {
-	if err := unlessGone(t.client, func() error { return t.ServerTransportStream.SetHeader(md) }); err != nil {
-		return err
-	}
-	t.rec.addHeader(md)
-	return nil
-}
-
-func (t *streamTransport) SendHeader(md metadata.MD) error {
-	if err := unlessGone(t.client, func() error { return t.ServerTransportStream.SendHeader(md) }); err != nil {
-		return err
-	}
-	t.rec.addHeader(md)
-	return nil
-}
-
-func (t *streamTransport) SetTrailer(md metadata.MD) error {
-	if err := unlessGone(t.client, func() error { return t.ServerTransportStream.SetTrailer(md) }); err != nil {
-		return err
-	}
-	t.rec.addTrailer(md)
-	return nil
 }
 
 func (r *transportRecorder) addTrailer(md metadata.MD) {
