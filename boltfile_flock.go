@@ -1,0 +1,15 @@
+//go:build !windows && !plan9 && !solaris && !aix && !android
+
+package idempotency
+
+import (
+	"os"
+	"syscall"
+)
+
+// unlockFile releases the flock that bbolt took on f. Closing f alone does
+// not, while bbolt's memory map of the file lives: the map holds the open
+// file, and the lock with it.
+func unlockFile(f *os.File) error {
+	return syscall.Flock(int(f.Fd()), syscall.LOCK_UN)
+}
