@@ -180,9 +180,10 @@ var ErrLocked = errors.New("idempotency: bbolt file is in use by another process
 
 // OpenBolt opens or creates the bbolt file at path (mode 0600) and returns a
 // store on it. Close closes the file. If another process holds the file,
-// OpenBolt fails after WithLockTimeout with an error that wraps ErrLocked.
-// A damaged file is an error that wraps ErrCorrupt, never a panic; an empty
-// file is a new store.
+// OpenBolt fails after WithLockTimeout with an error that wraps ErrLocked;
+// if a store of this process holds it, OpenBolt fails at once with an error
+// that wraps ErrAlreadyOpen. A damaged file is an error that wraps
+// ErrCorrupt, never a panic; an empty file is a new store.
 func OpenBolt(path string, opts ...BoltOption) (*BoltStore, error) {
 	c := newBoltConfig(opts)
 	bo := bolt.Options{}
@@ -196,7 +197,7 @@ func OpenBolt(path string, opts ...BoltOption) (*BoltStore, error) {
 			"(stop the other process, or use redisstore or pgstore to share records between replicas)",
 			ErrLocked, path, c.lockTimeout)
 	}
-	if errors.Is(err, ErrCorrupt) {
+	if errors.Is(err, ErrCorrupt) || errors.Is(err, ErrAlreadyOpen) {
 		return nil, err
 	}
 	if err != nil {

@@ -6,6 +6,7 @@ import (
 	"os"
 	"runtime"
 	"runtime/debug"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -27,21 +28,75 @@ import (
 // docs/bbolt-recovery.md), or move the file aside.
 var ErrCorrupt = errors.New("idempotency: bbolt file is corrupt")
 
+// ErrAlreadyOpen is returned (wrapped) by OpenBolt, at once, when a
+// BoltStore of this process already has the file open, under whatever path
+// (a symbolic or hard link, a relative path): a bbolt file serves one store.
+// Share that store instead of opening the file again, or Close it first.
+// The error is also ErrLocked (errors.Is), as it was when OpenBolt waited
+// for the lock to time out, for callers that test for a file in use.
+var ErrAlreadyOpen = errors.New("idempotency: bbolt file is already open in this process")
+
+// alreadyOpen is the error of ErrAlreadyOpen for path, which is the file
+// that other holds.
+func alreadyOpen(path, other, advice string) error {
+	return alreadyOpenError{fmt.Errorf("%w: %s is the file %s, which a BoltStore of this process holds; %s",
+		ErrAlreadyOpen, path, other, advice)}
+}
+
+type alreadyOpenError struct{ err error }
+
+func (e alreadyOpenError) Error() string        { return e.err.Error() }
+func (e alreadyOpenError) Unwrap() error        { return e.err }
+func (e alreadyOpenError) Is(target error) bool { return target == ErrLocked }
+
 // boltFile is the bbolt file of a BoltStore: what is needed to release it
 // when bbolt cannot, and to refuse further work once bbolt is wedged.
 type boltFile struct {
 	path string                // as given to OpenBolt, or the DB's path
 	f    *os.File              // the file bbolt opened (OpenBolt only), to release when bbolt cannot
+	info os.FileInfo           // f's identity in the registry
 	dead atomic.Pointer[error] // bbolt panicked and kept its locks: every transaction fails with this
 	// logged is set once a panic was logged with its stack.
 	logged atomic.Bool
 }
 
+// openFiles is the registry of the files OpenBolt has open in this process,
+// by identity (device and inode), so that opening one again fails at once
+// instead of waiting out the file lock this process itself holds.
+var openFiles struct {
+	sync.Mutex
+	files []*boltFile
+}
+
+func (b *boltFile) register(f *os.File) error {
+	info, err := f.Stat()
+	if err != nil {
+		return err
+	}
+	openFiles.Lock()
+	defer openFiles.Unlock()
+	for _, o := range openFiles.files {
+		if os.SameFile(o.info, info) {
+			return alreadyOpen(b.path, o.path, "a bbolt file serves one store: share that store instead of opening the file again, or Close it first")
+		}
+	}
+	b.f, b.info = f, info
+	openFiles.files = append(openFiles.files, b)
+	return nil
+}
+
+func (b *boltFile) unregister() {
+	openFiles.Lock()
+	defer openFiles.Unlock()
+	openFiles.files = slices.DeleteFunc(openFiles.files, func(o *boltFile) bool { return o == b })
+}
+
 // openBoltFile is bbolt.Open on path for OpenBolt, safe on a damaged file:
 // a panic or a memory fault inside bbolt becomes an error wrapping
 // ErrCorrupt, with the file closed so that its lock is released; bbolt's
-// own errors about the file's contents wrap ErrCorrupt too. Other errors
-// are bbolt's.
+// own errors about the file's contents wrap ErrCorrupt too. The file is
+// registered while it is open, so that this process cannot open it twice
+// (ErrAlreadyOpen). Other errors are bbolt's.
 func openBoltFile(path string, bo bolt.Options) (*bolt.DB, *boltFile, error) {
 	b := &boltFile{path: path}
 	open := bo.OpenFile
@@ -54,13 +109,17 @@ func openBoltFile(path string, bo bolt.Options) (*bolt.DB, *boltFile, error) {
 		if err != nil {
 			return nil, err
 		}
-		b.f = f
+		if err := b.register(f); err != nil {
+			f.Close()
+			return nil, err
+		}
 		return f, nil
 	}
 	db, err := b.open(&bo)
 	if err == nil {
 		return db, b, nil
 	}
+	b.unregister()
 	switch {
 	case b.f == nil, errors.Is(err, berrors.ErrTimeout), errors.Is(err, ErrCorrupt):
 		// Not opened, locked by another process, or already explained.
@@ -211,10 +270,12 @@ func (c *txCall) call(t *bolt.Tx) error {
 	return c.fn(t)
 }
 
-// closeDB closes the store's database, which OpenBolt opened. If bbolt was left holding its locks, db.Close would wait
+// closeDB closes the store's database, which OpenBolt opened, and removes it
+// from the registry. If bbolt was left holding its locks, db.Close would wait
 // for them forever: the file is closed instead, which releases its lock (the
 // memory map stays until the process exits).
 func (b *boltFile) closeDB(db *bolt.DB) error {
+	defer b.unregister()
 	if b.dead.Load() != nil {
 		return b.release()
 	}

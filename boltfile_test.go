@@ -371,3 +371,38 @@ func TestBoltWedgedFailsFast(t *testing.T) {
 		assert.Equal(t, idempotency.Completed, e.State, k)
 	}
 }
+
+// TestOpenBoltSameFileTwice opens a file that a store of this process holds,
+// under the same path and others that name the same file: it must fail at
+// once (not after the 2-second lock timeout) with ErrAlreadyOpen, saying so,
+// and open again once the first store is closed.
+func TestOpenBoltSameFileTwice(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "idem.db")
+	first, err := idempotency.OpenBolt(path)
+	require.NoError(t, err)
+	require.NoError(t, os.Symlink(path, filepath.Join(dir, "link.db")))
+	require.NoError(t, os.Link(path, filepath.Join(dir, "hard.db")))
+	require.NoError(t, os.Mkdir(filepath.Join(dir, "sub"), 0o700))
+	t.Chdir(dir)
+
+	for _, p := range []string{path, "idem.db", "./idem.db", filepath.Join(dir, "sub", "..", "idem.db"), "link.db", "hard.db"} {
+		start := time.Now()
+		s, err := idempotency.OpenBolt(p)
+		if err == nil {
+			s.Close()
+		}
+		require.ErrorIs(t, err, idempotency.ErrAlreadyOpen, p)
+		assert.ErrorIs(t, err, idempotency.ErrLocked, "%s: still a file in use, for callers that test for it", p)
+		assert.NotContains(t, err.Error(), "another process", p)
+		assert.Less(t, time.Since(start), 500*time.Millisecond, "%s: at once, not after the lock timeout", p)
+		assert.Contains(t, err.Error(), "already open in this process", p)
+		assert.Contains(t, err.Error(), "share that store", p)
+		assert.Contains(t, err.Error(), p, "the error names the path given")
+	}
+
+	require.NoError(t, first.Close())
+	second, err := idempotency.OpenBolt("link.db", idempotency.WithLockTimeout(500*time.Millisecond))
+	require.NoError(t, err)
+	require.NoError(t, second.Close())
+}

@@ -1,8 +1,12 @@
 package main
 
 import (
+	"bufio"
 	"bytes"
 	"context"
+	"io"
+	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -129,12 +133,48 @@ func TestUsageAndErrors(t *testing.T) {
 	}
 
 	// A running server holds the file: the tool says so instead of hanging.
-	s, err := idempotency.OpenBolt(db)
-	require.NoError(t, err)
-	defer s.Close()
+	holdInAnotherProcess(t, db)
 	start := time.Now()
 	code, _, errOut := cli("list", "-db", db)
 	assert.Equal(t, 1, code)
 	assert.True(t, strings.Contains(errOut, "another process"), errOut)
 	assert.Less(t, time.Since(start), 20*time.Second)
+}
+
+const holdEnv = "IDEMPOTENCY_CLI_HOLD_DB"
+
+// holdInAnotherProcess opens the store at db in a second process, as a
+// running server would, until the test ends. (In this process, OpenBolt
+// would refuse at once with ErrAlreadyOpen.)
+func holdInAnotherProcess(t *testing.T, db string) {
+	t.Helper()
+	cmd := exec.Command(os.Args[0], "-test.run=^TestHoldInAnotherProcess$", "-test.count=1")
+	cmd.Env = append(os.Environ(), holdEnv+"="+db)
+	cmd.Stderr = os.Stderr
+	stdin, err := cmd.StdinPipe()
+	require.NoError(t, err)
+	stdout, err := cmd.StdoutPipe()
+	require.NoError(t, err)
+	require.NoError(t, cmd.Start())
+	t.Cleanup(func() {
+		stdin.Close()
+		_ = cmd.Wait()
+	})
+	line, err := bufio.NewReader(stdout).ReadString('\n')
+	require.NoError(t, err)
+	require.Equal(t, "HELD\n", line)
+}
+
+// TestHoldInAnotherProcess is the second process of holdInAnotherProcess: it
+// holds the store until its stdin closes.
+func TestHoldInAnotherProcess(t *testing.T) {
+	db := os.Getenv(holdEnv)
+	if db == "" {
+		t.Skip("the second process of holdInAnotherProcess")
+	}
+	s, err := idempotency.OpenBolt(db)
+	require.NoError(t, err)
+	defer s.Close()
+	os.Stdout.WriteString("HELD\n")
+	_, _ = io.Copy(io.Discard, os.Stdin)
 }
