@@ -13,3 +13,13 @@ import (
 func unlockFile(f *os.File) error {
 	return syscall.Flock(int(f.Fd()), syscall.LOCK_UN)
 }
+
+// lockShared takes a shared flock on f, as a bbolt reader does, or fails at
+// once if a bbolt writer (a running server) holds the file.
+func lockShared(f *os.File) (bool, error) {
+	err := syscall.Flock(int(f.Fd()), syscall.LOCK_SH|syscall.LOCK_NB)
+	if err == syscall.EWOULDBLOCK {
+		return false, nil
+	}
+	return err == nil, err
+}

@@ -11,7 +11,9 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
 	"github.com/grpcidem/idempotency"
@@ -405,4 +407,99 @@ func TestOpenBoltSameFileTwice(t *testing.T) {
 	second, err := idempotency.OpenBolt("link.db", idempotency.WithLockTimeout(500*time.Millisecond))
 	require.NoError(t, err)
 	require.NoError(t, second.Close())
+}
+
+// TestSalvageBoltReplaysReadableRecords records first executions through the
+// interceptor, damages the file, and recovers as docs/bbolt-recovery.md
+// says: CheckBolt reports the damage, SalvageBolt copies every readable
+// record into a new file, which passes the check and opens with OpenBolt;
+// there every copied call replays the first execution's answer (the handler
+// does not run), and only the calls whose records could not be read run
+// again. The damage: a leaf page of the records that bbolt cannot decode
+// (its records are lost), and a file truncated to half (the tree's root is
+// lost; the records on the remaining leaves are found by scanning).
+func TestSalvageBoltReplaysReadableRecords(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "idem.db")
+	s, err := idempotency.OpenBolt(path)
+	require.NoError(t, err)
+	e := newEnv(t, s, envConfig{})
+	ctx := testCtx(t)
+	const n = 200
+	charge := func(client paymentsv1.PaymentServiceClient, i int) (string, bool) {
+		var header metadata.MD
+		resp, err := client.Charge(withKey(ctx, fmt.Sprintf("k-%04d", i)),
+			&paymentsv1.ChargeRequest{Account: fmt.Sprintf("acct-%d", i), AmountCents: int64(100 + i), Currency: "EUR"}, grpc.Header(&header))
+		require.NoError(t, err)
+		return resp.ChargeId, idempotency.IsReplayed(header)
+	}
+	first := map[int]string{}
+	for i := range n {
+		first[i], _ = charge(e.client, i)
+	}
+	require.NoError(t, s.Close())
+	good, err := os.ReadFile(path)
+	require.NoError(t, err)
+	leaf, lostKeys, meta := middleLeaf(t, path)
+
+	// recoverFile checks, salvages and replays the damaged file at path, and
+	// returns the calls that ran again.
+	recoverFile := func(t *testing.T, path string) (idempotency.BoltSalvage, map[string]bool) {
+		var check idempotency.BoltCheck
+		noPanic(t, "CheckBolt", func() {
+			check, err = idempotency.CheckBolt(path)
+			require.NoError(t, err)
+		})
+		require.False(t, check.OK())
+		t.Logf("check: %q", check.Problems)
+
+		salvaged := filepath.Join(t.TempDir(), "salvaged.db")
+		r, err := idempotency.SalvageBolt(path, salvaged)
+		require.NoError(t, err)
+		t.Logf("salvage: %+v", r)
+		check, err = idempotency.CheckBolt(salvaged)
+		require.NoError(t, err)
+		assert.True(t, check.OK(), "%q", check.Problems)
+		assert.True(t, check.BboltChecked)
+		assert.Equal(t, r.Copied, check.Records)
+
+		s2 := openBolt(t, salvaged)
+		e2 := newEnv(t, s2, envConfig{})
+		ranAgain := map[string]bool{}
+		for i := range n {
+			id, replayed := charge(e2.client, i)
+			if replayed {
+				assert.Equal(t, first[i], id, "k-%04d replays the first execution's answer", i)
+			} else {
+				ranAgain[seedKey(i)] = true
+			}
+		}
+		assert.Len(t, ranAgain, n-r.Copied, "every copied call replays")
+		assert.EqualValues(t, len(ranAgain), e2.svc.execs.Load())
+		return r, ranAgain
+	}
+
+	t.Run("leaf page bbolt cannot decode", func(t *testing.T) {
+		path := filepath.Join(t.TempDir(), "idem.db")
+		require.NoError(t, os.WriteFile(path, good, 0o600))
+		overwrite(t, path, meta.PageSize, leaf, garbageHeader)
+		r, ranAgain := recoverFile(t, path)
+		assert.Equal(t, n-len(lostKeys), r.Copied)
+		assert.Equal(t, 1, r.LostPages)
+		assert.Zero(t, r.Skipped)
+		assert.Zero(t, r.Scanned, "no page of records is left unreached")
+		lost := map[string]bool{}
+		for _, k := range lostKeys {
+			lost[k] = true
+		}
+		assert.Equal(t, lost, ranAgain, "exactly the calls on the lost page run again")
+	})
+	t.Run("truncated to half", func(t *testing.T) {
+		path := filepath.Join(t.TempDir(), "idem.db")
+		require.NoError(t, os.WriteFile(path, good[:len(good)/2], 0o600))
+		r, _ := recoverFile(t, path)
+		assert.True(t, r.TreeLost)
+		assert.Equal(t, r.Copied, r.Scanned)
+		assert.Greater(t, r.Copied, n/4, "the records on the leaves left were found")
+	})
 }
