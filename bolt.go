@@ -27,6 +27,7 @@ import (
 type BoltStore struct {
 	db      *bolt.DB
 	ownsDB  bool
+	file    *boltFile
 	records []byte // bucket names
 	expiry  []byte
 	// table holds the leases, and per shard a cache of recent records so
@@ -200,7 +201,10 @@ var ErrLocked = errors.New("idempotency: bbolt file is in use by another process
 
 // OpenBolt opens or creates the bbolt file at path (mode 0600) and returns a
 // store on it. Close closes the file. If another process holds the file,
-// OpenBolt fails after WithLockTimeout with an error that wraps ErrLocked.
+// OpenBolt fails after WithLockTimeout with an error that wraps ErrLocked;
+// if a store of this process holds it, OpenBolt fails at once with an error
+// that wraps ErrAlreadyOpen. A damaged file is an error that wraps
+// ErrCorrupt, never a panic; an empty file is a new store.
 func OpenBolt(path string, opts ...BoltOption) (*BoltStore, error) {
 	c := newBoltConfig(opts)
 	bo := bolt.Options{}
@@ -208,18 +212,21 @@ func OpenBolt(path string, opts ...BoltOption) (*BoltStore, error) {
 		bo = *c.boltOptions
 	}
 	bo.Timeout = c.lockTimeout
-	db, err := bolt.Open(path, 0o600, &bo)
+	db, file, err := openBoltFile(path, bo)
 	if errors.Is(err, berrors.ErrTimeout) {
 		return nil, fmt.Errorf("%w: %s stayed locked for %v; a bbolt store serves one process at a time "+
 			"(stop the other process, or use redisstore or pgstore to share records between replicas)",
 			ErrLocked, path, c.lockTimeout)
 	}
+	if errors.Is(err, ErrCorrupt) || errors.Is(err, ErrAlreadyOpen) {
+		return nil, err
+	}
 	if err != nil {
 		return nil, fmt.Errorf("idempotency: open bbolt file %s: %w", path, err)
 	}
-	s, err := newBoltStore(db, c)
+	s, err := newBoltStore(db, c, file)
 	if err != nil {
-		db.Close()
+		file.closeDB(db)
 		return nil, err
 	}
 	s.ownsDB = true
@@ -229,15 +236,16 @@ func OpenBolt(path string, opts ...BoltOption) (*BoltStore, error) {
 // NewBoltStore returns a store on an open bbolt database, in its own buckets.
 // Close stops the store's work but leaves db open.
 func NewBoltStore(db *bolt.DB, opts ...BoltOption) (*BoltStore, error) {
-	return newBoltStore(db, newBoltConfig(opts))
+	return newBoltStore(db, newBoltConfig(opts), &boltFile{path: db.Path()})
 }
 
-func newBoltStore(db *bolt.DB, c boltConfig) (*BoltStore, error) {
+func newBoltStore(db *bolt.DB, c boltConfig, file *boltFile) (*BoltStore, error) {
 	if db.IsReadOnly() {
 		return nil, errors.New("idempotency: the bbolt database is read-only")
 	}
 	s := &BoltStore{
 		db:         db,
+		file:       file,
 		records:    []byte(c.bucket),
 		expiry:     []byte(c.bucket + ".expiry"),
 		writes:     make(chan *boltWrite, 1024),
@@ -253,7 +261,7 @@ func newBoltStore(db *bolt.DB, c boltConfig) (*BoltStore, error) {
 			s.table.shards[i].extra.m = make(map[string]*memRecord)
 		}
 	}
-	err := db.Update(func(tx *bolt.Tx) error {
+	err := s.update(func(tx *bolt.Tx) error {
 		if _, err := tx.CreateBucketIfNotExists(s.records); err != nil {
 			return err
 		}
@@ -282,7 +290,7 @@ const expiryLen = 8
 func (s *BoltStore) read(key string, now time.Time) (Entry, bool, error) {
 	var e Entry
 	found := false
-	err := s.db.View(func(tx *bolt.Tx) error {
+	err := s.view(func(tx *bolt.Tx) error {
 		v := tx.Bucket(s.records).Get([]byte(key))
 		if len(v) < expiryLen {
 			return nil
@@ -451,7 +459,7 @@ func (s *BoltStore) Close() error {
 			sh.mu.Unlock()
 		}
 		if s.ownsDB {
-			err = s.db.Close()
+			err = s.file.closeDB(s.db)
 		}
 	})
 	return err
@@ -516,7 +524,7 @@ func (s *BoltStore) drainWrites() {
 func (s *BoltStore) commit(batch []*boltWrite) {
 	start := time.Now()
 	results := make([]error, len(batch))
-	err := s.db.Update(func(tx *bolt.Tx) error {
+	err := s.update(func(tx *bolt.Tx) error {
 		records, expiry := tx.Bucket(s.records), tx.Bucket(s.expiry)
 		for i, w := range batch {
 			results[i] = s.put(records, expiry, w)
@@ -643,7 +651,7 @@ func (s *BoltStore) Records(fn func(key string, e Entry) bool) error {
 		return ErrClosed
 	}
 	now := time.Now()
-	return s.db.View(func(tx *bolt.Tx) error {
+	return s.view(func(tx *bolt.Tx) error {
 		c := tx.Bucket(s.records).Cursor()
 		for k, v := c.First(); k != nil; k, v = c.Next() {
 			if len(v) < expiryLen {
@@ -681,7 +689,7 @@ func (s *BoltStore) Forget(key string) (bool, error) {
 	}
 	delete(sh.extra.m, key)
 	found := false
-	err := s.db.Update(func(tx *bolt.Tx) error {
+	err := s.update(func(tx *bolt.Tx) error {
 		records, expiry := tx.Bucket(s.records), tx.Bucket(s.expiry)
 		v := records.Get([]byte(key))
 		if len(v) < expiryLen {
@@ -728,7 +736,7 @@ func (s *BoltStore) Sweep() (int, error) {
 		// Collect under a read transaction, so that the writer is held only
 		// for the deletes.
 		var due [][]byte
-		err := s.db.View(func(tx *bolt.Tx) error {
+		err := s.view(func(tx *bolt.Tx) error {
 			c := tx.Bucket(s.expiry).Cursor()
 			for k, _ := c.First(); k != nil && len(due) < s.sweepBatch; k, _ = c.Next() {
 				if bytes.Compare(k[:expiryLen], now[:]) >= 0 {
@@ -741,7 +749,7 @@ func (s *BoltStore) Sweep() (int, error) {
 		if err != nil || len(due) == 0 {
 			return deleted, err
 		}
-		err = s.db.Update(func(tx *bolt.Tx) error {
+		err = s.update(func(tx *bolt.Tx) error {
 			records, expiry := tx.Bucket(s.records), tx.Bucket(s.expiry)
 			for _, k := range due {
 				key := k[expiryLen:]

@@ -6,8 +6,11 @@
 //	idempotency show   -db FILE [-scope S] KEY      one record in full
 //	idempotency forget -db FILE [-scope S] KEY      delete a record: the next call with KEY runs again
 //	idempotency sweep  -db FILE                     delete expired records now
+//	idempotency check  -db FILE                     check the file for damage (exit 1 if damaged)
+//	idempotency salvage -db FILE -out NEW           copy the readable records of a damaged file to NEW
 //
 // A bbolt file serves one process: stop the server first, or work on a copy.
+// docs/bbolt-recovery.md says how to recover a damaged file.
 package main
 
 import (
@@ -35,7 +38,13 @@ const usage = `usage:
   idempotency show   -db FILE [-scope S] KEY   one record in full
   idempotency forget -db FILE [-scope S] KEY   delete a record: the next call with KEY runs again
   idempotency sweep  -db FILE                  delete expired records now
+  idempotency check  -db FILE                  check the file for damage: bbolt's consistency check, and
+                                               every record readable; exit 1 with a report if it is damaged
+  idempotency salvage -db FILE -out NEW        copy every readable record of a damaged FILE into a new
+                                               file NEW, skipping what cannot be read; FILE is not changed
 A bbolt file serves one process: stop the server first, or work on a copy.
+To recover a damaged file: check it, salvage it, then put NEW in its place
+(see docs/bbolt-recovery.md).
 `
 
 // run is the command, with its exit code: 0, 1 for a failure, 2 for a usage
@@ -51,12 +60,13 @@ func run(args []string, stdout, stderr io.Writer) int {
 	db := fs.String("db", "", "the bbolt file of the store (required)")
 	scope := fs.String("scope", "", "the scope of KEY (show, forget)")
 	limit := fs.Int("limit", 0, "list at most this many records (0: all)")
+	outPath := fs.String("out", "", "the new file to write (salvage; it must not exist)")
 	if err := fs.Parse(args[1:]); err != nil {
 		return 2
 	}
 	wantKey := cmd == "show" || cmd == "forget"
 	switch {
-	case cmd != "list" && cmd != "show" && cmd != "forget" && cmd != "sweep":
+	case cmd != "list" && cmd != "show" && cmd != "forget" && cmd != "sweep" && cmd != "check" && cmd != "salvage":
 		fmt.Fprintf(stderr, "idempotency: unknown command %q\n%s", cmd, usage)
 		return 2
 	case *db == "":
@@ -68,10 +78,19 @@ func run(args []string, stdout, stderr io.Writer) int {
 	case !wantKey && fs.NArg() != 0:
 		fmt.Fprintf(stderr, "idempotency %s: unexpected arguments %q\n", cmd, fs.Args())
 		return 2
+	case (cmd == "salvage") != (*outPath != ""):
+		fmt.Fprintf(stderr, "idempotency %s: -out is for salvage, and salvage requires it\n", cmd)
+		return 2
 	}
 	if _, err := os.Stat(*db); err != nil {
 		fmt.Fprintf(stderr, "idempotency %s: %v\n", cmd, err)
 		return 1
+	}
+	switch cmd {
+	case "check":
+		return check(*db, stdout, stderr)
+	case "salvage":
+		return salvage(*db, *outPath, stdout, stderr)
 	}
 	store, err := idempotency.OpenBolt(*db, idempotency.WithLockTimeout(time.Second), idempotency.WithCacheRecords(0))
 	if err != nil {
@@ -186,4 +205,69 @@ func values(key string, vs [][]byte) string {
 		}
 	}
 	return strings.Join(parts, ", ")
+}
+
+// check runs CheckBolt on the file at path and prints its report: exit 0 if
+// the file is sound, 1 if it is damaged or could not be checked.
+func check(path string, stdout, stderr io.Writer) int {
+	r, err := idempotency.CheckBolt(path, idempotency.WithLockTimeout(time.Second))
+	if err != nil {
+		fmt.Fprintf(stderr, "idempotency check: %v\n", err)
+		return 1
+	}
+	for _, n := range r.Notes {
+		fmt.Fprintf(stdout, "note: %s\n", n)
+	}
+	if r.OK() {
+		fmt.Fprintf(stdout, "%s: ok: %d records (%d expired); every page reads, and bbolt's consistency check passed\n", path, r.Records, r.Expired)
+		return 0
+	}
+	fmt.Fprintf(stdout, "%s: DAMAGED: %d problems:\n", path, len(r.Problems))
+	for _, p := range r.Problems {
+		fmt.Fprintf(stdout, "  %s\n", p)
+	}
+	fmt.Fprintf(stdout, "%d readable records (%d expired)\n", r.Records, r.Expired)
+	if !r.BboltChecked {
+		fmt.Fprintln(stdout, "bbolt's own consistency check was not run: it would crash on pages that cannot be read")
+	}
+	fmt.Fprintf(stdout, "to recover, with the server stopped: idempotency salvage -db %s -out NEW, then put NEW in place of the file (see docs/bbolt-recovery.md)\n", path)
+	return 1
+}
+
+// salvage runs SalvageBolt from src to the new file dst, prints what was
+// copied and what was not, and checks dst.
+func salvage(src, dst string, stdout, stderr io.Writer) int {
+	r, err := idempotency.SalvageBolt(src, dst)
+	if err != nil {
+		fmt.Fprintf(stderr, "idempotency salvage: %v\n", err)
+		return 1
+	}
+	for _, p := range r.Problems {
+		fmt.Fprintf(stdout, "  %s\n", p)
+	}
+	fmt.Fprintf(stdout, "copied %d records to %s; skipped %d unreadable records; %d unreadable pages of records lost; %d expired records left out\n",
+		r.Copied, dst, r.Skipped, r.LostPages, r.Expired)
+	if r.TreeLost {
+		fmt.Fprintln(stdout, "the records' tree could not be reached: every record was looked for by scanning the file's pages")
+	}
+	if r.Scanned > 0 {
+		fmt.Fprintf(stdout, "%d of the copied records were found by scanning the pages that the damaged tree no longer reaches\n", r.Scanned)
+	}
+	if r.FreedPagesScanned {
+		fmt.Fprintln(stdout, "the freelist was lost, so pages bbolt had freed were scanned too: a record deleted with forget may be back; forget it again")
+	}
+	for _, k := range r.SkippedKeys {
+		scope, key, _ := idempotency.SplitStoreKey(k)
+		fmt.Fprintf(stdout, "skipped: scope=%q key=%q\n", scope, key)
+	}
+	if r.Skipped > 0 || r.LostPages > 0 {
+		fmt.Fprintln(stdout, "the keys of skipped and lost records run the handler again on their next call")
+	}
+	c, err := idempotency.CheckBolt(dst)
+	if err != nil || !c.OK() {
+		fmt.Fprintf(stderr, "idempotency salvage: the new file %s does not pass the check: %v %q\n", dst, err, c.Problems)
+		return 1
+	}
+	fmt.Fprintf(stdout, "%s passes the check; with the server stopped, move %s aside and put %s in its place\n", dst, src, dst)
+	return 0
 }

@@ -1,8 +1,13 @@
 package main
 
 import (
+	"bufio"
 	"bytes"
 	"context"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -17,6 +22,7 @@ import (
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/grpcidem/idempotency"
+	"github.com/grpcidem/idempotency/internal/boltraw"
 	idempotencyv1 "github.com/grpcidem/idempotency/proto/idempotency/v1"
 )
 
@@ -122,6 +128,10 @@ func TestUsageAndErrors(t *testing.T) {
 		{[]string{"show", "-db", db}, 2, "exactly one KEY"},
 		{[]string{"list", "-db", db, "extra"}, 2, "unexpected arguments"},
 		{[]string{"list", "-db", filepath.Join(t.TempDir(), "missing.db")}, 1, "no such file"},
+		{[]string{"salvage", "-db", db}, 2, "salvage requires it"},
+		{[]string{"list", "-db", db, "-out", "x.db"}, 2, "-out is for salvage"},
+		{[]string{"salvage", "-db", db, "-out", db}, 1, "exists"},
+		{[]string{"check", "-db", filepath.Join(t.TempDir(), "missing.db")}, 1, "no such file"},
 	} {
 		code, _, errOut := cli(tc.args...)
 		assert.Equal(t, tc.code, code, "%q", tc.args)
@@ -129,12 +139,239 @@ func TestUsageAndErrors(t *testing.T) {
 	}
 
 	// A running server holds the file: the tool says so instead of hanging.
+	holdInAnotherProcess(t, db)
+	for _, cmd := range []string{"list", "check", "salvage"} {
+		args := []string{cmd, "-db", db}
+		if cmd == "salvage" {
+			args = append(args, "-out", filepath.Join(t.TempDir(), "new.db"))
+		}
+		start := time.Now()
+		code, _, errOut := cli(args...)
+		assert.Equal(t, 1, code, cmd)
+		assert.True(t, strings.Contains(errOut, "another process"), "%s: %s", cmd, errOut)
+		assert.Less(t, time.Since(start), 20*time.Second, cmd)
+	}
+}
+
+const holdEnv = "IDEMPOTENCY_CLI_HOLD_DB"
+
+// holdInAnotherProcess opens the store at db in a second process, as a
+// running server would, until the test ends. (In this process, OpenBolt
+// would refuse at once with ErrAlreadyOpen.)
+func holdInAnotherProcess(t *testing.T, db string) {
+	t.Helper()
+	cmd := exec.Command(os.Args[0], "-test.run=^TestHoldInAnotherProcess$", "-test.count=1")
+	cmd.Env = append(os.Environ(), holdEnv+"="+db)
+	cmd.Stderr = os.Stderr
+	stdin, err := cmd.StdinPipe()
+	require.NoError(t, err)
+	stdout, err := cmd.StdoutPipe()
+	require.NoError(t, err)
+	require.NoError(t, cmd.Start())
+	t.Cleanup(func() {
+		stdin.Close()
+		_ = cmd.Wait()
+	})
+	line, err := bufio.NewReader(stdout).ReadString('\n')
+	require.NoError(t, err)
+	require.Equal(t, "HELD\n", line)
+}
+
+// TestHoldInAnotherProcess is the second process of holdInAnotherProcess: it
+// holds the store until its stdin closes.
+func TestHoldInAnotherProcess(t *testing.T) {
+	db := os.Getenv(holdEnv)
+	if db == "" {
+		t.Skip("the second process of holdInAnotherProcess")
+	}
 	s, err := idempotency.OpenBolt(db)
 	require.NoError(t, err)
 	defer s.Close()
-	start := time.Now()
-	code, _, errOut := cli("list", "-db", db)
+	os.Stdout.WriteString("HELD\n")
+	_, _ = io.Copy(io.Discard, os.Stdin)
+}
+
+// seedMany writes n records of a few hundred bytes each into a new bbolt
+// store, as the interceptor would, and closes it: the records' bucket spans
+// many leaf pages.
+func seedMany(t *testing.T, n int) string {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "idem.db")
+	s, err := idempotency.OpenBolt(path)
+	require.NoError(t, err)
+	defer s.Close()
+	ctx := context.Background()
+	now := time.Now()
+	for i := range n {
+		data, err := proto.Marshal(&idempotencyv1.Record{
+			Method: "/payments.v1.PaymentService/Charge", Fingerprint: bytes.Repeat([]byte{byte(i)}, 32),
+			Status:    status.New(codes.OK, "").Proto(),
+			Responses: [][]byte{bytes.Repeat([]byte("r"), 100)},
+			CreatedAt: timestamppb.New(now), ExpiresAt: timestamppb.New(now.Add(time.Hour)),
+		})
+		require.NoError(t, err)
+		require.NoError(t, s.Complete(ctx, idempotency.StoreKey("", fmt.Sprintf("order-%04d", i)), "t", data, time.Hour))
+	}
+	return path
+}
+
+// damagePage overwrites the header of a leaf page of the records, neither
+// the first nor the last, with one that claims to be another page: bbolt
+// panics when it reaches that page. It returns the page's number and the
+// store keys on it.
+func damagePage(t *testing.T, path string) (uint64, []string) {
+	t.Helper()
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	require.NoError(t, err)
+	defer f.Close()
+	info, err := f.Stat()
+	require.NoError(t, err)
+	rf, err := boltraw.Open(f, info.Size())
+	require.NoError(t, err)
+	w := rf.NewWalker()
+	var records *boltraw.Bucket
+	w.Walk(rf.RootBucket(), func(e boltraw.Elem) bool {
+		if string(e.Key) == idempotency.DefaultBoltBucket {
+			b, err := boltraw.ParseBucket(e.Value)
+			require.NoError(t, err)
+			records = &b
+		}
+		return true
+	}, func(p boltraw.Problem) { t.Fatal(p) })
+	require.NotNil(t, records)
+	var leaves []*boltraw.Page
+	w.Pages = func(p *boltraw.Page, _ int) {
+		if p.IsLeaf() {
+			leaves = append(leaves, p)
+		}
+	}
+	w.Walk(*records, func(boltraw.Elem) bool { return true }, func(p boltraw.Problem) { t.Fatal(p) })
+	require.Greater(t, len(leaves), 2)
+	leaf := leaves[len(leaves)/2]
+	elems, _, err := leaf.Elems()
+	require.NoError(t, err)
+	var keys []string
+	for _, e := range elems {
+		keys = append(keys, string(e.Key))
+	}
+	_, err = f.WriteAt([]byte{0xef, 0xbe, 0xad, 0xde, 0, 0, 0, 0, 0x5a, 0x5a}, int64(leaf.ID)*int64(rf.Meta.PageSize))
+	require.NoError(t, err)
+	return leaf.ID, keys
+}
+
+// TestCheckAndSalvage recovers a file with a damaged page as
+// docs/bbolt-recovery.md says: check reports the damage (exit 1, never a
+// panic), salvage copies the readable records into a new file and says
+// how many it copied and how many it could not, and the new file passes the
+// check and serves its records.
+func TestCheckAndSalvage(t *testing.T) {
+	db := seedMany(t, 300)
+	code, out, errOut := cli("check", "-db", db)
+	require.Equal(t, 0, code, errOut)
+	assert.Contains(t, out, "ok: 300 records (0 expired)")
+
+	page, lost := damagePage(t, db)
+	code, out, errOut = cli("check", "-db", db)
+	assert.Equal(t, 1, code, "a damaged file fails the check")
+	assert.Empty(t, errOut)
+	assert.Contains(t, out, db+": DAMAGED")
+	assert.Contains(t, out, fmt.Sprintf("page %d identifies as page", page))
+	assert.Contains(t, out, "idempotency salvage -db "+db+" -out NEW")
+	t.Log(out)
+
+	// The store itself reports the damage as an error too.
+	code, _, errOut = cli("list", "-db", db)
 	assert.Equal(t, 1, code)
-	assert.True(t, strings.Contains(errOut, "another process"), errOut)
-	assert.Less(t, time.Since(start), 20*time.Second)
+	assert.Contains(t, errOut, "bbolt file is corrupt")
+
+	salvaged := filepath.Join(t.TempDir(), "salvaged.db")
+	code, out, errOut = cli("salvage", "-db", db, "-out", salvaged)
+	require.Equal(t, 0, code, errOut)
+	t.Log(out)
+	var copied, skipped, lostPages, expired int
+	_, err := fmt.Sscanf(out[strings.Index(out, "copied "):], "copied %d records to "+salvaged+"; skipped %d unreadable records; %d unreadable pages of records lost; %d expired",
+		&copied, &skipped, &lostPages, &expired)
+	require.NoError(t, err, out)
+	assert.Equal(t, 1, lostPages)
+	assert.Zero(t, skipped)
+	assert.Equal(t, 300-len(lost), copied)
+	assert.Contains(t, out, salvaged+" passes the check")
+	assert.Contains(t, out, "run the handler again")
+
+	code, out, errOut = cli("check", "-db", salvaged)
+	require.Equal(t, 0, code, errOut)
+	assert.Contains(t, out, fmt.Sprintf("ok: %d records", copied))
+	code, out, errOut = cli("list", "-db", salvaged)
+	require.Equal(t, 0, code, errOut)
+	assert.Contains(t, out, fmt.Sprintf("%d records", copied))
+	code, out, errOut = cli("show", "-db", salvaged, "order-0299")
+	require.Equal(t, 0, code, errOut)
+	assert.Contains(t, out, "response 1:  100 bytes")
+	_, key, _ := idempotency.SplitStoreKey(lost[0])
+	code, _, errOut = cli("show", "-db", salvaged, key)
+	assert.Equal(t, 1, code, "%s was on the lost page", key)
+	assert.Contains(t, errOut, "no record")
+
+	// The damaged file was not changed.
+	code, _, _ = cli("check", "-db", db)
+	assert.Equal(t, 1, code)
+}
+
+// TestCheckAndSalvageNeverPanic runs check and salvage on files damaged in
+// the ways bbolt crashes on: a readable report and an exit code, never a
+// panic; salvage copies what it can or says why it cannot.
+func TestCheckAndSalvageNeverPanic(t *testing.T) {
+	good, err := os.ReadFile(seedMany(t, 300))
+	require.NoError(t, err)
+	for _, tc := range []struct {
+		name       string
+		damage     func(b []byte) []byte
+		salvagable bool
+	}{
+		{"data pages XORed", func(b []byte) []byte {
+			for i := 2 * 4096; i < len(b); i++ {
+				b[i] ^= 0x5a
+			}
+			return b
+		}, false},
+		{"truncated to half", func(b []byte) []byte { return b[:len(b)/2] }, true},
+		{"truncated mid-page", func(b []byte) []byte { return b[:len(b)/2+100] }, true},
+		{"garbage meta pages", func(b []byte) []byte {
+			for i := range 2 * 4096 {
+				b[i] = byte(i*7 + 3)
+			}
+			return b
+		}, false},
+		{"one meta page garbage", func(b []byte) []byte {
+			for i := range 4096 {
+				b[i] = byte(i*7 + 3)
+			}
+			return b
+		}, true},
+		{"a few bytes", func([]byte) []byte { return []byte("not a bbolt file") }, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			db := filepath.Join(t.TempDir(), "idem.db")
+			require.NoError(t, os.WriteFile(db, tc.damage(append([]byte(nil), good...)), 0o600))
+			code, out, errOut := cli("check", "-db", db)
+			t.Log(out, errOut)
+			assert.Equal(t, 1, code)
+			assert.Contains(t, out, "DAMAGED")
+
+			salvaged := filepath.Join(t.TempDir(), "salvaged.db")
+			code, out, errOut = cli("salvage", "-db", db, "-out", salvaged)
+			t.Log(out, errOut)
+			if !tc.salvagable {
+				assert.Equal(t, 1, code)
+				assert.Contains(t, errOut, "bbolt file is corrupt")
+				return
+			}
+			require.Equal(t, 0, code)
+			assert.Contains(t, out, "passes the check")
+			assert.NotContains(t, out, "copied 0 records")
+			code, out, errOut = cli("list", "-db", salvaged)
+			assert.Equal(t, 0, code, errOut)
+			t.Log(out[strings.LastIndex(out[:len(out)-1], "\n")+1:])
+		})
+	}
 }
