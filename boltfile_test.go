@@ -18,7 +18,7 @@ import (
 
 	"github.com/grpcidem/idempotency"
 	"github.com/grpcidem/idempotency/internal/boltraw"
-	paymentsv1 "github.com/grpcidem/idempotency/proto/payments/v1"
+	testpb "github.com/grpcidem/idempotency/internal/testpb"
 )
 
 // seedKey is the store key of the i-th seeded record: what the interceptor
@@ -31,7 +31,7 @@ func seedBolt(t testing.TB, s *idempotency.BoltStore, n int) {
 	t.Helper()
 	ctx := context.Background()
 	for i := range n {
-		rec := mustMarshal(t, &idempotency.Record{Method: "/payments.v1.PaymentService/Charge", Fingerprint: make([]byte, 80)})
+		rec := mustMarshal(t, &idempotency.Record{Method: "/idempotency.testing.v1.PaymentService/Charge", Fingerprint: make([]byte, 80)})
 		require.NoError(t, s.Complete(ctx, seedKey(i), "t", rec, time.Hour))
 	}
 }
@@ -287,7 +287,7 @@ func TestBoltCorruptPageWhileOpen(t *testing.T) {
 			})
 		}
 		noPanic(t, "a call", func() {
-			_, err := e.client.Charge(withKey(testCtx(t), key), &paymentsv1.ChargeRequest{Account: "acct", AmountCents: 100, Currency: "EUR"})
+			_, err := e.client.Charge(withKey(testCtx(t), key), &testpb.ChargeRequest{Account: "acct", AmountCents: 100, Currency: "EUR"})
 			assert.Equal(t, codes.Unavailable, status.Code(err), "%v", err)
 		})
 		assert.Zero(t, e.svc.execs.Load(), "the handler did not run")
@@ -426,10 +426,10 @@ func TestSalvageBoltReplaysReadableRecords(t *testing.T) {
 	e := newEnv(t, s, envConfig{})
 	ctx := testCtx(t)
 	const n = 200
-	charge := func(client paymentsv1.PaymentServiceClient, i int) (string, bool) {
+	charge := func(client testpb.PaymentServiceClient, i int) (string, bool) {
 		var header metadata.MD
 		resp, err := client.Charge(withKey(ctx, fmt.Sprintf("k-%04d", i)),
-			&paymentsv1.ChargeRequest{Account: fmt.Sprintf("acct-%d", i), AmountCents: int64(100 + i), Currency: "EUR"}, grpc.Header(&header))
+			&testpb.ChargeRequest{Account: fmt.Sprintf("acct-%d", i), AmountCents: int64(100 + i), Currency: "EUR"}, grpc.Header(&header))
 		require.NoError(t, err)
 		return resp.ChargeId, idempotency.IsReplayed(header)
 	}
