@@ -20,6 +20,9 @@ import (
 	"github.com/grpcidem/idempotency"
 	"github.com/grpcidem/idempotency/internal/cpuclock"
 	testpb "github.com/grpcidem/idempotency/internal/testpb"
+
+	"github.com/grpcidem/idempotency/boltstore"
+	"github.com/grpcidem/idempotency/memstore"
 )
 
 // benchPayments answers at once, so that the benchmarks measure the
@@ -86,12 +89,12 @@ func BenchmarkUnary(b *testing.B) {
 	cases := []storeCase{
 		{"none", nil},
 		{"memory", func(b *testing.B) idempotency.Store {
-			s := idempotency.NewMemoryStore()
+			s := memstore.New()
 			b.Cleanup(func() { s.Close() })
 			return s
 		}},
 		{"bolt", func(b *testing.B) idempotency.Store {
-			s, err := idempotency.OpenBolt(filepath.Join(b.TempDir(), "bench.db"))
+			s, err := boltstore.Open(filepath.Join(b.TempDir(), "bench.db"))
 			if err != nil {
 				b.Fatal(err)
 			}
@@ -122,7 +125,7 @@ func BenchmarkUnary(b *testing.B) {
 						withKey = func(context.Context) context.Context { return replayCtx }
 					}
 					runCalls(b, benchClient(b, store), par, withKey)
-					if bs, ok := store.(*idempotency.BoltStore); ok && mode == "first" {
+					if bs, ok := store.(*boltstore.Store); ok && mode == "first" {
 						reportCommits(b, bs)
 					}
 				})
@@ -133,7 +136,7 @@ func BenchmarkUnary(b *testing.B) {
 
 // reportCommits reports how many first executions shared each of s's
 // commits, and how long a commit took.
-func reportCommits(b *testing.B, s *idempotency.BoltStore) {
+func reportCommits(b *testing.B, s *boltstore.Store) {
 	st := s.Stats()
 	b.ReportMetric(float64(st.Records)/float64(st.Commits), "records/commit")
 	b.ReportMetric(float64(st.CommitTime.Microseconds())/float64(st.Commits), "µs/commit")
@@ -206,7 +209,7 @@ func BenchmarkCommitLatency(b *testing.B) {
 	// bbolt without its fsyncs (NoSync: never for production): what its
 	// own work costs when a commit waits for no disk.
 	b.Run("bolt-nosync/first/p64", func(b *testing.B) {
-		s, err := idempotency.OpenBolt(filepath.Join(b.TempDir(), "nosync.db"), idempotency.WithBoltOptions(&bolt.Options{NoSync: true}))
+		s, err := boltstore.Open(filepath.Join(b.TempDir(), "nosync.db"), boltstore.WithBoltOptions(&bolt.Options{NoSync: true}))
 		if err != nil {
 			b.Fatal(err)
 		}
@@ -226,10 +229,10 @@ func BenchmarkCommitLatency(b *testing.B) {
 	}
 }
 
-// delayedCommit is a MemoryStore whose Complete returns once a group commit
+// delayedCommit is a memory store whose Complete returns once a group commit
 // that lasts latency has taken it.
 type delayedCommit struct {
-	*idempotency.MemoryStore
+	*memstore.Store
 	latency                  time.Duration
 	queue                    chan chan struct{}
 	stop                     chan struct{}
@@ -238,7 +241,7 @@ type delayedCommit struct {
 }
 
 func newDelayedCommit(latency time.Duration) *delayedCommit {
-	s := &delayedCommit{MemoryStore: idempotency.NewMemoryStore(), latency: latency,
+	s := &delayedCommit{Store: memstore.New(), latency: latency,
 		queue: make(chan chan struct{}, 1024), stop: make(chan struct{})}
 	s.done.Add(1)
 	go s.commitLoop()
@@ -281,13 +284,13 @@ func (s *delayedCommit) Complete(ctx context.Context, key, token string, record 
 	committed := make(chan struct{})
 	s.queue <- committed
 	<-committed
-	return s.MemoryStore.Complete(ctx, key, token, record, retention)
+	return s.Store.Complete(ctx, key, token, record, retention)
 }
 
 func (s *delayedCommit) Close() error {
 	close(s.stop)
 	s.done.Wait()
-	return s.MemoryStore.Close()
+	return s.Store.Close()
 }
 
 func runtimeProcs() int { return runtime.GOMAXPROCS(0) }
@@ -331,9 +334,9 @@ func BenchmarkInterceptorOnly(b *testing.B) {
 		return benchPayments{}.Charge(ctx, r.(*testpb.ChargeRequest))
 	}
 	stores := map[string]func(b *testing.B) idempotency.Store{
-		"memory": func(b *testing.B) idempotency.Store { return idempotency.NewMemoryStore() },
+		"memory": func(b *testing.B) idempotency.Store { return memstore.New() },
 		"bolt": func(b *testing.B) idempotency.Store {
-			s, err := idempotency.OpenBolt(filepath.Join(b.TempDir(), "bench.db"))
+			s, err := boltstore.Open(filepath.Join(b.TempDir(), "bench.db"))
 			if err != nil {
 				b.Fatal(err)
 			}

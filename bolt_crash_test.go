@@ -23,6 +23,8 @@ import (
 
 	"github.com/grpcidem/idempotency"
 	testpb "github.com/grpcidem/idempotency/internal/testpb"
+
+	"github.com/grpcidem/idempotency/boltstore"
 )
 
 const crashChildEnv = "IDEMPOTENCY_CRASH_CHILD_DB"
@@ -194,7 +196,7 @@ func startCrashChild(t *testing.T, path string) (string, func()) {
 // the interceptor on the bbolt file at path until it is killed, or gives up
 // after a minute so that it never outlives a failed test by long.
 func crashChild(t *testing.T, path string) {
-	store, err := idempotency.OpenBolt(path)
+	store, err := boltstore.Open(path)
 	require.NoError(t, err)
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	require.NoError(t, err)

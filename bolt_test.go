@@ -15,6 +15,8 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/grpcidem/idempotency"
+
+	"github.com/grpcidem/idempotency/boltstore"
 )
 
 func TestBoltGroupCommit(t *testing.T) {
@@ -65,8 +67,8 @@ func TestBoltGroupCommit(t *testing.T) {
 // must fail with ErrLocked within its lock timeout, not hang.
 func TestBoltSecondProcessFailsFast(t *testing.T) {
 	if path := os.Getenv("IDEMPOTENCY_SECOND_PROCESS_DB"); path != "" {
-		_, err := idempotency.OpenBolt(path, idempotency.WithLockTimeout(300*time.Millisecond))
-		if errors.Is(err, idempotency.ErrLocked) {
+		_, err := boltstore.Open(path, boltstore.WithLockTimeout(300*time.Millisecond))
+		if errors.Is(err, boltstore.ErrLocked) {
 			os.Stdout.WriteString("LOCKED: " + err.Error() + "\n")
 			return
 		}
@@ -105,7 +107,7 @@ func TestBoltForgetAndRecords(t *testing.T) {
 	assert.Equal(t, []string{"a", "b", "c"}, keys, "live records in key order; a pending key has none")
 
 	_, err = s.Forget("running")
-	assert.ErrorIs(t, err, idempotency.ErrInProgress)
+	assert.ErrorIs(t, err, boltstore.ErrInProgress)
 	found, err := s.Forget("b")
 	require.NoError(t, err)
 	assert.True(t, found)

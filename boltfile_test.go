@@ -19,6 +19,8 @@ import (
 	"github.com/grpcidem/idempotency"
 	"github.com/grpcidem/idempotency/internal/boltraw"
 	testpb "github.com/grpcidem/idempotency/internal/testpb"
+
+	"github.com/grpcidem/idempotency/boltstore"
 )
 
 // seedKey is the store key of the i-th seeded record: what the interceptor
@@ -27,7 +29,7 @@ func seedKey(i int) string { return idempotency.StoreKey("", fmt.Sprintf("k-%04d
 
 // seedBolt completes n records of about 100 bytes on s, enough for the
 // records' bucket to span a branch page and many leaf pages.
-func seedBolt(t testing.TB, s *idempotency.BoltStore, n int) {
+func seedBolt(t testing.TB, s *boltstore.Store, n int) {
 	t.Helper()
 	ctx := context.Background()
 	for i := range n {
@@ -50,7 +52,7 @@ func recordLeaves(t testing.TB, path string) (map[uint64][]string, boltraw.Meta)
 	w := rf.NewWalker()
 	var records *boltraw.Bucket
 	w.Walk(rf.RootBucket(), func(e boltraw.Elem) bool {
-		if string(e.Key) == idempotency.DefaultBoltBucket {
+		if string(e.Key) == boltstore.DefaultBucket {
 			b, err := boltraw.ParseBucket(e.Value)
 			require.NoError(t, err)
 			records = &b
@@ -149,7 +151,7 @@ func within(t testing.TB, d time.Duration, what string, f func()) {
 // ErrCorrupt, naming the file and what to do.
 func assertCorrupt(t testing.TB, err error, path string) {
 	t.Helper()
-	require.ErrorIs(t, err, idempotency.ErrCorrupt)
+	require.ErrorIs(t, err, boltstore.ErrCorrupt)
 	msg := err.Error()
 	assert.Contains(t, msg, path, "the error names the file")
 	assert.Contains(t, msg, "idempotency check -db "+path)
@@ -165,7 +167,7 @@ func assertCorrupt(t testing.TB, err error, path string) {
 // the same process.
 func TestOpenBoltCorruptFile(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "good.db")
-	s, err := idempotency.OpenBolt(path)
+	s, err := boltstore.Open(path)
 	require.NoError(t, err)
 	seedBolt(t, s, 300)
 	require.NoError(t, s.Close())
@@ -210,7 +212,7 @@ func TestOpenBoltCorruptFile(t *testing.T) {
 			path := filepath.Join(t.TempDir(), "idem.db")
 			require.NoError(t, os.WriteFile(path, tc.damage(append([]byte(nil), good...)), 0o600))
 			noPanic(t, "OpenBolt", func() {
-				s, err := idempotency.OpenBolt(path)
+				s, err := boltstore.Open(path)
 				if err == nil {
 					s.Close()
 				}
@@ -223,7 +225,7 @@ func TestOpenBoltCorruptFile(t *testing.T) {
 			// the registry entry behind.
 			require.NoError(t, os.WriteFile(path, good, 0o600))
 			start := time.Now()
-			s, err := idempotency.OpenBolt(path, idempotency.WithLockTimeout(500*time.Millisecond))
+			s, err := boltstore.Open(path, boltstore.WithLockTimeout(500*time.Millisecond))
 			require.NoError(t, err, "the failed open must release the file")
 			defer s.Close()
 			assert.Less(t, time.Since(start), 400*time.Millisecond)
@@ -251,7 +253,7 @@ func TestOpenBoltCorruptFile(t *testing.T) {
 // closes cleanly.
 func TestBoltCorruptPageWhileOpen(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "idem.db")
-	s := openBolt(t, path, idempotency.WithCacheRecords(0))
+	s := openBolt(t, path, boltstore.WithCacheRecords(0))
 	seedBolt(t, s, 300)
 	leaf, keys, meta := middleLeaf(t, path)
 	ctx := context.Background()
@@ -336,7 +338,7 @@ func TestBoltCorruptPageWhileOpen(t *testing.T) {
 // opens again in this process once it is repaired.
 func TestBoltWedgedFailsFast(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "idem.db")
-	s, err := idempotency.OpenBolt(path, idempotency.WithCacheRecords(0))
+	s, err := boltstore.Open(path, boltstore.WithCacheRecords(0))
 	require.NoError(t, err)
 	seedBolt(t, s, 300)
 	leaf, keys, meta := middleLeaf(t, path)
@@ -365,7 +367,7 @@ func TestBoltWedgedFailsFast(t *testing.T) {
 	overwrite(t, path, meta.PageSize, leaf, oldLeaf)
 	overwrite(t, path, meta.PageSize, meta.Freelist, oldFreelist)
 	start := time.Now()
-	s2 := openBolt(t, path, idempotency.WithLockTimeout(500*time.Millisecond))
+	s2 := openBolt(t, path, boltstore.WithLockTimeout(500*time.Millisecond))
 	assert.Less(t, time.Since(start), 400*time.Millisecond, "the file lock was released")
 	for _, k := range []string{seedKey(0), keys[0], seedKey(299)} {
 		e, err := s2.Lookup(ctx, k)
@@ -381,7 +383,7 @@ func TestBoltWedgedFailsFast(t *testing.T) {
 func TestOpenBoltSameFileTwice(t *testing.T) {
 	dir := t.TempDir()
 	path := filepath.Join(dir, "idem.db")
-	first, err := idempotency.OpenBolt(path)
+	first, err := boltstore.Open(path)
 	require.NoError(t, err)
 	require.NoError(t, os.Symlink(path, filepath.Join(dir, "link.db")))
 	require.NoError(t, os.Link(path, filepath.Join(dir, "hard.db")))
@@ -390,12 +392,12 @@ func TestOpenBoltSameFileTwice(t *testing.T) {
 
 	for _, p := range []string{path, "idem.db", "./idem.db", filepath.Join(dir, "sub", "..", "idem.db"), "link.db", "hard.db"} {
 		start := time.Now()
-		s, err := idempotency.OpenBolt(p)
+		s, err := boltstore.Open(p)
 		if err == nil {
 			s.Close()
 		}
-		require.ErrorIs(t, err, idempotency.ErrAlreadyOpen, p)
-		assert.ErrorIs(t, err, idempotency.ErrLocked, "%s: still a file in use, for callers that test for it", p)
+		require.ErrorIs(t, err, boltstore.ErrAlreadyOpen, p)
+		assert.ErrorIs(t, err, boltstore.ErrLocked, "%s: still a file in use, for callers that test for it", p)
 		assert.NotContains(t, err.Error(), "another process", p)
 		assert.Less(t, time.Since(start), 500*time.Millisecond, "%s: at once, not after the lock timeout", p)
 		assert.Contains(t, err.Error(), "already open in this process", p)
@@ -404,7 +406,7 @@ func TestOpenBoltSameFileTwice(t *testing.T) {
 	}
 
 	require.NoError(t, first.Close())
-	second, err := idempotency.OpenBolt("link.db", idempotency.WithLockTimeout(500*time.Millisecond))
+	second, err := boltstore.Open("link.db", boltstore.WithLockTimeout(500*time.Millisecond))
 	require.NoError(t, err)
 	require.NoError(t, second.Close())
 }
@@ -421,7 +423,7 @@ func TestOpenBoltSameFileTwice(t *testing.T) {
 func TestSalvageBoltReplaysReadableRecords(t *testing.T) {
 	dir := t.TempDir()
 	path := filepath.Join(dir, "idem.db")
-	s, err := idempotency.OpenBolt(path)
+	s, err := boltstore.Open(path)
 	require.NoError(t, err)
 	e := newEnv(t, s, envConfig{})
 	ctx := testCtx(t)
@@ -444,20 +446,20 @@ func TestSalvageBoltReplaysReadableRecords(t *testing.T) {
 
 	// recoverFile checks, salvages and replays the damaged file at path, and
 	// returns the calls that ran again.
-	recoverFile := func(t *testing.T, path string) (idempotency.BoltSalvage, map[string]bool) {
-		var check idempotency.BoltCheck
+	recoverFile := func(t *testing.T, path string) (boltstore.SalvageReport, map[string]bool) {
+		var check boltstore.CheckReport
 		noPanic(t, "CheckBolt", func() {
-			check, err = idempotency.CheckBolt(path)
+			check, err = boltstore.Check(path)
 			require.NoError(t, err)
 		})
 		require.False(t, check.OK())
 		t.Logf("check: %q", check.Problems)
 
 		salvaged := filepath.Join(t.TempDir(), "salvaged.db")
-		r, err := idempotency.SalvageBolt(path, salvaged)
+		r, err := boltstore.Salvage(path, salvaged)
 		require.NoError(t, err)
 		t.Logf("salvage: %+v", r)
-		check, err = idempotency.CheckBolt(salvaged)
+		check, err = boltstore.Check(salvaged)
 		require.NoError(t, err)
 		assert.True(t, check.OK(), "%q", check.Problems)
 		assert.True(t, check.BboltChecked)

@@ -202,22 +202,6 @@ func CheckStoreKey(key string) error {
 	return nil
 }
 
-// checkClaim and checkRecord are the checks of CheckStoreKey and
-// CheckDuration on a Reserve or Renew, and on a Complete.
-func checkClaim(key string, c Claim) error {
-	if err := CheckStoreKey(key); err != nil {
-		return err
-	}
-	return CheckDuration("Claim.Lease", c.Lease)
-}
-
-func checkRecord(key string, retention time.Duration) error {
-	if err := CheckStoreKey(key); err != nil {
-		return err
-	}
-	return CheckDuration("retention", retention)
-}
-
 // CheckDuration returns an error for a lease or retention (named what) that a
 // Store must refuse: zero or less, or more than MaxRetention, which every
 // store converts without overflow.

@@ -15,10 +15,12 @@ import (
 
 	"github.com/grpcidem/idempotency"
 	testpb "github.com/grpcidem/idempotency/internal/testpb"
+
+	"github.com/grpcidem/idempotency/memstore"
 )
 
 func clientEnv(t *testing.T, opts ...idempotency.CallOption) *env {
-	return newEnv(t, idempotency.NewMemoryStore(), envConfig{client: []grpc.DialOption{
+	return newEnv(t, memstore.New(), envConfig{client: []grpc.DialOption{
 		grpc.WithChainUnaryInterceptor(idempotency.UnaryClientInterceptor(opts...)),
 	}})
 }
@@ -115,7 +117,7 @@ func TestClientKeyStableAcrossGRPCRetryPolicy(t *testing.T) {
 		"name": [{"service": "idempotency.testing.v1.PaymentService"}],
 		"retryPolicy": {"maxAttempts": 4, "initialBackoff": "0.01s", "maxBackoff": "0.05s",
 			"backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}}]}`
-	e := newEnv(t, idempotency.NewMemoryStore(), envConfig{client: []grpc.DialOption{
+	e := newEnv(t, memstore.New(), envConfig{client: []grpc.DialOption{
 		grpc.WithChainUnaryInterceptor(idempotency.UnaryClientInterceptor()),
 		grpc.WithDefaultServiceConfig(serviceConfig),
 	}})

@@ -18,6 +18,8 @@ import (
 
 	"github.com/grpcidem/idempotency"
 	testpb "github.com/grpcidem/idempotency/internal/testpb"
+
+	"github.com/grpcidem/idempotency/memstore"
 )
 
 // examplePayments is the payment service of the examples. Each charge gets
@@ -98,7 +100,7 @@ func printCharges(stream grpc.ServerStreamingClient[testpb.ChargeResponse]) {
 // stored answer, marked by the idempotency-replayed header; a key reused for
 // another request is refused.
 func ExampleUnaryServerInterceptor() {
-	store := idempotency.NewMemoryStore() // or idempotency.OpenBolt("payments-idem.db")
+	store := memstore.New() // or boltstore.Open("payments-idem.db")
 	defer store.Close()
 	srv := grpc.NewServer(grpc.ChainUnaryInterceptor(
 		idempotency.UnaryServerInterceptor(store, idempotency.WithRequiredKey("*")),
@@ -137,7 +139,7 @@ func ExampleUnaryServerInterceptor() {
 // A server stream's messages are recorded, and a duplicate gets the same
 // messages in the same order, then the same status.
 func ExampleStreamServerInterceptor() {
-	store := idempotency.NewMemoryStore()
+	store := memstore.New()
 	defer store.Close()
 	srv := grpc.NewServer(
 		grpc.ChainUnaryInterceptor(idempotency.UnaryServerInterceptor(store)),
@@ -184,7 +186,7 @@ func loseFirstAnswer() grpc.UnaryServerInterceptor {
 // charged twice. WithKey sets a key of the application's own, such as an
 // order id, that survives a restart of the client.
 func ExampleUnaryClientInterceptor() {
-	store := idempotency.NewMemoryStore()
+	store := memstore.New()
 	defer store.Close()
 	srv := grpc.NewServer(grpc.ChainUnaryInterceptor(
 		loseFirstAnswer(),
@@ -246,7 +248,7 @@ func (blackHole) SendMsg(any) error { return nil }
 // A server stream that fails before its first message is opened again with
 // the same key and request; the retry gets the recorded messages.
 func ExampleStreamClientInterceptor() {
-	store := idempotency.NewMemoryStore()
+	store := memstore.New()
 	defer store.Close()
 	srv := grpc.NewServer(grpc.ChainStreamInterceptor(
 		loseFirstStream(),

@@ -16,6 +16,8 @@ import (
 
 	"github.com/grpcidem/idempotency"
 	testpb "github.com/grpcidem/idempotency/internal/testpb"
+
+	"github.com/grpcidem/idempotency/memstore"
 )
 
 // slowReplyStore answers Reserve late, as a database far away does: the
@@ -109,7 +111,7 @@ func (lostLeaseStore) Renew(context.Context, string, idempotency.Claim) error {
 // key, the handler's context is cancelled with ErrLeaseLost, and its
 // Execution reports it, so the handler can stop before its side effect.
 func TestLeaseLostCancelsHandler(t *testing.T) {
-	e := newEnv(t, lostLeaseStore{idempotency.NewMemoryStore()}, envConfig{server: []idempotency.Option{idempotency.WithLease(time.Second), idempotency.WithLogger(nil)}})
+	e := newEnv(t, lostLeaseStore{memstore.New()}, envConfig{server: []idempotency.Option{idempotency.WithLease(time.Second), idempotency.WithLogger(nil)}})
 	e.svc.hold = make(chan struct{})
 	e.svc.started = make(chan struct{}, 1)
 	ctx := testCtx(t)

@@ -11,6 +11,8 @@ import (
 
 	"github.com/grpcidem/idempotency"
 	testpb "github.com/grpcidem/idempotency/internal/testpb"
+
+	"github.com/grpcidem/idempotency/memstore"
 )
 
 // FuzzKey feeds arbitrary key metadata to the server interceptor: it must
@@ -20,7 +22,7 @@ func FuzzKey(f *testing.F) {
 	for _, s := range []string{"", "k", "order-42", "a b", "clé", "\x00", "\x7f", string(make([]byte, 300))} {
 		f.Add(s)
 	}
-	store := idempotency.NewMemoryStore()
+	store := memstore.New()
 	unary := idempotency.UnaryServerInterceptor(store)
 	info := &grpc.UnaryServerInfo{FullMethod: testpb.PaymentService_Charge_FullMethodName}
 	f.Fuzz(func(t *testing.T, key string) {

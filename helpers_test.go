@@ -26,6 +26,9 @@ import (
 
 	"github.com/grpcidem/idempotency"
 	testpb "github.com/grpcidem/idempotency/internal/testpb"
+
+	"github.com/grpcidem/idempotency/boltstore"
+	"github.com/grpcidem/idempotency/memstore"
 )
 
 // payments is a test PaymentService. Every execution makes a fresh charge
@@ -241,7 +244,7 @@ func newEnv(t testing.TB, store idempotency.Store, cfg envConfig) *env {
 func stores(t *testing.T, f func(t *testing.T, newStore func(t testing.TB) idempotency.Store)) {
 	t.Run("memory", func(t *testing.T) {
 		f(t, func(t testing.TB) idempotency.Store {
-			s := idempotency.NewMemoryStore()
+			s := memstore.New()
 			t.Cleanup(func() { s.Close() })
 			return s
 		})
@@ -253,9 +256,9 @@ func stores(t *testing.T, f func(t *testing.T, newStore func(t testing.TB) idemp
 	})
 }
 
-func openBolt(t testing.TB, path string, opts ...idempotency.BoltOption) *idempotency.BoltStore {
+func openBolt(t testing.TB, path string, opts ...boltstore.Option) *boltstore.Store {
 	t.Helper()
-	s, err := idempotency.OpenBolt(path, opts...)
+	s, err := boltstore.Open(path, opts...)
 	require.NoError(t, err)
 	t.Cleanup(func() {
 		s.Close()

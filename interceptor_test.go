@@ -20,6 +20,9 @@ import (
 
 	"github.com/grpcidem/idempotency"
 	testpb "github.com/grpcidem/idempotency/internal/testpb"
+
+	"github.com/grpcidem/idempotency/boltstore"
+	"github.com/grpcidem/idempotency/memstore"
 )
 
 var chargeReq = &testpb.ChargeRequest{Account: "acct_1", AmountCents: 1250, Currency: "EUR"}
@@ -104,7 +107,7 @@ func TestUnaryTransientErrorRunsAgain(t *testing.T) {
 }
 
 func TestCacheableCodesAreConfigurable(t *testing.T) {
-	e := newEnv(t, idempotency.NewMemoryStore(), envConfig{server: []idempotency.Option{idempotency.WithCacheableCodes(codes.OK, codes.Internal)}})
+	e := newEnv(t, memstore.New(), envConfig{server: []idempotency.Option{idempotency.WithCacheableCodes(codes.OK, codes.Internal)}})
 	ctx := withKey(testCtx(t), "k")
 	flaky := &testpb.ChargeRequest{Account: "flaky", AmountCents: 5}
 	charge(ctx, e, flaky)
@@ -172,7 +175,7 @@ func TestConcurrentDuplicatesRejected(t *testing.T) {
 }
 
 func TestWaitBoundGivesAborted(t *testing.T) {
-	e := newEnv(t, idempotency.NewMemoryStore(), envConfig{server: []idempotency.Option{idempotency.WithWaitTimeout(50 * time.Millisecond)}})
+	e := newEnv(t, memstore.New(), envConfig{server: []idempotency.Option{idempotency.WithWaitTimeout(50 * time.Millisecond)}})
 	e.svc.hold = make(chan struct{})
 	e.svc.started = make(chan struct{}, 1)
 	ctx := withKey(testCtx(t), "slow")
@@ -214,7 +217,7 @@ func TestKeyReusedForAnotherRequest(t *testing.T) {
 }
 
 func TestKeyReusedWhileFirstRuns(t *testing.T) {
-	e := newEnv(t, idempotency.NewMemoryStore(), envConfig{})
+	e := newEnv(t, memstore.New(), envConfig{})
 	e.svc.hold = make(chan struct{})
 	e.svc.started = make(chan struct{}, 1)
 	ctx := withKey(testCtx(t), "busy")
@@ -228,7 +231,7 @@ func TestKeyReusedWhileFirstRuns(t *testing.T) {
 }
 
 func TestKeyValidation(t *testing.T) {
-	e := newEnv(t, idempotency.NewMemoryStore(), envConfig{})
+	e := newEnv(t, memstore.New(), envConfig{})
 	cases := []struct {
 		name string
 		md   metadata.MD
@@ -241,7 +244,7 @@ func TestKeyValidation(t *testing.T) {
 		{"control character", metadata.Pairs(idempotency.KeyHeader, "a\tb"), "0x09"},
 		{"two values", metadata.Pairs(idempotency.KeyHeader, "a", idempotency.KeyHeader, "b"), "2 values"},
 	}
-	unary := idempotency.UnaryServerInterceptor(idempotency.NewMemoryStore())
+	unary := idempotency.UnaryServerInterceptor(memstore.New())
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			ctx := metadata.NewOutgoingContext(testCtx(t), tc.md)
@@ -273,20 +276,20 @@ func TestKeyValidation(t *testing.T) {
 }
 
 func TestNoKeyAndRequiredKey(t *testing.T) {
-	e := newEnv(t, idempotency.NewMemoryStore(), envConfig{})
+	e := newEnv(t, memstore.New(), envConfig{})
 	for range 2 {
 		require.NoError(t, charge(testCtx(t), e, chargeReq).err)
 	}
 	assert.EqualValues(t, 2, e.svc.execs.Load(), "without a key, calls run as without the interceptor")
 
-	r := newEnv(t, idempotency.NewMemoryStore(), envConfig{server: []idempotency.Option{
+	r := newEnv(t, memstore.New(), envConfig{server: []idempotency.Option{
 		idempotency.WithRequiredKey(testpb.PaymentService_Charge_FullMethodName)}})
 	a := charge(testCtx(t), r, chargeReq)
 	require.Equal(t, codes.InvalidArgument, status.Code(a.err))
 	assert.Contains(t, status.Convert(a.err).Message(), idempotency.KeyHeader)
 	assert.EqualValues(t, 0, r.svc.execs.Load())
 
-	s := newEnv(t, idempotency.NewMemoryStore(), envConfig{server: []idempotency.Option{
+	s := newEnv(t, memstore.New(), envConfig{server: []idempotency.Option{
 		idempotency.WithMethods("/other.Service/Method")}})
 	ctx := withKey(testCtx(t), "k")
 	charge(ctx, s, chargeReq)
@@ -327,7 +330,7 @@ func TestScopesAreIsolated(t *testing.T) {
 
 func TestBoltReplaySurvivesReopen(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "idem.db")
-	s1, err := idempotency.OpenBolt(path)
+	s1, err := boltstore.Open(path)
 	require.NoError(t, err)
 	e1 := newEnv(t, s1, envConfig{})
 	ctx := withKey(testCtx(t), "durable")
@@ -352,8 +355,8 @@ func TestBoltFileModeAndLock(t *testing.T) {
 	assert.Equal(t, "-rw-------", fi.Mode().Perm().String())
 
 	start := time.Now()
-	_, err = idempotency.OpenBolt(path, idempotency.WithLockTimeout(200*time.Millisecond))
-	require.ErrorIs(t, err, idempotency.ErrLocked)
+	_, err = boltstore.Open(path, boltstore.WithLockTimeout(200*time.Millisecond))
+	require.ErrorIs(t, err, boltstore.ErrLocked)
 	assert.Contains(t, err.Error(), path)
 	assert.Less(t, time.Since(start), 30*time.Second, "fails instead of hanging")
 }
@@ -374,7 +377,7 @@ func TestExpiredRecordRunsAgain(t *testing.T) {
 }
 
 func TestBoltSweepDeletesExpired(t *testing.T) {
-	s := openBolt(t, filepath.Join(t.TempDir(), "idem.db"), idempotency.WithSweepBatch(3))
+	s := openBolt(t, filepath.Join(t.TempDir(), "idem.db"), boltstore.WithSweepBatch(3))
 	e := newEnv(t, s, envConfig{server: []idempotency.Option{idempotency.WithRetention(50 * time.Millisecond)}})
 	for i := range 10 {
 		require.NoError(t, charge(withKey(testCtx(t), "k"+string(rune('a'+i))), e, chargeReq).err)
@@ -417,7 +420,7 @@ func TestStoreDownFailClosedAndOpen(t *testing.T) {
 		events = append(events, ev)
 		mu.Unlock()
 	})
-	store := failingStore{idempotency.NewMemoryStore()}
+	store := failingStore{memstore.New()}
 	closed := newEnv(t, store, envConfig{server: []idempotency.Option{observe}})
 	a := charge(withKey(testCtx(t), "k"), closed, chargeReq)
 	require.Equal(t, codes.Unavailable, status.Code(a.err))
@@ -440,7 +443,7 @@ func TestStoreDownFailClosedAndOpen(t *testing.T) {
 func TestObserverSeesEveryOutcome(t *testing.T) {
 	var mu sync.Mutex
 	kinds := map[idempotency.EventKind]int{}
-	e := newEnv(t, idempotency.NewMemoryStore(), envConfig{server: []idempotency.Option{
+	e := newEnv(t, memstore.New(), envConfig{server: []idempotency.Option{
 		idempotency.WithObserver(func(ev idempotency.Event) {
 			mu.Lock()
 			kinds[ev.Kind]++
@@ -459,7 +462,7 @@ func TestObserverSeesEveryOutcome(t *testing.T) {
 }
 
 func TestExecutionInHandlerContext(t *testing.T) {
-	e := newEnv(t, idempotency.NewMemoryStore(), envConfig{})
+	e := newEnv(t, memstore.New(), envConfig{})
 	require.NoError(t, charge(withKey(testCtx(t), "exec-1"), e, chargeReq).err)
 	require.NoError(t, charge(testCtx(t), e, chargeReq).err)
 	execs := e.svc.seenExecutions()
@@ -557,7 +560,7 @@ func (s *rollbackStore) Complete(ctx context.Context, key, token string, record 
 }
 
 func TestRolledBackCompleteAbortsAndReleases(t *testing.T) {
-	store := &rollbackStore{Store: idempotency.NewMemoryStore()}
+	store := &rollbackStore{Store: memstore.New()}
 	store.fail.Store(true)
 	e := newEnv(t, store, envConfig{})
 	ctx := withKey(testCtx(t), "tx-1")

@@ -16,6 +16,9 @@ import (
 
 	"github.com/grpcidem/idempotency"
 	testpb "github.com/grpcidem/idempotency/internal/testpb"
+
+	"github.com/grpcidem/idempotency/boltstore"
+	"github.com/grpcidem/idempotency/memstore"
 )
 
 // TestDurationOptionsOutOfRange: a duration option outside its documented
@@ -23,7 +26,7 @@ import (
 // names the option and its range, instead of a lease that lets every
 // duplicate run or a retention that overflows a store's clock.
 func TestDurationOptionsOutOfRange(t *testing.T) {
-	store := idempotency.NewMemoryStore()
+	store := memstore.New()
 	defer store.Close()
 	cases := []struct {
 		opt  idempotency.Option
@@ -97,7 +100,7 @@ func TestStoresRefuseOutOfRangeDurations(t *testing.T) {
 // year 2262 used to overflow its nanoseconds and read as long expired).
 func TestBoltMaxRetentionSurvivesRestart(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "idem.db")
-	s, err := idempotency.OpenBolt(path)
+	s, err := boltstore.Open(path)
 	require.NoError(t, err)
 	e := newEnv(t, s, envConfig{server: []idempotency.Option{idempotency.WithRetention(idempotency.MaxRetention)}})
 	ctx := testCtx(t)

@@ -22,6 +22,9 @@ import (
 
 	"github.com/grpcidem/idempotency"
 	testpb "github.com/grpcidem/idempotency/internal/testpb"
+
+	"github.com/grpcidem/idempotency/boltstore"
+	"github.com/grpcidem/idempotency/memstore"
 )
 
 const pauseChildEnv = "IDEMPOTENCY_PAUSE_CHILD"
@@ -137,10 +140,10 @@ func (p *slowPayments) Charge(ctx context.Context, req *testpb.ChargeRequest) (*
 // at most two minutes.
 func pauseChild(t *testing.T, spec string) {
 	kind, path, _ := strings.Cut(spec, ":")
-	var store idempotency.Store = idempotency.NewMemoryStore()
+	var store idempotency.Store = memstore.New()
 	if kind == "bolt" {
 		var err error
-		store, err = idempotency.OpenBolt(path)
+		store, err = boltstore.Open(path)
 		require.NoError(t, err)
 	}
 	lis, err := net.Listen("tcp", "127.0.0.1:0")

@@ -12,6 +12,8 @@ import (
 
 	"github.com/grpcidem/idempotency"
 	testpb "github.com/grpcidem/idempotency/internal/testpb"
+
+	"github.com/grpcidem/idempotency/boltstore"
 )
 
 // BenchmarkServerStream measures a 100-message server stream over bufconn:
@@ -27,7 +29,7 @@ func BenchmarkServerStream(b *testing.B) {
 		b.Run("bolt/"+mode, func(b *testing.B) {
 			var store idempotency.Store
 			if mode != "baseline" {
-				s, err := idempotency.OpenBolt(filepath.Join(b.TempDir(), "bench.db"))
+				s, err := boltstore.Open(filepath.Join(b.TempDir(), "bench.db"))
 				if err != nil {
 					b.Fatal(err)
 				}

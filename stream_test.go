@@ -23,6 +23,8 @@ import (
 
 	"github.com/grpcidem/idempotency"
 	testpb "github.com/grpcidem/idempotency/internal/testpb"
+
+	"github.com/grpcidem/idempotency/memstore"
 )
 
 var (
@@ -897,7 +899,7 @@ func (f *failsMidStream) ChargeInstallments(req *testpb.InstallmentsRequest, ss 
 // twice, so the client does not retry.
 func TestStreamClientNoRetryAfterFirstMessage(t *testing.T) {
 	f := &failsMidStream{}
-	e := serve(t, idempotency.NewMemoryStore(), f, nil, grpc.WithChainStreamInterceptor(idempotency.StreamClientInterceptor(
+	e := serve(t, memstore.New(), f, nil, grpc.WithChainStreamInterceptor(idempotency.StreamClientInterceptor(
 		idempotency.WithMaxAttempts(5), idempotency.WithBackoff(time.Millisecond, time.Millisecond))))
 	var attempts int
 	a := installments(t, testCtx(t), e, installmentsReq, idempotency.Attempts(&attempts))
@@ -908,7 +910,7 @@ func TestStreamClientNoRetryAfterFirstMessage(t *testing.T) {
 }
 
 func TestStreamStoreDown(t *testing.T) {
-	store := failingStore{idempotency.NewMemoryStore()}
+	store := failingStore{memstore.New()}
 	ev := newEvents()
 	closed := newEnv(t, store, envConfig{server: []idempotency.Option{ev.option()}})
 	ctx := withKey(testCtx(t), "k")
@@ -940,7 +942,7 @@ func TestStreamStoreDown(t *testing.T) {
 }
 
 func TestStreamWithoutKey(t *testing.T) {
-	e := newEnv(t, idempotency.NewMemoryStore(), envConfig{})
+	e := newEnv(t, memstore.New(), envConfig{})
 	for range 2 {
 		a := installments(t, testCtx(t), e, installmentsReq)
 		require.NoError(t, a.err)
@@ -950,7 +952,7 @@ func TestStreamWithoutKey(t *testing.T) {
 	}
 	assert.EqualValues(t, 6, e.svc.execs.Load(), "without a key, streams run as without the interceptor")
 
-	r := newEnv(t, idempotency.NewMemoryStore(), envConfig{server: []idempotency.Option{idempotency.WithRequiredKey("*")}})
+	r := newEnv(t, memstore.New(), envConfig{server: []idempotency.Option{idempotency.WithRequiredKey("*")}})
 	for name, a := range map[string]streamAnswer{
 		"server stream": installments(t, testCtx(t), r, installmentsReq),
 		"client stream": batch(t, testCtx(t), r, batchReqs),
@@ -1004,7 +1006,7 @@ func TestStreamDuplicateWhileFirstRuns(t *testing.T) {
 }
 
 func TestStreamRejectConcurrent(t *testing.T) {
-	e := newEnv(t, idempotency.NewMemoryStore(), envConfig{server: []idempotency.Option{idempotency.WithRejectConcurrent()}})
+	e := newEnv(t, memstore.New(), envConfig{server: []idempotency.Option{idempotency.WithRejectConcurrent()}})
 	e.svc.hold = make(chan struct{})
 	e.svc.started = make(chan struct{}, 1)
 	ctx := withKey(testCtx(t), "busy")

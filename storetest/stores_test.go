@@ -6,6 +6,9 @@ import (
 
 	"github.com/grpcidem/idempotency"
 	"github.com/grpcidem/idempotency/storetest"
+
+	"github.com/grpcidem/idempotency/boltstore"
+	"github.com/grpcidem/idempotency/memstore"
 )
 
 // closeStore closes s when the test ends; the Close subtest may have closed
@@ -20,7 +23,7 @@ func closeStore(t *testing.T, s idempotency.Store) {
 
 func TestMemoryStore(t *testing.T) {
 	storetest.Run(t, func(t *testing.T) idempotency.Store {
-		s := idempotency.NewMemoryStore()
+		s := memstore.New()
 		closeStore(t, s)
 		return s
 	}, storetest.HeldLeases())
@@ -28,7 +31,7 @@ func TestMemoryStore(t *testing.T) {
 
 func TestBoltStore(t *testing.T) {
 	storetest.Run(t, func(t *testing.T) idempotency.Store {
-		s, err := idempotency.OpenBolt(t.TempDir() + "/x.db")
+		s, err := boltstore.Open(t.TempDir() + "/x.db")
 		if err != nil {
 			t.Fatalf("OpenBolt: %v", err)
 		}

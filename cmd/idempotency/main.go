@@ -27,6 +27,8 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/grpcidem/idempotency"
+
+	"github.com/grpcidem/idempotency/boltstore"
 )
 
 func main() {
@@ -92,7 +94,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	case "salvage":
 		return salvage(*db, *outPath, stdout, stderr)
 	}
-	store, err := idempotency.OpenBolt(*db, idempotency.WithLockTimeout(time.Second), idempotency.WithCacheRecords(0))
+	store, err := boltstore.Open(*db, boltstore.WithLockTimeout(time.Second), boltstore.WithCacheRecords(0))
 	if err != nil {
 		fmt.Fprintf(stderr, "idempotency %s: %v\n", cmd, err)
 		return 1
@@ -105,7 +107,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	return 0
 }
 
-func dispatch(store *idempotency.BoltStore, cmd, scope, key string, limit int, out io.Writer) error {
+func dispatch(store *boltstore.Store, cmd, scope, key string, limit int, out io.Writer) error {
 	switch cmd {
 	case "list":
 		n := 0
@@ -210,7 +212,7 @@ func values(key string, vs [][]byte) string {
 // check runs CheckBolt on the file at path and prints its report: exit 0 if
 // the file is sound, 1 if it is damaged or could not be checked.
 func check(path string, stdout, stderr io.Writer) int {
-	r, err := idempotency.CheckBolt(path, idempotency.WithLockTimeout(time.Second))
+	r, err := boltstore.Check(path, boltstore.WithLockTimeout(time.Second))
 	if err != nil {
 		fmt.Fprintf(stderr, "idempotency check: %v\n", err)
 		return 1
@@ -237,7 +239,7 @@ func check(path string, stdout, stderr io.Writer) int {
 // salvage runs SalvageBolt from src to the new file dst, prints what was
 // copied and what was not, and checks dst.
 func salvage(src, dst string, stdout, stderr io.Writer) int {
-	r, err := idempotency.SalvageBolt(src, dst)
+	r, err := boltstore.Salvage(src, dst)
 	if err != nil {
 		fmt.Fprintf(stderr, "idempotency salvage: %v\n", err)
 		return 1
@@ -263,7 +265,7 @@ func salvage(src, dst string, stdout, stderr io.Writer) int {
 	if r.Skipped > 0 || r.LostPages > 0 {
 		fmt.Fprintln(stdout, "the keys of skipped and lost records run the handler again on their next call")
 	}
-	c, err := idempotency.CheckBolt(dst)
+	c, err := boltstore.Check(dst)
 	if err != nil || !c.OK() {
 		fmt.Fprintf(stderr, "idempotency salvage: the new file %s does not pass the check: %v %q\n", dst, err, c.Problems)
 		return 1

@@ -24,6 +24,8 @@ import (
 	"github.com/grpcidem/idempotency"
 	"github.com/grpcidem/idempotency/internal/boltraw"
 	idempotencyv1 "github.com/grpcidem/idempotency/proto/idempotency/v1"
+
+	"github.com/grpcidem/idempotency/boltstore"
 )
 
 // seed writes two records into a new bbolt store, as the interceptor would,
@@ -31,7 +33,7 @@ import (
 func seed(t *testing.T) string {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), "idem.db")
-	s, err := idempotency.OpenBolt(path)
+	s, err := boltstore.Open(path)
 	require.NoError(t, err)
 	defer s.Close()
 	st, err := status.New(codes.InvalidArgument, "amount must be positive").WithDetails(&errdetails.BadRequest{})
@@ -184,7 +186,7 @@ func TestHoldInAnotherProcess(t *testing.T) {
 	if db == "" {
 		t.Skip("the second process of holdInAnotherProcess")
 	}
-	s, err := idempotency.OpenBolt(db)
+	s, err := boltstore.Open(db)
 	require.NoError(t, err)
 	defer s.Close()
 	os.Stdout.WriteString("HELD\n")
@@ -197,7 +199,7 @@ func TestHoldInAnotherProcess(t *testing.T) {
 func seedMany(t *testing.T, n int) string {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), "idem.db")
-	s, err := idempotency.OpenBolt(path)
+	s, err := boltstore.Open(path)
 	require.NoError(t, err)
 	defer s.Close()
 	ctx := context.Background()
@@ -231,7 +233,7 @@ func damagePage(t *testing.T, path string) (uint64, []string) {
 	w := rf.NewWalker()
 	var records *boltraw.Bucket
 	w.Walk(rf.RootBucket(), func(e boltraw.Elem) bool {
-		if string(e.Key) == idempotency.DefaultBoltBucket {
+		if string(e.Key) == boltstore.DefaultBucket {
 			b, err := boltraw.ParseBucket(e.Value)
 			require.NoError(t, err)
 			records = &b

@@ -26,6 +26,8 @@ import (
 	"github.com/grpcidem/idempotency/examples/internal/stores"
 	"github.com/grpcidem/idempotency/examples/payments/internal/app"
 	paymentsv1 "github.com/grpcidem/idempotency/examples/proto/payments/v1"
+
+	"github.com/grpcidem/idempotency/boltstore"
 )
 
 // syncBuffer is an output stream written by a command's goroutines and read
@@ -352,7 +354,7 @@ func TestSecondServerOnTheSameBoltFileFailsFast(t *testing.T) {
 	defer cancel()
 	var out, errOut bytes.Buffer
 	err := app.RunServer(ctx, []string{"-addr", "127.0.0.1:0", "-store", "bolt", "-db", db}, &out, &errOut)
-	require.ErrorIs(t, err, idempotency.ErrLocked)
+	require.ErrorIs(t, err, boltstore.ErrLocked)
 }
 
 func TestClientReportsUnreachableServer(t *testing.T) {

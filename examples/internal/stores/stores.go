@@ -18,6 +18,9 @@ import (
 	"github.com/grpcidem/idempotency"
 	"github.com/grpcidem/idempotency/pgstore"
 	"github.com/grpcidem/idempotency/redisstore"
+
+	"github.com/grpcidem/idempotency/boltstore"
+	"github.com/grpcidem/idempotency/memstore"
 )
 
 // Kinds lists the stores Open knows, in the order the flags document them.
@@ -84,13 +87,13 @@ func Open(ctx context.Context, c Config) (*Opened, error) {
 		if c.BoltPath == "" {
 			return nil, errors.New("-store bolt needs a file: set -db")
 		}
-		s, err := idempotency.OpenBolt(c.BoltPath)
+		s, err := boltstore.Open(c.BoltPath)
 		if err != nil {
 			return nil, err
 		}
 		return &Opened{Store: s, Description: "bolt " + c.BoltPath}, nil
 	case "memory":
-		return &Opened{Store: idempotency.NewMemoryStore(), Description: "memory (records are lost when the process exits)"}, nil
+		return &Opened{Store: memstore.New(), Description: "memory (records are lost when the process exits)"}, nil
 	case "redis":
 		return openRedis(ctx, c.RedisAddr)
 	case "postgres":

@@ -22,6 +22,8 @@ import (
 	"github.com/grpcidem/idempotency"
 	"github.com/grpcidem/idempotency/examples/payments/service"
 	paymentsv1 "github.com/grpcidem/idempotency/examples/proto/payments/v1"
+
+	"github.com/grpcidem/idempotency/boltstore"
 )
 
 // demoConfig sizes the demo and its faults.
@@ -168,7 +170,7 @@ func runDemo(ctx context.Context, c demoConfig, stdout io.Writer) (err error) {
 		defer os.RemoveAll(dir)
 	}
 	dbPath := filepath.Join(dir, "payments-idem.db")
-	store, err := idempotency.OpenBolt(dbPath)
+	store, err := boltstore.Open(dbPath)
 	if err != nil {
 		return err
 	}
@@ -398,7 +400,7 @@ func restart(ctx context.Context, c demoConfig, dbPath string, svc *service.Serv
 	}
 	first := payments[0]
 	before := svc.Stats().Executions
-	store, err := idempotency.OpenBolt(dbPath)
+	store, err := boltstore.Open(dbPath)
 	if err != nil {
 		return []string{fmt.Sprintf("reopening %s: %v", dbPath, err)}
 	}

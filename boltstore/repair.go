@@ -1,4 +1,4 @@
-package idempotency
+package boltstore
 
 import (
 	"bytes"
@@ -14,10 +14,12 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/grpcidem/idempotency/internal/boltraw"
+
+	"github.com/grpcidem/idempotency"
 )
 
-// BoltCheck is what CheckBolt found in a bbolt file.
-type BoltCheck struct {
+// CheckReport is what Check found in a bbolt file.
+type CheckReport struct {
 	// Problems says what is wrong with the file, one line each; the file is
 	// sound when there are none.
 	Problems []string
@@ -34,12 +36,12 @@ type BoltCheck struct {
 }
 
 // OK reports whether the check found no problem.
-func (c BoltCheck) OK() bool { return len(c.Problems) == 0 }
+func (c CheckReport) OK() bool { return len(c.Problems) == 0 }
 
 // maxProblems bounds the problems a check or a salvage lists.
 const maxProblems = 100
 
-func (c *BoltCheck) problem(format string, args ...any) {
+func (c *CheckReport) problem(format string, args ...any) {
 	if len(c.Problems) < maxProblems {
 		c.Problems = append(c.Problems, fmt.Sprintf(format, args...))
 	} else if len(c.Problems) == maxProblems {
@@ -47,18 +49,18 @@ func (c *BoltCheck) problem(format string, args ...any) {
 	}
 }
 
-// CheckBolt checks the bbolt file of a store at path, without changing it.
+// Check checks the bbolt file of a store at path, without changing it.
 // It reads every page of the file's trees itself, with every offset
 // checked, so that a damaged file cannot crash the process; then, if they
 // all read well, runs bbolt's own consistency check (Tx.Check: free and
 // reachable pages, key order). It also checks that every record in the
-// store's bucket (WithBucket) is well formed. The returned BoltCheck lists
+// store's bucket (WithBucket) is well formed. The returned CheckReport lists
 // the problems; the error is for a file that could not be checked at all: it
 // wraps ErrLocked when a process (a running server) has the file open, and
 // ErrAlreadyOpen when a store of this process does.
-func CheckBolt(path string, opts ...BoltOption) (BoltCheck, error) {
-	c := newBoltConfig(opts)
-	var r BoltCheck
+func Check(path string, opts ...Option) (CheckReport, error) {
+	c := newConfig(opts)
+	var r CheckReport
 	f, size, err := openForReading(path)
 	if err != nil {
 		return r, err
@@ -137,10 +139,10 @@ func checkBoltRecord(key, v []byte) (time.Time, error) {
 		return time.Time{}, fmt.Errorf("its value of %d bytes is shorter than its expiry", len(v))
 	}
 	exp := time.Unix(0, int64(binary.BigEndian.Uint64(v)))
-	if err := proto.Unmarshal(v[expiryLen:], new(Record)); err != nil {
+	if err := proto.Unmarshal(v[expiryLen:], new(idempotency.Record)); err != nil {
 		return exp, fmt.Errorf("it does not decode: %w", err)
 	}
-	if err := CheckStoreKey(string(key)); err != nil {
+	if err := idempotency.CheckStoreKey(string(key)); err != nil {
 		return exp, err
 	}
 	return exp, nil
@@ -153,7 +155,7 @@ func bboltCheck(path string, lockTimeout time.Duration) ([]string, error) {
 	if err != nil {
 		return nil, err
 	}
-	s := &BoltStore{db: db, file: file, logger: newBoltConfig(nil).logger}
+	s := &Store{db: db, file: file, logger: newConfig(nil).logger}
 	defer file.closeDB(db)
 	var problems []string
 	err = s.view(func(tx *bolt.Tx) error {
@@ -203,8 +205,8 @@ func openForReading(path string) (*os.File, int64, error) {
 	return f, info.Size(), nil
 }
 
-// BoltSalvage is what SalvageBolt copied, and what it could not.
-type BoltSalvage struct {
+// SalvageReport is what Salvage copied, and what it could not.
+type SalvageReport struct {
 	// Copied is how many records were written to the new file.
 	Copied int
 	// Scanned is how many of the copied records were found by scanning the
@@ -234,7 +236,7 @@ type BoltSalvage struct {
 	Problems []string
 }
 
-func (s *BoltSalvage) problem(format string, args ...any) {
+func (s *SalvageReport) problem(format string, args ...any) {
 	if len(s.Problems) < maxProblems {
 		s.Problems = append(s.Problems, fmt.Sprintf(format, args...))
 	} else if len(s.Problems) == maxProblems {
@@ -242,10 +244,10 @@ func (s *BoltSalvage) problem(format string, args ...any) {
 	}
 }
 
-// salvageBatch is how many records one transaction of SalvageBolt writes.
+// salvageBatch is how many records one transaction of Salvage writes.
 const salvageBatch = 1000
 
-// SalvageBolt copies every record of a store's bucket (WithBucket) that can
+// Salvage copies every record of a store's bucket (WithBucket) that can
 // still be read from the bbolt file at src, however damaged, into a new
 // store file at dst, which must not exist, and reports what it copied and
 // what it could not. It reads src page by page without bbolt, skipping what
@@ -253,15 +255,15 @@ const salvageBatch = 1000
 // pages of the tree are lost (a truncated file loses its newest pages, the
 // tree's root among them), it then scans the file's other pages for leaves
 // of records that the tree no longer reaches, leaving out the pages bbolt
-// had freed. dst is written by the store, so it passes CheckBolt and opens
-// with OpenBolt, and its records replay as they did from src (expired ones
+// had freed. dst is written by the store, so it passes Check and opens
+// with Open, and its records replay as they did from src (expired ones
 // are left out). A key whose record was skipped or lost runs its handler
 // again on its next call. Only the records' bucket is copied: not other
 // buckets that an application keeps in the file. It fails with ErrLocked if
 // a process (a running server) has src open: stop it first.
-func SalvageBolt(src, dst string, opts ...BoltOption) (BoltSalvage, error) {
-	c := newBoltConfig(opts)
-	var r BoltSalvage
+func Salvage(src, dst string, opts ...Option) (SalvageReport, error) {
+	c := newConfig(opts)
+	var r SalvageReport
 	f, size, err := openForReading(src)
 	if err != nil {
 		return r, err
@@ -303,7 +305,7 @@ func SalvageBolt(src, dst string, opts ...BoltOption) (BoltSalvage, error) {
 		return r, err
 	}
 	out.Close()
-	s, err := OpenBolt(dst, WithBucket(c.bucket), WithCacheRecords(0))
+	s, err := Open(dst, WithBucket(c.bucket), WithCacheRecords(0))
 	if err != nil {
 		os.Remove(dst)
 		return r, err
@@ -418,10 +420,10 @@ func salvageScan(rf *boltraw.File, w *boltraw.Walker, bucket string, now time.Ti
 // expiry and a Record of a gRPC method. Other buckets' elements (the
 // expiry index, an application's) do not pass.
 func scannedRecord(key, v []byte) (time.Time, bool) {
-	if _, _, ok := SplitStoreKey(string(key)); !ok || CheckStoreKey(string(key)) != nil || len(v) < expiryLen {
+	if _, _, ok := idempotency.SplitStoreKey(string(key)); !ok || idempotency.CheckStoreKey(string(key)) != nil || len(v) < expiryLen {
 		return time.Time{}, false
 	}
-	rec := new(Record)
+	rec := new(idempotency.Record)
 	if proto.Unmarshal(v[expiryLen:], rec) != nil || !strings.HasPrefix(rec.Method, "/") {
 		return time.Time{}, false
 	}
@@ -430,8 +432,8 @@ func scannedRecord(key, v []byte) (time.Time, bool) {
 
 // salvageWriter writes salvaged records into the new store, in batches.
 type salvageWriter struct {
-	s     *BoltStore
-	r     *BoltSalvage
+	s     *Store
+	r     *SalvageReport
 	batch []salvaged
 	err   error
 }
@@ -481,7 +483,7 @@ func (sw *salvageWriter) flush() {
 	sw.batch = sw.batch[:0]
 }
 
-// unsalvageable is the error of SalvageBolt for a file where no record can
+// unsalvageable is the error of Salvage for a file where no record can
 // be found.
 func unsalvageable(src, detail string) error {
 	return fmt.Errorf("%w: %s: %s; no record can be salvaged: move the file aside to start with an empty store "+

@@ -1,4 +1,4 @@
-package idempotency_test
+package memstore_test
 
 import (
 	"context"
@@ -10,11 +10,13 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/grpcidem/idempotency"
+
+	"github.com/grpcidem/idempotency/memstore"
 )
 
 func TestMemoryStoreIsBounded(t *testing.T) {
 	const bound = 640 // 10 per shard
-	s := idempotency.NewMemoryStore(idempotency.WithMaxRecords(bound))
+	s := memstore.New(memstore.WithMaxRecords(bound))
 	defer s.Close()
 	ctx := context.Background()
 	for i := range 20_000 {
@@ -38,7 +40,7 @@ func TestMemoryStoreIsBounded(t *testing.T) {
 // records before live ones, however old the live ones are.
 func TestMemoryStoreDropsExpiredFirst(t *testing.T) {
 	const bound = 6400
-	s := idempotency.NewMemoryStore(idempotency.WithMaxRecords(bound))
+	s := memstore.New(memstore.WithMaxRecords(bound))
 	defer s.Close()
 	ctx := context.Background()
 	put := func(key string, retention time.Duration) {

@@ -1,4 +1,4 @@
-package idempotency
+package boltstore
 
 import (
 	"errors"
@@ -18,7 +18,7 @@ import (
 )
 
 // ErrCorrupt is returned (wrapped) when the bbolt file is damaged: by
-// OpenBolt when the file cannot be read as a bbolt database (invalid meta
+// Open when the file cannot be read as a bbolt database (invalid meta
 // pages, a truncated file, pages bbolt cannot decode), and by a store call
 // that meets a damaged page while the store runs (bbolt panicked or faulted
 // on it; the call fails, and the interceptors answer Unavailable without
@@ -28,18 +28,18 @@ import (
 // docs/bbolt-recovery.md), or move the file aside.
 var ErrCorrupt = errors.New("idempotency: bbolt file is corrupt")
 
-// ErrAlreadyOpen is returned (wrapped) by OpenBolt, at once, when a
-// BoltStore of this process already has the file open, under whatever path
+// ErrAlreadyOpen is returned (wrapped) by Open, at once, when a
+// Store of this process already has the file open, under whatever path
 // (a symbolic or hard link, a relative path): a bbolt file serves one store.
 // Share that store instead of opening the file again, or Close it first.
-// The error is also ErrLocked (errors.Is), as it was when OpenBolt waited
+// The error is also ErrLocked (errors.Is), as it was when Open waited
 // for the lock to time out, for callers that test for a file in use.
 var ErrAlreadyOpen = errors.New("idempotency: bbolt file is already open in this process")
 
 // alreadyOpen is the error of ErrAlreadyOpen for path, which is the file
 // that other holds.
 func alreadyOpen(path, other, advice string) error {
-	return alreadyOpenError{fmt.Errorf("%w: %s is the file %s, which a BoltStore of this process holds; %s",
+	return alreadyOpenError{fmt.Errorf("%w: %s is the file %s, which a Store of this process holds; %s",
 		ErrAlreadyOpen, path, other, advice)}
 }
 
@@ -49,18 +49,18 @@ func (e alreadyOpenError) Error() string        { return e.err.Error() }
 func (e alreadyOpenError) Unwrap() error        { return e.err }
 func (e alreadyOpenError) Is(target error) bool { return target == ErrLocked }
 
-// boltFile is the bbolt file of a BoltStore: what is needed to release it
+// boltFile is the bbolt file of a Store: what is needed to release it
 // when bbolt cannot, and to refuse further work once bbolt is wedged.
 type boltFile struct {
-	path string                // as given to OpenBolt, or the DB's path
-	f    *os.File              // the file bbolt opened (OpenBolt only), to release when bbolt cannot
+	path string                // as given to Open, or the DB's path
+	f    *os.File              // the file bbolt opened (Open only), to release when bbolt cannot
 	info os.FileInfo           // f's identity in the registry
 	dead atomic.Pointer[error] // bbolt panicked and kept its locks: every transaction fails with this
 	// logged is set once a panic was logged with its stack.
 	logged atomic.Bool
 }
 
-// openFiles is the registry of the files OpenBolt has open in this process,
+// openFiles is the registry of the files Open has open in this process,
 // by identity (device and inode), so that opening one again fails at once
 // instead of waiting out the file lock this process itself holds.
 var openFiles struct {
@@ -91,7 +91,7 @@ func (b *boltFile) unregister() {
 	openFiles.files = slices.DeleteFunc(openFiles.files, func(o *boltFile) bool { return o == b })
 }
 
-// openBoltFile is bbolt.Open on path for OpenBolt, safe on a damaged file:
+// openBoltFile is bbolt.Open on path for Open, safe on a damaged file:
 // a panic or a memory fault inside bbolt becomes an error wrapping
 // ErrCorrupt, with the file closed so that its lock is released; bbolt's
 // own errors about the file's contents wrap ErrCorrupt too. The file is
@@ -201,13 +201,13 @@ func corruptFile(path, detail string, cause error) error {
 // bbolt was left holding its locks (the panic struck where bbolt could not
 // roll back), every later transaction of the store fails at once with that
 // error instead of waiting for them forever, and Close releases the file
-// without bbolt (a store on the caller's DB, from NewBoltStore, leaves the
+// without bbolt (a store on the caller's DB, from New, leaves the
 // DB to its caller, whose db.Close would wait forever). A panic raised by
 // fn's own code is not bbolt's, and goes on.
-func (s *BoltStore) view(fn func(*bolt.Tx) error) error   { return s.tx(false, fn) }
-func (s *BoltStore) update(fn func(*bolt.Tx) error) error { return s.tx(true, fn) }
+func (s *Store) view(fn func(*bolt.Tx) error) error   { return s.tx(false, fn) }
+func (s *Store) update(fn func(*bolt.Tx) error) error { return s.tx(true, fn) }
 
-func (s *BoltStore) tx(writable bool, fn func(*bolt.Tx) error) (err error) {
+func (s *Store) tx(writable bool, fn func(*bolt.Tx) error) (err error) {
 	if dead := s.file.dead.Load(); dead != nil {
 		return *dead
 	}
@@ -249,7 +249,7 @@ func (s *BoltStore) tx(writable bool, fn func(*bolt.Tx) error) (err error) {
 	return err
 }
 
-// txCall is a transaction of BoltStore.tx: its function, and the bbolt
+// txCall is a transaction of Store.tx: its function, and the bbolt
 // transaction it runs in, so that after a panic tx can tell whether bbolt
 // closed it. txCalls keeps them, their method value bound once, so that a
 // transaction allocates nothing more than bbolt's own.
@@ -270,7 +270,7 @@ func (c *txCall) call(t *bolt.Tx) error {
 	return c.fn(t)
 }
 
-// closeDB closes the store's database, which OpenBolt opened, and removes it
+// closeDB closes the store's database, which Open opened, and removes it
 // from the registry. If bbolt was left holding its locks, db.Close would wait
 // for them forever: the file is closed instead, which releases its lock (the
 // memory map stays until the process exits).

@@ -1,4 +1,4 @@
-package idempotency
+package boltstore
 
 import (
 	"bytes"
@@ -13,9 +13,12 @@ import (
 
 	bolt "go.etcd.io/bbolt"
 	berrors "go.etcd.io/bbolt/errors"
+
+	"github.com/grpcidem/idempotency"
+	"github.com/grpcidem/idempotency/internal/inproc"
 )
 
-// BoltStore is the default Store: records on disk in a bbolt file, for one
+// Store is the default Store: records on disk in a bbolt file, for one
 // server process. A first execution costs one durable commit, when its record
 // is complete; concurrent completions share one commit (group commit) without
 // waiting for company, so a lone call commits at once. Leases of running
@@ -24,7 +27,7 @@ import (
 // records.
 //
 // For several server replicas, use a store they share (redisstore, pgstore).
-type BoltStore struct {
+type Store struct {
 	db      *bolt.DB
 	ownsDB  bool
 	file    *boltFile
@@ -34,7 +37,7 @@ type BoltStore struct {
 	// that a replay, which usually follows its first execution closely,
 	// is answered without a read transaction. Every write goes through
 	// this store, so the cache never disagrees with the file.
-	table      leaseTable[memRecords]
+	table      inproc.Table[inproc.Records]
 	cacheLimit int // records per shard; 0: no cache
 
 	writes chan *boltWrite
@@ -62,8 +65,8 @@ type writeFailure struct {
 	since time.Time
 }
 
-// BoltStats counts the store's group commits since it was opened.
-type BoltStats struct {
+// Stats counts the store's group commits since it was opened.
+type Stats struct {
 	// Commits is how many transactions wrote records; Records is how many
 	// records they wrote. Records/Commits is how many first executions
 	// shared each commit.
@@ -73,14 +76,14 @@ type BoltStats struct {
 }
 
 // Stats reports the store's group commits, for metrics.
-func (s *BoltStore) Stats() BoltStats {
-	return BoltStats{Commits: s.commits.Load(), Records: s.written.Load(), CommitTime: time.Duration(s.commitNanos.Load())}
+func (s *Store) Stats() Stats {
+	return Stats{Commits: s.commits.Load(), Records: s.written.Load(), CommitTime: time.Duration(s.commitNanos.Load())}
 }
 
-// A BoltOption configures a BoltStore.
-type BoltOption func(*boltConfig)
+// A Option configures a Store.
+type Option func(*config)
 
-type boltConfig struct {
+type config struct {
 	cacheRecords int
 	lockTimeout  time.Duration
 	sweepEvery   time.Duration
@@ -92,19 +95,19 @@ type boltConfig struct {
 
 // Defaults of the bbolt store.
 const (
-	DefaultBoltLockTimeout   = 2 * time.Second
-	DefaultBoltSweepInterval = time.Minute
-	DefaultBoltSweepBatch    = 1000
-	DefaultBoltBucket        = "idempotency"
-	DefaultBoltCacheRecords  = 4096
-	maxCachedRecord          = 16 << 10
+	DefaultLockTimeout   = 2 * time.Second
+	DefaultSweepInterval = time.Minute
+	DefaultSweepBatch    = 1000
+	DefaultBucket        = "idempotency"
+	DefaultCacheRecords  = 4096
+	maxCachedRecord      = 16 << 10
 )
 
-// WithLockTimeout bounds how long OpenBolt waits for the file lock that
+// WithLockTimeout bounds how long Open waits for the file lock that
 // another process holds before it fails. Zero or less keeps the default,
 // 2 seconds.
-func WithLockTimeout(d time.Duration) BoltOption {
-	return func(c *boltConfig) {
+func WithLockTimeout(d time.Duration) Option {
+	return func(c *config) {
 		if d > 0 {
 			c.lockTimeout = d
 		}
@@ -114,8 +117,8 @@ func WithLockTimeout(d time.Duration) BoltOption {
 // WithCacheRecords bounds how many recent records (of at most 16 KiB each)
 // the store keeps in memory to answer replays without a read transaction.
 // Zero turns the cache off; less than zero keeps the default, 4096.
-func WithCacheRecords(n int) BoltOption {
-	return func(c *boltConfig) {
+func WithCacheRecords(n int) Option {
+	return func(c *config) {
 		if n >= 0 {
 			c.cacheRecords = n
 		}
@@ -125,8 +128,8 @@ func WithCacheRecords(n int) BoltOption {
 // WithSweepInterval sets how often expired records are deleted. Zero or less
 // keeps the default, one minute. Expired records act as absent before they
 // are swept.
-func WithSweepInterval(d time.Duration) BoltOption {
-	return func(c *boltConfig) {
+func WithSweepInterval(d time.Duration) Option {
+	return func(c *config) {
 		if d > 0 {
 			c.sweepEvery = d
 		}
@@ -136,8 +139,8 @@ func WithSweepInterval(d time.Duration) BoltOption {
 // WithSweepBatch bounds how many records one sweep transaction deletes, so
 // that a sweep never holds the writer for long. Zero or less keeps the
 // default, 1000.
-func WithSweepBatch(n int) BoltOption {
-	return func(c *boltConfig) {
+func WithSweepBatch(n int) Option {
+	return func(c *config) {
 		if n > 0 {
 			c.sweepBatch = n
 		}
@@ -147,37 +150,37 @@ func WithSweepBatch(n int) BoltOption {
 // WithBucket sets the name of the bucket that holds the records (another,
 // named with the suffix ".expiry", indexes them by expiry). Use it to share
 // a bbolt file with the application. The default is "idempotency".
-func WithBucket(name string) BoltOption {
-	return func(c *boltConfig) {
+func WithBucket(name string) Option {
+	return func(c *config) {
 		if name != "" {
 			c.bucket = name
 		}
 	}
 }
 
-// WithBoltOptions sets the options OpenBolt passes to bbolt.Open; their
+// WithBoltOptions sets the options Open passes to bbolt.Open; their
 // Timeout is replaced by WithLockTimeout's.
-func WithBoltOptions(o *bolt.Options) BoltOption {
-	return func(c *boltConfig) { c.boltOptions = o }
+func WithBoltOptions(o *bolt.Options) Option {
+	return func(c *config) { c.boltOptions = o }
 }
 
-// WithBoltLogger sets the logger for the sweeper's failures; the default is
+// WithLogger sets the logger for the sweeper's failures; the default is
 // slog.Default().
-func WithBoltLogger(l *slog.Logger) BoltOption {
-	return func(c *boltConfig) {
+func WithLogger(l *slog.Logger) Option {
+	return func(c *config) {
 		if l != nil {
 			c.logger = l
 		}
 	}
 }
 
-func newBoltConfig(opts []BoltOption) boltConfig {
-	c := boltConfig{
-		cacheRecords: DefaultBoltCacheRecords,
-		lockTimeout:  DefaultBoltLockTimeout,
-		sweepEvery:   DefaultBoltSweepInterval,
-		sweepBatch:   DefaultBoltSweepBatch,
-		bucket:       DefaultBoltBucket,
+func newConfig(opts []Option) config {
+	c := config{
+		cacheRecords: DefaultCacheRecords,
+		lockTimeout:  DefaultLockTimeout,
+		sweepEvery:   DefaultSweepInterval,
+		sweepBatch:   DefaultSweepBatch,
+		bucket:       DefaultBucket,
 		logger:       slog.Default(),
 	}
 	for _, o := range opts {
@@ -186,7 +189,7 @@ func newBoltConfig(opts []BoltOption) boltConfig {
 	return c
 }
 
-// ErrUnwritable is returned (wrapped) by a BoltStore's Reserve of a key that
+// ErrUnwritable is returned (wrapped) by a Store's Reserve of a key that
 // would start a first execution while the store's file cannot take writes
 // (the disk is full, the file system went read-only, an I/O error): the
 // handler would run, but its outcome could not be saved, so the call is
@@ -195,18 +198,18 @@ func newBoltConfig(opts []BoltOption) boltConfig {
 // takes first executions again once a write succeeds.
 var ErrUnwritable = errors.New("idempotency: the bbolt file cannot take writes")
 
-// ErrLocked is returned (wrapped) by OpenBolt when another process holds the
+// ErrLocked is returned (wrapped) by Open when another process holds the
 // file.
 var ErrLocked = errors.New("idempotency: bbolt file is in use by another process")
 
-// OpenBolt opens or creates the bbolt file at path (mode 0600) and returns a
+// Open opens or creates the bbolt file at path (mode 0600) and returns a
 // store on it. Close closes the file. If another process holds the file,
-// OpenBolt fails after WithLockTimeout with an error that wraps ErrLocked;
-// if a store of this process holds it, OpenBolt fails at once with an error
+// Open fails after WithLockTimeout with an error that wraps ErrLocked;
+// if a store of this process holds it, Open fails at once with an error
 // that wraps ErrAlreadyOpen. A damaged file is an error that wraps
 // ErrCorrupt, never a panic; an empty file is a new store.
-func OpenBolt(path string, opts ...BoltOption) (*BoltStore, error) {
-	c := newBoltConfig(opts)
+func Open(path string, opts ...Option) (*Store, error) {
+	c := newConfig(opts)
 	bo := bolt.Options{}
 	if c.boltOptions != nil {
 		bo = *c.boltOptions
@@ -224,7 +227,7 @@ func OpenBolt(path string, opts ...BoltOption) (*BoltStore, error) {
 	if err != nil {
 		return nil, fmt.Errorf("idempotency: open bbolt file %s: %w", path, err)
 	}
-	s, err := newBoltStore(db, c, file)
+	s, err := newStore(db, c, file)
 	if err != nil {
 		file.closeDB(db)
 		return nil, err
@@ -233,17 +236,17 @@ func OpenBolt(path string, opts ...BoltOption) (*BoltStore, error) {
 	return s, nil
 }
 
-// NewBoltStore returns a store on an open bbolt database, in its own buckets.
+// New returns a store on an open bbolt database, in its own buckets.
 // Close stops the store's work but leaves db open.
-func NewBoltStore(db *bolt.DB, opts ...BoltOption) (*BoltStore, error) {
-	return newBoltStore(db, newBoltConfig(opts), &boltFile{path: db.Path()})
+func New(db *bolt.DB, opts ...Option) (*Store, error) {
+	return newStore(db, newConfig(opts), &boltFile{path: db.Path()})
 }
 
-func newBoltStore(db *bolt.DB, c boltConfig, file *boltFile) (*BoltStore, error) {
+func newStore(db *bolt.DB, c config, file *boltFile) (*Store, error) {
 	if db.IsReadOnly() {
 		return nil, errors.New("idempotency: the bbolt database is read-only")
 	}
-	s := &BoltStore{
+	s := &Store{
 		db:         db,
 		file:       file,
 		records:    []byte(c.bucket),
@@ -254,11 +257,11 @@ func newBoltStore(db *bolt.DB, c boltConfig, file *boltFile) (*BoltStore, error)
 		sweepBatch: c.sweepBatch,
 		logger:     c.logger,
 	}
-	s.table.init()
+	s.table.Init()
 	if c.cacheRecords > 0 {
-		s.cacheLimit = max(1, c.cacheRecords/leaseShards)
-		for i := range s.table.shards {
-			s.table.shards[i].extra.m = make(map[string]*memRecord)
+		s.cacheLimit = max(1, c.cacheRecords/inproc.NumShards)
+		for i := range s.table.Shards {
+			s.table.Shards[i].Extra.Reset()
 		}
 	}
 	err := s.update(func(tx *bolt.Tx) error {
@@ -277,18 +280,18 @@ func newBoltStore(db *bolt.DB, c boltConfig, file *boltFile) (*BoltStore, error)
 	return s, nil
 }
 
-var _ Store = (*BoltStore)(nil)
+var _ idempotency.Store = (*Store)(nil)
 
 // DB returns the underlying database.
-func (s *BoltStore) DB() *bolt.DB { return s.db }
+func (s *Store) DB() *bolt.DB { return s.db }
 
 // A record's value is its expiry (Unix nanoseconds, big-endian) followed by
 // the record. Its expiry index key is the same expiry followed by the key, so
 // that the sweeper finds expired records in order without a scan.
 const expiryLen = 8
 
-func (s *BoltStore) read(key string, now time.Time) (Entry, bool, error) {
-	var e Entry
+func (s *Store) read(key string, now time.Time) (idempotency.Entry, bool, error) {
+	var e idempotency.Entry
 	found := false
 	err := s.view(func(tx *bolt.Tx) error {
 		v := tx.Bucket(s.records).Get([]byte(key))
@@ -300,23 +303,24 @@ func (s *BoltStore) read(key string, now time.Time) (Entry, bool, error) {
 			return nil
 		}
 		found = true
-		e = Entry{State: Completed, Record: bytes.Clone(v[expiryLen:]), Expires: exp}
+		e = idempotency.Entry{State: idempotency.Completed, Record: bytes.Clone(v[expiryLen:]), Expires: exp}
 		return nil
 	})
 	return e, found, err
 }
 
-// record returns the live record of key, from the cache or the file; the
+// Record returns the live record of key, from the cache or the file; the
 // shard's lock must be held.
-func (s *BoltStore) record(sh *leaseShard[memRecords], key string, now time.Time) (Entry, bool, error) {
+func (src source) Record(sh *inproc.Shard[inproc.Records], key string, now time.Time) (idempotency.Entry, bool, error) {
+	s := src.s
 	if s.cacheLimit > 0 {
-		if rec := sh.extra.record(key, now); rec != nil {
-			return rec.entry(), true, nil
+		if rec := sh.Extra.Get(key, now); rec != nil {
+			return rec.Entry(), true, nil
 		}
 	}
 	e, found, err := s.read(key, now)
 	if err != nil {
-		return Entry{}, false, fmt.Errorf("idempotency: bbolt read: %w", err)
+		return idempotency.Entry{}, false, fmt.Errorf("idempotency: bbolt read: %w", err)
 	}
 	if found {
 		s.cache(sh, key, bytes.Clone(e.Record), e.Expires, now)
@@ -326,13 +330,14 @@ func (s *BoltStore) record(sh *leaseShard[memRecords], key string, now time.Time
 
 // cache keeps a small record in memory; the shard's lock must be held, and
 // data must not be shared.
-func (s *BoltStore) cache(sh *leaseShard[memRecords], key string, data []byte, expires, now time.Time) {
+func (s *Store) cache(sh *inproc.Shard[inproc.Records], key string, data []byte, expires, now time.Time) {
 	if s.cacheLimit > 0 && len(data) <= maxCachedRecord {
-		sh.extra.put(key, data, expires, now, s.cacheLimit)
+		sh.Extra.Put(key, data, expires, now, s.cacheLimit)
 	}
 }
 
-func (s *BoltStore) acquirable() error {
+func (src source) Acquirable() error {
+	s := src.s
 	if f := s.failed.Load(); f != nil {
 		return fmt.Errorf("%w: %s: its last commit failed %v ago (%v); first executions resume once a write succeeds",
 			ErrUnwritable, s.db.Path(), time.Since(f.since).Round(time.Millisecond), f.err)
@@ -340,61 +345,64 @@ func (s *BoltStore) acquirable() error {
 	return nil
 }
 
-// Reserve implements Store.
-func (s *BoltStore) Reserve(ctx context.Context, key string, c Claim) (Entry, error) {
+// source finds the store's records for its lease table.
+type source struct{ s *Store }
+
+// Reserve implements idempotency.Store.
+func (s *Store) Reserve(ctx context.Context, key string, c idempotency.Claim) (idempotency.Entry, error) {
 	if s.closed.Load() {
-		return Entry{}, ErrClosed
+		return idempotency.Entry{}, idempotency.ErrClosed
 	}
-	if err := checkClaim(key, c); err != nil {
-		return Entry{}, err
+	if err := inproc.CheckClaim(key, c); err != nil {
+		return idempotency.Entry{}, err
 	}
-	return s.table.state(s, key, &c)
+	return s.table.State(source{s}, key, &c)
 }
 
-// Renew implements Store.
-func (s *BoltStore) Renew(ctx context.Context, key string, c Claim) error {
+// Renew implements idempotency.Store.
+func (s *Store) Renew(ctx context.Context, key string, c idempotency.Claim) error {
 	if s.closed.Load() {
-		return ErrClosed
+		return idempotency.ErrClosed
 	}
-	if err := checkClaim(key, c); err != nil {
+	if err := inproc.CheckClaim(key, c); err != nil {
 		return err
 	}
-	return s.table.renew(s, key, c)
+	return s.table.Renew(source{s}, key, c)
 }
 
-// Release implements Store. It writes nothing to disk.
-func (s *BoltStore) Release(ctx context.Context, key, token string) error {
+// Release implements idempotency.Store. It writes nothing to disk.
+func (s *Store) Release(ctx context.Context, key, token string) error {
 	if s.closed.Load() {
-		return ErrClosed
+		return idempotency.ErrClosed
 	}
-	return s.table.release(key, token)
+	return s.table.Release(key, token)
 }
 
-// Complete implements Store. It returns once the record is durable.
-func (s *BoltStore) Complete(ctx context.Context, key, token string, record []byte, retention time.Duration) error {
+// Complete implements idempotency.Store. It returns once the record is durable.
+func (s *Store) Complete(ctx context.Context, key, token string, record []byte, retention time.Duration) error {
 	if s.closed.Load() {
-		return ErrClosed
+		return idempotency.ErrClosed
 	}
-	if err := checkRecord(key, retention); err != nil {
+	if err := inproc.CheckRecord(key, retention); err != nil {
 		return err
 	}
-	sh := s.table.shard(key)
+	sh := s.table.Shard(key)
 	now := time.Now()
-	sh.mu.Lock()
-	l := sh.live(key, now)
-	if l != nil && (l.token != token || l.completing) {
-		sh.mu.Unlock()
-		return ErrNotOwner
+	sh.Mu.Lock()
+	l := sh.Live(key, now)
+	if l != nil && (l.Token != token || l.Completing) {
+		sh.Mu.Unlock()
+		return idempotency.ErrNotOwner
 	}
 	// An absent key may hold another owner's record: the write checks.
 	checkAbsent := l == nil
 	if l == nil {
 		// Not taken over while completing, whatever its expiry says.
-		l = &lease{token: token, expires: now.Add(DefaultLease), length: DefaultLease}
-		sh.leases[key] = l
+		l = &inproc.Lease{Token: token, Expires: now.Add(idempotency.DefaultLease), Length: idempotency.DefaultLease}
+		sh.Leases[key] = l
 	}
-	l.completing = true
-	sh.mu.Unlock()
+	l.Completing = true
+	sh.Mu.Unlock()
 
 	w := &boltWrite{
 		key:         []byte(key),
@@ -407,56 +415,56 @@ func (s *BoltStore) Complete(ctx context.Context, key, token string, record []by
 	copy(w.value[expiryLen:], record)
 	err := s.submit(w)
 
-	sh.mu.Lock()
+	sh.Mu.Lock()
 	switch {
 	case err == nil:
 		s.cache(sh, key, w.value[expiryLen:], now.Add(retention), time.Now())
-		sh.end(key, l)
-	case errors.Is(err, ErrNotOwner), errors.Is(err, ErrClosed):
-		sh.end(key, l)
+		sh.End(key, l)
+	case errors.Is(err, idempotency.ErrNotOwner), errors.Is(err, idempotency.ErrClosed):
+		sh.End(key, l)
 	default:
 		// The outcome is real but not saved: the key stays held for one
 		// more lease, so that duplicates wait (and the owner may try
 		// again) instead of running the handler again at once.
-		l.unhold(time.Now())
+		l.Unhold(time.Now())
 	}
-	sh.mu.Unlock()
+	sh.Mu.Unlock()
 	return err
 }
 
-// Lookup implements Store.
-func (s *BoltStore) Lookup(ctx context.Context, key string) (Entry, error) {
+// Lookup implements idempotency.Store.
+func (s *Store) Lookup(ctx context.Context, key string) (idempotency.Entry, error) {
 	if s.closed.Load() {
-		return Entry{}, ErrClosed
+		return idempotency.Entry{}, idempotency.ErrClosed
 	}
-	return s.table.state(s, key, nil)
+	return s.table.State(source{s}, key, nil)
 }
 
-// Wait implements Store.
-func (s *BoltStore) Wait(ctx context.Context, key string, seen Entry) error {
+// Wait implements idempotency.Store.
+func (s *Store) Wait(ctx context.Context, key string, seen idempotency.Entry) error {
 	if s.closed.Load() {
-		return ErrClosed
+		return idempotency.ErrClosed
 	}
-	return s.table.wait(ctx, key, seen)
+	return s.table.Wait(ctx, key, seen)
 }
 
 // Close implements Store: it stops the sweeper, lets the writes under way
-// commit, ends every lease, and closes the file if OpenBolt opened it.
-func (s *BoltStore) Close() error {
+// commit, ends every lease, and closes the file if Open opened it.
+func (s *Store) Close() error {
 	var err error
 	s.once.Do(func() {
 		s.closed.Store(true)
 		close(s.stop)
 		s.wg.Wait()
-		for i := range s.table.shards {
-			sh := &s.table.shards[i]
-			sh.mu.Lock()
-			for k, l := range sh.leases {
-				sh.end(k, l)
+		for i := range s.table.Shards {
+			sh := &s.table.Shards[i]
+			sh.Mu.Lock()
+			for k, l := range sh.Leases {
+				sh.End(k, l)
 			}
-			clear(sh.extra.m)
-			sh.extra.queue, sh.extra.head, sh.extra.byExpiry = nil, 0, nil
-			sh.mu.Unlock()
+			clear(sh.Extra.M)
+			sh.Extra.Reset()
+			sh.Mu.Unlock()
 		}
 		if s.ownsDB {
 			err = s.file.closeDB(s.db)
@@ -473,11 +481,11 @@ type boltWrite struct {
 	done        chan error
 }
 
-func (s *BoltStore) submit(w *boltWrite) error {
+func (s *Store) submit(w *boltWrite) error {
 	select {
 	case s.writes <- w:
 	case <-s.stop:
-		return ErrClosed
+		return idempotency.ErrClosed
 	}
 	return <-w.done
 }
@@ -485,7 +493,7 @@ func (s *BoltStore) submit(w *boltWrite) error {
 // commitLoop is the group commit: it takes every write that is waiting and
 // commits them in one transaction. A lone write commits at once; writes that
 // arrive during a commit wait for it, and share the next one.
-func (s *BoltStore) commitLoop() {
+func (s *Store) commitLoop() {
 	defer s.wg.Done()
 	batch := make([]*boltWrite, 0, 256)
 	for {
@@ -510,7 +518,7 @@ func (s *BoltStore) commitLoop() {
 }
 
 // drainWrites commits what was submitted before Close.
-func (s *BoltStore) drainWrites() {
+func (s *Store) drainWrites() {
 	for {
 		select {
 		case w := <-s.writes:
@@ -521,7 +529,7 @@ func (s *BoltStore) drainWrites() {
 	}
 }
 
-func (s *BoltStore) commit(batch []*boltWrite) {
+func (s *Store) commit(batch []*boltWrite) {
 	start := time.Now()
 	results := make([]error, len(batch))
 	err := s.update(func(tx *bolt.Tx) error {
@@ -548,7 +556,7 @@ func (s *BoltStore) commit(batch []*boltWrite) {
 // wrote records the outcome of a commit: a failure stops new first
 // executions until a write succeeds again, which a probe checks in the
 // background; a success resumes them. It runs on the commit loop.
-func (s *BoltStore) wrote(err error) {
+func (s *Store) wrote(err error) {
 	if err == nil {
 		s.resume()
 		return
@@ -565,7 +573,7 @@ func (s *BoltStore) wrote(err error) {
 }
 
 // resume takes first executions again after a write succeeded.
-func (s *BoltStore) resume() {
+func (s *Store) resume() {
 	if f := s.failed.Swap(nil); f != nil {
 		s.logger.Info("idempotency: the bbolt file takes writes again; first executions resume", "path", s.db.Path(), "down_for", time.Since(f.since).Round(time.Millisecond))
 	}
@@ -580,7 +588,7 @@ const (
 
 // probeLoop writes a probe to the file until a write succeeds (or a commit
 // of records does), then clears the failure.
-func (s *BoltStore) probeLoop() {
+func (s *Store) probeLoop() {
 	defer s.wg.Done()
 	defer s.probing.Store(false)
 	every := boltProbeMin
@@ -607,7 +615,7 @@ const probeSize = 64 << 10
 
 // probe checks that the file takes writes as a commit of records would: it
 // writes a value into a bucket of its own, durably, then removes the bucket.
-func (s *BoltStore) probe() error {
+func (s *Store) probe() error {
 	name := append(bytes.Clone(s.records), ".probe"...)
 	err := s.db.Update(func(tx *bolt.Tx) error {
 		b, err := tx.CreateBucketIfNotExists(name)
@@ -622,11 +630,11 @@ func (s *BoltStore) probe() error {
 	return s.db.Update(func(tx *bolt.Tx) error { return tx.DeleteBucket(name) })
 }
 
-func (s *BoltStore) put(records, expiry *bolt.Bucket, w *boltWrite) error {
+func (s *Store) put(records, expiry *bolt.Bucket, w *boltWrite) error {
 	if old := records.Get(w.key); len(old) >= expiryLen {
 		oldExp := int64(binary.BigEndian.Uint64(old))
 		if w.checkAbsent && w.now.UnixNano() < oldExp {
-			return ErrNotOwner
+			return idempotency.ErrNotOwner
 		}
 		if err := expiry.Delete(expiryKey(old[:expiryLen], w.key)); err != nil {
 			return err
@@ -646,9 +654,9 @@ func expiryKey(exp, key []byte) []byte {
 // Records calls fn with every live record, in store-key order, from one
 // consistent snapshot, until fn returns false. The Entry is fn's to keep.
 // It is for operators' tools; the interceptors never scan.
-func (s *BoltStore) Records(fn func(key string, e Entry) bool) error {
+func (s *Store) Records(fn func(key string, e idempotency.Entry) bool) error {
 	if s.closed.Load() {
-		return ErrClosed
+		return idempotency.ErrClosed
 	}
 	now := time.Now()
 	return s.view(func(tx *bolt.Tx) error {
@@ -661,7 +669,7 @@ func (s *BoltStore) Records(fn func(key string, e Entry) bool) error {
 			if !now.Before(exp) {
 				continue
 			}
-			if !fn(string(k), Entry{State: Completed, Record: bytes.Clone(v[expiryLen:]), Expires: exp}) {
+			if !fn(string(k), idempotency.Entry{State: idempotency.Completed, Record: bytes.Clone(v[expiryLen:]), Expires: exp}) {
 				return nil
 			}
 		}
@@ -677,17 +685,17 @@ var ErrInProgress = errors.New("idempotency: the key's first execution is still 
 // the handler again, and reports whether there was one. It is for operators
 // who must undo a stored outcome (the handler's effect was reversed by hand,
 // say); it refuses a key whose first execution is running (ErrInProgress).
-func (s *BoltStore) Forget(key string) (bool, error) {
+func (s *Store) Forget(key string) (bool, error) {
 	if s.closed.Load() {
-		return false, ErrClosed
+		return false, idempotency.ErrClosed
 	}
-	sh := s.table.shard(key)
-	sh.mu.Lock()
-	defer sh.mu.Unlock()
-	if sh.live(key, time.Now()) != nil {
+	sh := s.table.Shard(key)
+	sh.Mu.Lock()
+	defer sh.Mu.Unlock()
+	if sh.Live(key, time.Now()) != nil {
 		return false, ErrInProgress
 	}
-	delete(sh.extra.m, key)
+	delete(sh.Extra.M, key)
 	found := false
 	err := s.update(func(tx *bolt.Tx) error {
 		records, expiry := tx.Bucket(s.records), tx.Bucket(s.expiry)
@@ -704,7 +712,7 @@ func (s *BoltStore) Forget(key string) (bool, error) {
 	return found, err
 }
 
-func (s *BoltStore) sweepLoop() {
+func (s *Store) sweepLoop() {
 	defer s.wg.Done()
 	t := time.NewTicker(s.sweepEvery)
 	defer t.Stop()
@@ -723,7 +731,7 @@ func (s *BoltStore) sweepLoop() {
 // Sweep deletes the records that have expired, in transactions of at most
 // WithSweepBatch records each, and returns how many it deleted. The store
 // calls it every WithSweepInterval; call it yourself to reclaim space now.
-func (s *BoltStore) Sweep() (int, error) {
+func (s *Store) Sweep() (int, error) {
 	deleted := 0
 	for {
 		select {
