@@ -369,7 +369,6 @@ func (r *Rec) Entry() idempotency.Entry {
 	return idempotency.Entry{State: idempotency.Completed, Record: bytes.Clone(r.Data), Expires: r.Expires}
 }
 
-
 // Len returns how many records r holds, expired ones included until they are
 // dropped. The shard's lock must be held.
 func (r *Records) Len() int { return len(r.M) }
