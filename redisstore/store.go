@@ -153,12 +153,26 @@ func pendingValue(ow string, fingerprint []byte) []byte {
 }
 
 // millis converts a lease or retention to whole milliseconds for PX, rounding
-// up so that a positive duration never becomes zero.
+// up so that a positive duration never becomes zero. It refuses what
+// idempotency.CheckDuration refuses (zero or less, more than
+// idempotency.MaxRetention), before anything reaches Redis: rounding up a
+// duration near the largest time.Duration would overflow to a negative
+// number, which Redis refuses with an error that names neither the value nor
+// the option it came from.
 func millis(what string, d time.Duration) (int64, error) {
-	if d <= 0 {
-		return 0, fmt.Errorf("redisstore: %s must be positive, got %v", what, d)
+	if err := idempotency.CheckDuration(what, d); err != nil {
+		return 0, fmt.Errorf("redisstore: %w", err)
 	}
 	return int64((d + time.Millisecond - 1) / time.Millisecond), nil
+}
+
+// checkKey refuses a store key longer than idempotency.MaxStoreKeyLength,
+// with an error that wraps idempotency.ErrKeyTooLong.
+func checkKey(key string) error {
+	if err := idempotency.CheckStoreKey(key); err != nil {
+		return fmt.Errorf("redisstore: %w", err)
+	}
+	return nil
 }
 
 // Reserve implements idempotency.Store in one round trip.
@@ -173,6 +187,9 @@ func (s *Store) Reserve(ctx context.Context, key string, claim idempotency.Claim
 	}
 	if claim.Token == "" {
 		return idempotency.Entry{}, errors.New("redisstore: Reserve needs a non-empty Claim.Token")
+	}
+	if err := checkKey(key); err != nil {
+		return idempotency.Entry{}, err
 	}
 	lease, err := millis("Claim.Lease", claim.Lease)
 	if err != nil {
@@ -302,6 +319,9 @@ func (s *Store) Renew(ctx context.Context, key string, claim idempotency.Claim) 
 	if claim.Token == "" {
 		return errors.New("redisstore: Renew needs a non-empty Claim.Token")
 	}
+	if err := checkKey(key); err != nil {
+		return err
+	}
 	ms, err := millis("Claim.Lease", claim.Lease)
 	if err != nil {
 		return err
@@ -323,6 +343,9 @@ func (s *Store) Renew(ctx context.Context, key string, claim idempotency.Claim) 
 func (s *Store) Complete(ctx context.Context, key, token string, record []byte, retention time.Duration) error {
 	if s.closed.Load() {
 		return idempotency.ErrClosed
+	}
+	if err := checkKey(key); err != nil {
+		return err
 	}
 	ms, err := millis("retention", retention)
 	if err != nil {
