@@ -224,3 +224,54 @@ func TestOutcomeReturnedWhenStoreStaysDown(t *testing.T) {
 	assert.False(t, retry.replayed)
 	assert.Equal(t, int64(2), execs.Load())
 }
+
+// Every reply from Redis comes 150ms late, and the caller's deadline is
+// 100ms: it gives up while Reserve is under way, after Redis has made the
+// key pending under its token. The key must not stay held for the lease
+// (10s by default): a retry with the same key right after, with a normal
+// deadline, runs promptly, and is the one execution (the handler does not
+// run for the caller that gave up). With go-redis bounding its reads by the
+// context (ContextTimeoutEnabled), a Reserve on the caller's context was cut
+// off with the key taken; without, it returned late and ran the handler.
+func TestCallerDeadlineDuringReserve(t *testing.T) {
+	for _, ctxTimeouts := range []bool{true, false} {
+		name := "io-timeouts"
+		if ctxTimeouts {
+			name = "context-timeouts"
+		}
+		t.Run(name, func(t *testing.T) {
+			admin := newClient(t)
+			prefix := testPrefix(t, admin)
+			px := startProxy(t, redisAddr(), 150*time.Millisecond)
+			st := newStore(t, proxiedClient(t, px, func(o *redis.Options) { o.ContextTimeoutEnabled = ctxTimeouts }), prefix)
+			var execs atomic.Int64
+			client := serveReplica(t, st, &faultService{name: "A", execs: &execs})
+			// Open a connection and load the scripts first, so that the
+			// call's Reserve reaches Redis at once and only its answer is
+			// late, as on a replica that has been serving for a while.
+			bg := context.Background()
+			_, err := st.Reserve(bg, "warm-up", claim("w"))
+			require.NoError(t, err)
+			require.NoError(t, st.Release(bg, "warm-up", "w"))
+
+			ctx, cancel := context.WithTimeout(bg, 100*time.Millisecond)
+			first := chargeVia(ctx, client, "k", "acct")
+			cancel()
+			require.Error(t, first.err, "the first call outlived its deadline")
+
+			start := time.Now()
+			ctx, cancel = context.WithTimeout(bg, 4*time.Second)
+			defer cancel()
+			retry := chargeVia(ctx, client, "k", "acct")
+			require.NoError(t, retry.err, "the retry waited for the lease of a caller that gave up")
+			t.Logf("retry answered in %v", time.Since(start).Round(time.Millisecond))
+			// The key was released, not run for nobody: the retry is the
+			// first execution.
+			assert.False(t, retry.replayed, "the handler ran for the caller that had given up")
+			assert.Equal(t, int64(1), execs.Load())
+			e, err := newStore(t, admin, prefix).Lookup(ctx, idempotency.StoreKey("", "k"))
+			require.NoError(t, err)
+			assert.Equal(t, idempotency.Completed, e.State)
+		})
+	}
+}
