@@ -195,9 +195,14 @@ type chargeResult struct {
 }
 
 func charge(ctx context.Context, r *replica, key, account string) chargeResult {
+	return chargeVia(ctx, r.client, key, account)
+}
+
+// chargeVia sends a Charge of account with key through client.
+func chargeVia(ctx context.Context, client testpb.PaymentServiceClient, key, account string) chargeResult {
 	var header metadata.MD
 	ctx = metadata.AppendToOutgoingContext(ctx, idempotency.KeyHeader, key)
-	resp, err := r.client.Charge(ctx, &testpb.ChargeRequest{Account: account, AmountCents: 1250, Currency: "EUR"}, grpc.Header(&header))
+	resp, err := client.Charge(ctx, &testpb.ChargeRequest{Account: account, AmountCents: 1250, Currency: "EUR"}, grpc.Header(&header))
 	return chargeResult{resp: resp, header: header, replayed: idempotency.IsReplayed(header), err: err}
 }
 

@@ -19,8 +19,9 @@ import "github.com/redis/go-redis/v9"
 //
 // go-redis retries a command whose connection failed, which may run a
 // script twice. The scripts make that harmless for the owner: Reserve finds
-// its own token and reports the key acquired, and Complete finds its own
-// identical record and succeeds.
+// its own token and reports the key acquired, Renew finds the key pending
+// under its own token and extends it, and Complete finds its own identical
+// record and succeeds.
 
 // reserveScript: KEYS[1] the key; ARGV[1] the pending value, ARGV[2] the lease
 // in milliseconds. It returns {1} when it made the key pending, or
@@ -87,10 +88,19 @@ return 1
 `)
 
 // renewScript: KEYS[1] the key; ARGV[1] the owner field, ARGV[2] the lease in
-// milliseconds. It returns 1 when it extended the lease, 0 when the key is
-// not pending under the owner.
+// milliseconds, ARGV[3] the pending value of the owner's claim. It extends the
+// lease if the key is pending under the owner; if the key is absent (the
+// owner's lease ran out in Redis and nobody took the key, or it was
+// released), it takes it back under the claim, as Reserve would. It returns 1
+// in both cases, 0 when another owner holds the key or it is completed. A
+// taken-back key has no waiter flag: a waiter that saw the old lease wakes at
+// its end, finds the key pending again, and sets the flag anew.
 var renewScript = redis.NewScript(`
 local head = redis.call('GETRANGE', KEYS[1], 0, 1 + #ARGV[1])
+if head == '' and redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[2])
+  return 1
+end
 if string.sub(head, 1, 1) ~= 'P' or string.sub(head, 3, 2 + #ARGV[1]) ~= ARGV[1] then
   return 0
 end

@@ -143,13 +143,36 @@ func owner(token string) string {
 	return strconv.Itoa(len(token)) + ":" + token
 }
 
+// pendingValue is the value of a key pending under owner field ow, with no
+// waiter flag yet.
+func pendingValue(ow string, fingerprint []byte) []byte {
+	v := make([]byte, 0, 2+len(ow)+len(fingerprint))
+	v = append(v, 'P', '-')
+	v = append(v, ow...)
+	return append(v, fingerprint...)
+}
+
 // millis converts a lease or retention to whole milliseconds for PX, rounding
-// up so that a positive duration never becomes zero.
+// up so that a positive duration never becomes zero. It refuses what
+// idempotency.CheckDuration refuses (zero or less, more than
+// idempotency.MaxRetention), before anything reaches Redis: rounding up a
+// duration near the largest time.Duration would overflow to a negative
+// number, which Redis refuses with an error that names neither the value nor
+// the option it came from.
 func millis(what string, d time.Duration) (int64, error) {
-	if d <= 0 {
-		return 0, fmt.Errorf("redisstore: %s must be positive, got %v", what, d)
+	if err := idempotency.CheckDuration(what, d); err != nil {
+		return 0, fmt.Errorf("redisstore: %w", err)
 	}
 	return int64((d + time.Millisecond - 1) / time.Millisecond), nil
+}
+
+// checkKey refuses a store key longer than idempotency.MaxStoreKeyLength,
+// with an error that wraps idempotency.ErrKeyTooLong.
+func checkKey(key string) error {
+	if err := idempotency.CheckStoreKey(key); err != nil {
+		return fmt.Errorf("redisstore: %w", err)
+	}
+	return nil
 }
 
 // Reserve implements idempotency.Store in one round trip.
@@ -165,15 +188,14 @@ func (s *Store) Reserve(ctx context.Context, key string, claim idempotency.Claim
 	if claim.Token == "" {
 		return idempotency.Entry{}, errors.New("redisstore: Reserve needs a non-empty Claim.Token")
 	}
+	if err := checkKey(key); err != nil {
+		return idempotency.Entry{}, err
+	}
 	lease, err := millis("Claim.Lease", claim.Lease)
 	if err != nil {
 		return idempotency.Entry{}, err
 	}
-	ow := owner(claim.Token)
-	pending := make([]byte, 0, 2+len(ow)+len(claim.Fingerprint))
-	pending = append(pending, 'P', '-')
-	pending = append(pending, ow...)
-	pending = append(pending, claim.Fingerprint...)
+	pending := pendingValue(owner(claim.Token), claim.Fingerprint)
 
 	start := time.Now()
 	res, err := reserveScript.Run(ctx, s.client, []string{s.redisKey(key)}, pending, lease).Slice()
@@ -283,19 +305,29 @@ func splitOwner(v string) (token, rest string, err error) {
 	return v[colon+1 : colon+1+n], v[colon+1+n:], nil
 }
 
-// Renew implements idempotency.Store. A lease that has run out is gone from
-// Redis, so Renew cannot bring it back: it returns ErrNotOwner, and the owner
-// may still Complete if nobody has taken the key over.
+// Renew implements idempotency.Store in one round trip. It extends the lease
+// if key is pending under claim.Token. If key is absent (the lease ran out in
+// Redis, during a pause of the owner's process or a cut to Redis longer than
+// the lease, and nobody took the key), it takes the key back under claim,
+// fingerprint included, in the same script: the owner is still running, and
+// would otherwise leave the key free for a duplicate to run again. It
+// returns ErrNotOwner if another owner holds key or it is completed.
 func (s *Store) Renew(ctx context.Context, key string, claim idempotency.Claim) error {
 	if s.closed.Load() {
 		return idempotency.ErrClosed
 	}
-	token := claim.Token
-	ms, err := millis("lease", claim.Lease)
+	if claim.Token == "" {
+		return errors.New("redisstore: Renew needs a non-empty Claim.Token")
+	}
+	if err := checkKey(key); err != nil {
+		return err
+	}
+	ms, err := millis("Claim.Lease", claim.Lease)
 	if err != nil {
 		return err
 	}
-	n, err := renewScript.Run(ctx, s.client, []string{s.redisKey(key)}, owner(token), ms).Int()
+	ow := owner(claim.Token)
+	n, err := renewScript.Run(ctx, s.client, []string{s.redisKey(key)}, ow, ms, pendingValue(ow, claim.Fingerprint)).Int()
 	if err != nil {
 		return fmt.Errorf("redisstore: renew: %w", err)
 	}
@@ -311,6 +343,9 @@ func (s *Store) Renew(ctx context.Context, key string, claim idempotency.Claim) 
 func (s *Store) Complete(ctx context.Context, key, token string, record []byte, retention time.Duration) error {
 	if s.closed.Load() {
 		return idempotency.ErrClosed
+	}
+	if err := checkKey(key); err != nil {
+		return err
 	}
 	ms, err := millis("retention", retention)
 	if err != nil {

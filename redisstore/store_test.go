@@ -3,6 +3,8 @@ package redisstore_test
 import (
 	"bytes"
 	"context"
+	"errors"
+	"math"
 	"strings"
 	"testing"
 	"time"
@@ -110,8 +112,12 @@ func TestReleaseAndOwnerChecks(t *testing.T) {
 	for _, tok := range []string{"other", "own", "owner2", "", "5:owner"} {
 		assert.ErrorIs(t, s.Release(ctx, "k", tok), idempotency.ErrNotOwner, tok)
 		assert.ErrorIs(t, s.Complete(ctx, "k", tok, []byte("x"), time.Hour), idempotency.ErrNotOwner, tok)
-		assert.ErrorIs(t, s.Renew(ctx, "k", idempotency.Claim{Token: tok, Lease: time.Minute}), idempotency.ErrNotOwner, tok)
+		if tok != "" {
+			assert.ErrorIs(t, s.Renew(ctx, "k", idempotency.Claim{Token: tok, Lease: time.Minute}), idempotency.ErrNotOwner, tok)
+		}
 	}
+	// Renew may write a claim, so it refuses an empty token as Reserve does.
+	assert.ErrorContains(t, s.Renew(ctx, "k", idempotency.Claim{Lease: time.Minute}), "Token")
 	e, err := s.Lookup(ctx, "k")
 	require.NoError(t, err)
 	assert.Equal(t, idempotency.Pending, e.State)
@@ -123,9 +129,16 @@ func TestReleaseAndOwnerChecks(t *testing.T) {
 	assert.Equal(t, idempotency.Absent, e.State)
 	assert.Empty(t, redisKeys(t, c, prefix))
 
-	// Released: the owner has nothing left to release or renew.
+	// Released: the owner has nothing left to release. A Renew takes the
+	// key back (its owner still runs), and then it is the owner's to
+	// release again.
 	assert.ErrorIs(t, s.Release(ctx, "k", "owner"), idempotency.ErrNotOwner)
-	assert.ErrorIs(t, s.Renew(ctx, "k", idempotency.Claim{Token: "owner", Lease: time.Minute}), idempotency.ErrNotOwner)
+	require.NoError(t, s.Renew(ctx, "k", idempotency.Claim{Token: "owner", Lease: time.Minute}))
+	e, err = s.Lookup(ctx, "k")
+	require.NoError(t, err)
+	assert.Equal(t, idempotency.Pending, e.State)
+	assert.Equal(t, "owner", e.Token)
+	require.NoError(t, s.Release(ctx, "k", "owner"))
 
 	// A new owner takes the key; the old one can no longer touch it.
 	e, err = s.Reserve(ctx, "k", claim("new"))
@@ -242,6 +255,81 @@ func TestCompleteAfterLeaseRanOut(t *testing.T) {
 	assert.Equal(t, []byte("late"), e.Record)
 }
 
+// An owner whose lease ran out in Redis (its process was paused, or cut off
+// from Redis, for longer than the lease) while nobody took the key takes it
+// back with its next Renew, fingerprint and fresh lease included, so that a
+// duplicate waits for it instead of running again. A waiter on the lapsed
+// lease is woken by the owner's Complete. A key another owner took, or that
+// is completed, is not taken back.
+func TestRenewTakesBackLapsedLease(t *testing.T) {
+	ctx := context.Background()
+	c := newClient(t)
+	prefix := testPrefix(t, c)
+	s := newStore(t, c, prefix, noRecheck)
+	other := newStore(t, newClient(t), prefix, noRecheck)
+
+	fp := []byte("fp\x00of the paused call")
+	paused := idempotency.Claim{Token: "paused", Fingerprint: fp, Lease: 50 * time.Millisecond}
+	_, err := s.Reserve(ctx, "k", paused)
+	require.NoError(t, err)
+	seen, err := other.Reserve(ctx, "k", claim("dup"))
+	require.NoError(t, err)
+	require.Equal(t, idempotency.Pending, seen.State)
+	waitAbsent(t, s, "k")
+
+	paused.Lease = time.Minute
+	require.NoError(t, s.Renew(ctx, "k", paused))
+	e, err := other.Lookup(ctx, "k")
+	require.NoError(t, err)
+	assert.Equal(t, idempotency.Pending, e.State)
+	assert.Equal(t, "paused", e.Token)
+	assert.Equal(t, fp, e.Fingerprint)
+	assert.WithinDuration(t, time.Now().Add(time.Minute), e.LeaseExpires, 5*time.Second)
+	rk := redisstore.RedisKey(s, "k")
+	assert.Greater(t, c.PTTL(ctx, rk).Val(), 50*time.Second)
+	e, err = other.Reserve(ctx, "k", claim("dup"))
+	require.NoError(t, err)
+	assert.Equal(t, idempotency.Pending, e.State, "a duplicate took the key the paused owner took back")
+	assert.Equal(t, "paused", e.Token)
+
+	// A Renew that go-redis retries runs twice: the second extends.
+	require.NoError(t, s.Renew(ctx, "k", paused))
+
+	// A duplicate that saw the old lease wakes at its end; the key is
+	// pending again, so it waits anew, and the owner's Complete wakes it.
+	require.NoError(t, waitResult(t, goWait(ctx, other, "k", seen)))
+	seen, err = other.Reserve(ctx, "k", claim("dup"))
+	require.NoError(t, err)
+	require.Equal(t, idempotency.Pending, seen.State)
+	waited := goWait(ctx, other, "k", seen)
+	waitForWaiter(t, c, other, "k")
+	require.NoError(t, s.Complete(ctx, "k", "paused", []byte("outcome"), time.Hour))
+	require.NoError(t, waitResult(t, waited))
+	e, err = other.Reserve(ctx, "k", claim("dup"))
+	require.NoError(t, err)
+	assert.Equal(t, idempotency.Completed, e.State)
+	assert.Equal(t, []byte("outcome"), e.Record)
+	// Completed: no Renew takes it back, the owner's included.
+	assert.ErrorIs(t, s.Renew(ctx, "k", paused), idempotency.ErrNotOwner)
+
+	// Another owner took the lapsed key: Renew is refused and changes
+	// nothing, neither the owner nor its lease.
+	late := idempotency.Claim{Token: "late", Fingerprint: fp, Lease: 50 * time.Millisecond}
+	_, err = s.Reserve(ctx, "k2", late)
+	require.NoError(t, err)
+	waitAbsent(t, s, "k2")
+	e, err = other.Reserve(ctx, "k2", idempotency.Claim{Token: "taker", Fingerprint: fp, Lease: 30 * time.Second})
+	require.NoError(t, err)
+	require.Equal(t, idempotency.Acquired, e.State)
+	late.Lease = time.Hour
+	assert.ErrorIs(t, s.Renew(ctx, "k2", late), idempotency.ErrNotOwner)
+	e, err = s.Lookup(ctx, "k2")
+	require.NoError(t, err)
+	assert.Equal(t, "taker", e.Token)
+	assert.LessOrEqual(t, c.PTTL(ctx, redisstore.RedisKey(s, "k2")).Val(), 30*time.Second)
+	assert.ErrorIs(t, s.Complete(ctx, "k2", "late", []byte("stale"), time.Hour), idempotency.ErrNotOwner)
+}
+
 // waitAbsent waits for key to expire in Redis. Expiry has no notification
 // to wait for, so this polls, gently and within a generous bound.
 func waitAbsent(t *testing.T, s *redisstore.Store, key string) {
@@ -287,20 +375,121 @@ func TestBadArguments(t *testing.T) {
 	s := newStore(t, c, testPrefix(t, c))
 
 	_, err := s.Reserve(ctx, "k", idempotency.Claim{Token: "t"})
-	assert.ErrorContains(t, err, "Lease must be positive")
+	assert.ErrorContains(t, err, "Claim.Lease of 0s is out of range")
 	_, err = s.Reserve(ctx, "k", idempotency.Claim{Token: "t", Lease: -time.Second})
-	assert.ErrorContains(t, err, "Lease must be positive")
+	assert.ErrorContains(t, err, "Claim.Lease of -1s is out of range")
 	_, err = s.Reserve(ctx, "k", idempotency.Claim{Lease: time.Second})
 	assert.ErrorContains(t, err, "Token")
 	_, err = s.Reserve(ctx, "k", claim("t"))
 	require.NoError(t, err)
-	assert.ErrorContains(t, s.Complete(ctx, "k", "t", nil, 0), "retention must be positive")
-	assert.ErrorContains(t, s.Renew(ctx, "k", idempotency.Claim{Token: "t", Lease: 0}), "lease must be positive")
+	assert.ErrorContains(t, s.Complete(ctx, "k", "t", nil, 0), "retention of 0s is out of range")
+	assert.ErrorContains(t, s.Renew(ctx, "k", idempotency.Claim{Token: "t", Lease: 0}), "Claim.Lease of 0s is out of range")
 
 	// Sub-millisecond durations round up rather than reach Redis as 0.
 	_, err = s.Reserve(ctx, "k2", idempotency.Claim{Token: "t", Lease: time.Microsecond})
 	require.NoError(t, err)
 	assert.NoError(t, s.Complete(ctx, "k", "t", []byte("r"), time.Microsecond))
+}
+
+// The longest lease and retention a Store must hold, idempotency.MaxRetention,
+// reach Redis intact: the record (or lease) lives, and expires when it should.
+// Anything longer, zero or negative, is refused with the store's own error
+// before Redis is asked, and leaves the key as it was; near the largest
+// time.Duration, rounding up to milliseconds would otherwise overflow.
+func TestDurationBounds(t *testing.T) {
+	ctx := context.Background()
+	c := newClient(t)
+	prefix := testPrefix(t, c)
+	s := newStore(t, c, prefix)
+	const limit = idempotency.MaxRetention
+	pttl := func(key string) time.Duration {
+		t.Helper()
+		d, err := c.PTTL(ctx, redisstore.RedisKey(s, key)).Result()
+		require.NoError(t, err)
+		return d
+	}
+	nearMax := func(key string) {
+		t.Helper()
+		d := pttl(key)
+		assert.Greater(t, d, limit-clockTolerance, key)
+		assert.LessOrEqual(t, d, limit, key)
+	}
+
+	start := time.Now()
+	e, err := s.Reserve(ctx, "long-lease", idempotency.Claim{Token: "t", Lease: limit})
+	require.NoError(t, err)
+	require.Equal(t, idempotency.Acquired, e.State)
+	nearMax("long-lease")
+	e, err = s.Lookup(ctx, "long-lease")
+	require.NoError(t, err)
+	assert.Equal(t, idempotency.Pending, e.State)
+	assert.WithinDuration(t, start.Add(limit), e.LeaseExpires, clockTolerance)
+	require.NoError(t, s.Renew(ctx, "long-lease", idempotency.Claim{Token: "t", Lease: limit}))
+	nearMax("long-lease")
+
+	_, err = s.Reserve(ctx, "long-record", claim("t"))
+	require.NoError(t, err)
+	start = time.Now()
+	require.NoError(t, s.Complete(ctx, "long-record", "t", []byte("kept for ten years"), limit))
+	nearMax("long-record")
+	e, err = s.Reserve(ctx, "long-record", claim("u"))
+	require.NoError(t, err)
+	assert.Equal(t, idempotency.Completed, e.State)
+	assert.Equal(t, []byte("kept for ten years"), e.Record)
+	assert.WithinDuration(t, start.Add(limit), e.Expires, clockTolerance)
+
+	_, err = s.Reserve(ctx, "held", claim("owner"))
+	require.NoError(t, err)
+	heldTTL := pttl("held")
+	for _, d := range []time.Duration{0, -time.Nanosecond, math.MinInt64, math.MaxInt64, math.MaxInt64 - 1, limit + time.Millisecond, limit + time.Nanosecond} {
+		refused := func(op string, err error) {
+			t.Helper()
+			require.Error(t, err, "%s with %d", op, d)
+			assert.ErrorContains(t, err, "is out of range", "%s with %d", op, d)
+			assert.ErrorContains(t, err, "redisstore: ", "%s with %d", op, d)
+			var rerr redis.Error
+			assert.False(t, errors.As(err, &rerr), "%s with %d: Redis was asked: %v", op, d, err)
+		}
+		_, err := s.Reserve(ctx, "refused", idempotency.Claim{Token: "t", Lease: d})
+		refused("Reserve", err)
+		refused("Renew", s.Renew(ctx, "held", idempotency.Claim{Token: "owner", Lease: d}))
+		refused("Renew of an absent key", s.Renew(ctx, "refused", idempotency.Claim{Token: "t", Lease: d}))
+		refused("Complete", s.Complete(ctx, "held", "owner", []byte("r"), d))
+	}
+	e, err = s.Lookup(ctx, "refused")
+	require.NoError(t, err)
+	assert.Equal(t, idempotency.Absent, e.State)
+	e, err = s.Lookup(ctx, "held")
+	require.NoError(t, err)
+	assert.Equal(t, idempotency.Pending, e.State)
+	assert.Equal(t, "owner", e.Token)
+	assert.LessOrEqual(t, pttl("held"), heldTTL)
+}
+
+// Store keys up to idempotency.MaxStoreKeyLength are held; longer ones are
+// refused by Reserve, Renew and Complete with an error wrapping
+// ErrKeyTooLong, and nothing is written.
+func TestStoreKeyBounds(t *testing.T) {
+	ctx := context.Background()
+	c := newClient(t)
+	prefix := testPrefix(t, c)
+	s := newStore(t, c, prefix)
+
+	longest := strings.Repeat("k", idempotency.MaxStoreKeyLength)
+	_, err := s.Reserve(ctx, longest, claim("t"))
+	require.NoError(t, err)
+	require.NoError(t, s.Renew(ctx, longest, claim("t")))
+	require.NoError(t, s.Complete(ctx, longest, "t", []byte("r"), time.Hour))
+	e, err := s.Lookup(ctx, longest)
+	require.NoError(t, err)
+	assert.Equal(t, idempotency.Completed, e.State)
+
+	tooLong := longest + "k"
+	_, err = s.Reserve(ctx, tooLong, claim("t"))
+	assert.ErrorIs(t, err, idempotency.ErrKeyTooLong)
+	assert.ErrorIs(t, s.Renew(ctx, tooLong, claim("t")), idempotency.ErrKeyTooLong)
+	assert.ErrorIs(t, s.Complete(ctx, tooLong, "t", []byte("r"), time.Hour), idempotency.ErrKeyTooLong)
+	assert.Len(t, redisKeys(t, c, prefix), 1, "a refused key was written")
 }
 
 // A key that something else wrote under the store's prefix gives an error,
@@ -343,7 +532,7 @@ func TestBinarySafe(t *testing.T) {
 	}
 	big := bytes.Repeat([]byte("0123456789abcdef\x00\xff"), 8<<20/18)
 	keys := []string{"", "a", "a\x00", "a\x00b", "{a}", "}{", "{", "}", "x/y", string(all), "1:a", "P-1:a",
-		strings.Repeat("k", 4096)}
+		strings.Repeat("k", idempotency.MaxStoreKeyLength)}
 	tokens := []string{"t", "\x00", "1:1", ":", string(all), "12345678901234567890"}
 	for i, key := range keys {
 		tok := tokens[i%len(tokens)]
