@@ -56,8 +56,8 @@ func benchClient(b *testing.B, store idempotency.Store) testpb.PaymentServiceCli
 	lis := bufconn.Listen(1 << 20)
 	var opts []grpc.ServerOption
 	if store != nil {
-		opts = append(opts, grpc.UnaryInterceptor(idempotency.UnaryServerInterceptor(store)),
-			grpc.StreamInterceptor(idempotency.StreamServerInterceptor(store)))
+		opts = append(opts, grpc.UnaryInterceptor(mustServer(store).UnaryServerInterceptor()),
+			grpc.StreamInterceptor(mustServer(store).StreamServerInterceptor()))
 	}
 	srv := grpc.NewServer(opts...)
 	testpb.RegisterPaymentServiceServer(srv, benchPayments{})
@@ -347,7 +347,7 @@ func BenchmarkInterceptorOnly(b *testing.B) {
 		b.Run(name+"/replay", func(b *testing.B) {
 			store := stores[name](b)
 			defer store.Close()
-			unary := idempotency.UnaryServerInterceptor(store)
+			unary := mustServer(store).UnaryServerInterceptor()
 			ctx := metadata.NewIncomingContext(context.Background(), metadata.Pairs(idempotency.KeyHeader, "the-one-key"))
 			ctx = grpc.NewContextWithServerTransportStream(ctx, nopTransport{})
 			if _, err := unary(ctx, req, info, handler); err != nil {

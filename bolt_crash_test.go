@@ -200,8 +200,8 @@ func crashChild(t *testing.T, path string) {
 	require.NoError(t, err)
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	require.NoError(t, err)
-	srv := grpc.NewServer(grpc.ChainUnaryInterceptor(idempotency.UnaryServerInterceptor(store)),
-		grpc.ChainStreamInterceptor(idempotency.StreamServerInterceptor(store)))
+	srv := grpc.NewServer(grpc.ChainUnaryInterceptor(mustServer(store).UnaryServerInterceptor()),
+		grpc.ChainStreamInterceptor(mustServer(store).StreamServerInterceptor()))
 	testpb.RegisterPaymentServiceServer(srv, &payments{})
 	go func() { _ = srv.Serve(lis) }()
 	fmt.Printf("ADDR %s\n", lis.Addr())

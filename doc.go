@@ -1,15 +1,17 @@
-// Package idempotency makes retried gRPC calls safe: server interceptors run
-// a handler once per idempotency key and answer every duplicate with the
+// Package idempotency makes retried gRPC calls safe: a Server runs each
+// handler once per idempotency key and answers every duplicate with the
 // stored outcome, byte for byte; client interceptors give each logical call a
 // key and keep it across retries.
 //
 // # Server
 //
-//	store, err := idempotency.OpenBolt("idempotency.db")
-//	...
+//	store, err := boltstore.Open("idempotency.db") // the embedded default
+//	if err != nil { ... }
+//	idem, err := idempotency.NewServer(store, idempotency.WithScope(tenant))
+//	if err != nil { ... }
 //	srv := grpc.NewServer(
-//		grpc.ChainUnaryInterceptor(auth, idempotency.UnaryServerInterceptor(store)),
-//		grpc.ChainStreamInterceptor(auth, idempotency.StreamServerInterceptor(store)),
+//		grpc.ChainUnaryInterceptor(recovery, auth, idem.UnaryServerInterceptor()),
+//		grpc.ChainStreamInterceptor(recovery, auth, idem.StreamServerInterceptor()),
 //	)
 //
 // A call that carries the metadata "idempotency-key" (1 to 255 visible ASCII
@@ -26,6 +28,7 @@
 // WithRequiredKey); the scope is empty (WithScope); records live 24 hours
 // (WithRetention); duplicates wait up to 30 seconds (WithWaitTimeout); a store
 // failure refuses the call with Unavailable (WithFailOpen runs it instead).
+// Every duration option has a documented range, checked by NewServer.
 //
 // # Client
 //
@@ -42,9 +45,17 @@
 //
 // # Stores
 //
-// BoltStore (the default, OpenBolt) keeps records durably in one file for one
-// process; MemoryStore keeps them in memory. For several replicas use the
-// modules github.com/grpcidem/idempotency/redisstore and
-// github.com/grpcidem/idempotency/pgstore. Any Store can be checked with the
-// conformance suite in package storetest.
+// Each store is its own package: boltstore (durable, one file, one process:
+// the default), memstore (in memory), and, in modules of their own so that
+// their clients are compiled only by those who use them,
+// github.com/grpcidem/idempotency/redisstore and
+// github.com/grpcidem/idempotency/pgstore for several replicas.
+//
+// # Writing a store
+//
+// A Store keeps Records under store keys (StoreKey of a scope and a key) and
+// the leases of running first executions; its interface documents each
+// method's contract. Refuse what CheckStoreKey and CheckDuration refuse, and
+// run the conformance suite in package storetest against it: one line in a
+// test.
 package idempotency

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log"
 	"net"
 	"strings"
 	"sync/atomic"
@@ -99,12 +100,14 @@ func printCharges(stream grpc.ServerStreamingClient[testpb.ChargeResponse]) {
 // A server runs each payment once per idempotency key. A duplicate gets the
 // stored answer, marked by the idempotency-replayed header; a key reused for
 // another request is refused.
-func ExampleUnaryServerInterceptor() {
+func ExampleServer() {
 	store := memstore.New() // or boltstore.Open("payments-idem.db")
 	defer store.Close()
-	srv := grpc.NewServer(grpc.ChainUnaryInterceptor(
-		idempotency.UnaryServerInterceptor(store, idempotency.WithRequiredKey("*")),
-	))
+	idem, err := idempotency.NewServer(store, idempotency.WithRequiredKey("*"))
+	if err != nil {
+		log.Fatal(err)
+	}
+	srv := grpc.NewServer(idem.ServerOptions()...)
 	svc := &examplePayments{}
 	testpb.RegisterPaymentServiceServer(srv, svc)
 	conn, stop := startExampleServer(srv)
@@ -123,7 +126,7 @@ func ExampleUnaryServerInterceptor() {
 		fmt.Printf("%s, replayed: %t\n", resp.GetChargeId(), idempotency.IsReplayed(header))
 	}
 
-	_, err := client.Charge(ctx, &testpb.ChargeRequest{Account: "acct_1", AmountCents: 9999, Currency: "EUR"})
+	_, err = client.Charge(ctx, &testpb.ChargeRequest{Account: "acct_1", AmountCents: 9999, Currency: "EUR"})
 	fmt.Println("same key, other amount:", status.Code(err))
 	_, err = client.Charge(context.Background(), req)
 	fmt.Println("no key:", status.Code(err))
@@ -138,12 +141,16 @@ func ExampleUnaryServerInterceptor() {
 
 // A server stream's messages are recorded, and a duplicate gets the same
 // messages in the same order, then the same status.
-func ExampleStreamServerInterceptor() {
+func ExampleServer_StreamServerInterceptor() {
 	store := memstore.New()
 	defer store.Close()
+	idem, err := idempotency.NewServer(store)
+	if err != nil {
+		log.Fatal(err)
+	}
 	srv := grpc.NewServer(
-		grpc.ChainUnaryInterceptor(idempotency.UnaryServerInterceptor(store)),
-		grpc.ChainStreamInterceptor(idempotency.StreamServerInterceptor(store)),
+		grpc.ChainUnaryInterceptor(idem.UnaryServerInterceptor()),
+		grpc.ChainStreamInterceptor(idem.StreamServerInterceptor()),
 	)
 	svc := &examplePayments{}
 	testpb.RegisterPaymentServiceServer(srv, svc)
@@ -188,9 +195,13 @@ func loseFirstAnswer() grpc.UnaryServerInterceptor {
 func ExampleUnaryClientInterceptor() {
 	store := memstore.New()
 	defer store.Close()
+	idem, err := idempotency.NewServer(store)
+	if err != nil {
+		log.Fatal(err)
+	}
 	srv := grpc.NewServer(grpc.ChainUnaryInterceptor(
 		loseFirstAnswer(),
-		idempotency.UnaryServerInterceptor(store),
+		idem.UnaryServerInterceptor(),
 	))
 	svc := &examplePayments{}
 	testpb.RegisterPaymentServiceServer(srv, svc)
@@ -250,9 +261,13 @@ func (blackHole) SendMsg(any) error { return nil }
 func ExampleStreamClientInterceptor() {
 	store := memstore.New()
 	defer store.Close()
+	idem, err := idempotency.NewServer(store)
+	if err != nil {
+		log.Fatal(err)
+	}
 	srv := grpc.NewServer(grpc.ChainStreamInterceptor(
 		loseFirstStream(),
-		idempotency.StreamServerInterceptor(store),
+		idem.StreamServerInterceptor(),
 	))
 	svc := &examplePayments{}
 	testpb.RegisterPaymentServiceServer(srv, svc)

@@ -23,7 +23,7 @@ func FuzzKey(f *testing.F) {
 		f.Add(s)
 	}
 	store := memstore.New()
-	unary := idempotency.UnaryServerInterceptor(store)
+	unary := mustServer(store).UnaryServerInterceptor()
 	info := &grpc.UnaryServerInfo{FullMethod: testpb.PaymentService_Charge_FullMethodName}
 	f.Fuzz(func(t *testing.T, key string) {
 		valid := len(key) >= 1 && len(key) <= 255
@@ -60,7 +60,7 @@ func FuzzStoredRecord(f *testing.F) {
 	info := &grpc.UnaryServerInfo{FullMethod: testpb.PaymentService_Charge_FullMethodName}
 	f.Fuzz(func(t *testing.T, data []byte) {
 		store := corruptStore{data: data}
-		unary := idempotency.UnaryServerInterceptor(store)
+		unary := mustServer(store).UnaryServerInterceptor()
 		ctx := metadata.NewIncomingContext(context.Background(), metadata.Pairs(idempotency.KeyHeader, "k"))
 		ctx = grpc.NewContextWithServerTransportStream(ctx, nopTransport{})
 		_, err := unary(ctx, &testpb.ChargeRequest{}, info, func(context.Context, any) (any, error) {

@@ -219,8 +219,8 @@ func newEnv(t testing.TB, store idempotency.Store, cfg envConfig) *env {
 	lis := bufconn.Listen(1 << 20)
 	// cfg.serverOpt comes first, so that its interceptors run outside ours.
 	sopts := append(cfg.serverOpt[:len(cfg.serverOpt):len(cfg.serverOpt)],
-		grpc.ChainUnaryInterceptor(idempotency.UnaryServerInterceptor(store, cfg.server...)),
-		grpc.ChainStreamInterceptor(idempotency.StreamServerInterceptor(store, cfg.server...)),
+		grpc.ChainUnaryInterceptor(mustServer(store, cfg.server...).UnaryServerInterceptor()),
+		grpc.ChainStreamInterceptor(mustServer(store, cfg.server...).StreamServerInterceptor()),
 	)
 	srv := grpc.NewServer(sopts...)
 	testpb.RegisterPaymentServiceServer(srv, e.svc)
@@ -326,4 +326,14 @@ var errStoreDown = errors.New("connection refused")
 
 func (failingStore) Reserve(context.Context, string, idempotency.Claim) (idempotency.Entry, error) {
 	return idempotency.Entry{}, errStoreDown
+}
+
+// mustServer returns the idempotency server of a test; an option out of range
+// is a bug in the test.
+func mustServer(store idempotency.Store, opts ...idempotency.Option) *idempotency.Server {
+	s, err := idempotency.NewServer(store, opts...)
+	if err != nil {
+		panic(err)
+	}
+	return s
 }

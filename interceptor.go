@@ -24,45 +24,60 @@ import (
 	idempotencyv1 "github.com/grpcidem/idempotency/proto/idempotency/v1"
 )
 
-// UnaryServerInterceptor returns an interceptor that runs a unary handler
-// once per idempotency key and answers every duplicate from the stored
-// outcome, as the package documentation describes. Calls
-// without a key run as if there were no interceptor, unless their method
-// requires one (WithRequiredKey). It panics if store is nil or an option is
-// out of its documented range: a misconfiguration is caught when the server
-// is built, not by the first call.
-func UnaryServerInterceptor(store Store, opts ...Option) grpc.UnaryServerInterceptor {
-	s := newServer(store, opts)
-	return s.unary
-}
-
-// server is what the unary and stream interceptors share.
-type server struct {
+// A Server makes the calls of a gRPC server safe to retry: it runs a
+// handler once per idempotency key and answers every duplicate from the
+// stored outcome, as the package documentation describes. Its unary and
+// stream interceptors share one Store and one configuration; install both
+// (ServerOptions does), or streaming calls run without idempotency.
+type Server struct {
 	store   Store
 	o       *options
 	decoded *decodedRecords
 }
 
-func newServer(store Store, opts []Option) *server {
+// NewServer returns a Server that keeps its records in store. It returns an
+// error if store is nil or an option is out of its documented range, so
+// that a misconfiguration is caught when the server is built, not by the
+// first call.
+func NewServer(store Store, opts ...Option) (*Server, error) {
 	if store == nil {
-		panic("idempotency: nil Store")
+		return nil, errors.New("idempotency: NewServer needs a Store, got nil")
 	}
 	o, err := newOptions(opts)
 	if err != nil {
-		panic(err.Error())
+		return nil, err
 	}
-	return &server{store: store, o: o, decoded: &decodedRecords{seed: maphash.MakeSeed()}}
+	return &Server{store: store, o: o, decoded: &decodedRecords{seed: maphash.MakeSeed()}}, nil
 }
+
+// ServerOptions returns the grpc.ServerOptions that install both of the
+// Server's interceptors, chained after any interceptors given before them:
+//
+//	grpc.NewServer(append([]grpc.ServerOption{
+//		grpc.ChainUnaryInterceptor(recovery, auth),
+//		grpc.ChainStreamInterceptor(recovery, auth),
+//	}, idem.ServerOptions()...)...)
+func (s *Server) ServerOptions() []grpc.ServerOption {
+	return []grpc.ServerOption{
+		grpc.ChainUnaryInterceptor(s.UnaryServerInterceptor()),
+		grpc.ChainStreamInterceptor(s.StreamServerInterceptor()),
+	}
+}
+
+// UnaryServerInterceptor returns the interceptor for unary calls. Calls
+// without a key run as if there were no interceptor, unless their method
+// requires one (WithRequiredKey).
+func (s *Server) UnaryServerInterceptor() grpc.UnaryServerInterceptor { return s.unary }
 
 // call is one keyed call, from the key's validation to its outcome.
 type call struct {
-	s                        *server
+	s                        *Server
 	method, scope, key, skey string
 }
 
 // prepare validates the call's key and scope. It returns a nil call for a
 // call that runs as if there were no interceptor.
-func (s *server) prepare(ctx context.Context, method string) (*call, error) {
+func (s *Server) prepare(ctx context.Context, method string) (*call, error) {
 	policy := s.o.policy(method)
 	if policy == Skip {
 		return nil, nil
@@ -466,7 +481,7 @@ func (c *call) retry(ctx context.Context, what string, op func(context.Context) 
 	}
 }
 
-func (s *server) unary(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
+func (s *Server) unary(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
 	c, err := s.prepare(ctx, info.FullMethod)
 	if c == nil {
 		if err != nil {

@@ -244,7 +244,7 @@ func TestKeyValidation(t *testing.T) {
 		{"control character", metadata.Pairs(idempotency.KeyHeader, "a\tb"), "0x09"},
 		{"two values", metadata.Pairs(idempotency.KeyHeader, "a", idempotency.KeyHeader, "b"), "2 values"},
 	}
-	unary := idempotency.UnaryServerInterceptor(memstore.New())
+	unary := mustServer(memstore.New()).UnaryServerInterceptor()
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			ctx := metadata.NewOutgoingContext(testCtx(t), tc.md)

@@ -2,7 +2,6 @@ package idempotency_test
 
 import (
 	"context"
-	"fmt"
 	"math"
 	"path/filepath"
 	"strings"
@@ -22,7 +21,7 @@ import (
 )
 
 // TestDurationOptionsOutOfRange: a duration option outside its documented
-// bounds is refused when the interceptors are built, with a message that
+// bounds is refused by NewServer, with a message that
 // names the option and its range, instead of a lease that lets every
 // duplicate run or a retention that overflows a store's clock.
 func TestDurationOptionsOutOfRange(t *testing.T) {
@@ -43,33 +42,19 @@ func TestDurationOptionsOutOfRange(t *testing.T) {
 		{idempotency.WithStoreTimeout(math.MaxInt64), "WithStoreTimeout(2562047h47m16.854775807s) is out of range"},
 	}
 	for _, c := range cases {
-		for _, build := range []func(){
-			func() { idempotency.UnaryServerInterceptor(store, c.opt) },
-			func() { idempotency.StreamServerInterceptor(store, c.opt) },
-		} {
-			msg := panicMessage(build)
-			assert.Contains(t, msg, c.want)
-			assert.Contains(t, msg, "or 0 for the default")
-		}
+		_, err := idempotency.NewServer(store, c.opt)
+		require.Error(t, err, c.want)
+		assert.Contains(t, err.Error(), c.want)
+		assert.Contains(t, err.Error(), "or 0 for the default")
 	}
+	_, err := idempotency.NewServer(nil)
+	assert.ErrorContains(t, err, "needs a Store")
 	// Zero keeps the default; the bounds themselves are accepted.
-	assert.NotPanics(t, func() {
-		idempotency.UnaryServerInterceptor(store, idempotency.WithLease(0), idempotency.WithRetention(0),
-			idempotency.WithLease(idempotency.MinLease), idempotency.WithLease(idempotency.MaxLease),
-			idempotency.WithRetention(idempotency.MinRetention), idempotency.WithRetention(idempotency.MaxRetention),
-			idempotency.WithWaitTimeout(idempotency.MaxWaitTimeout), idempotency.WithStoreTimeout(idempotency.MinStoreTimeout))
-	})
-}
-
-// panicMessage returns what f panics with, or "" if it does not panic.
-func panicMessage(f func()) (msg string) {
-	defer func() {
-		if r := recover(); r != nil {
-			msg = fmt.Sprint(r)
-		}
-	}()
-	f()
-	return ""
+	_, err = idempotency.NewServer(store, idempotency.WithLease(0), idempotency.WithRetention(0),
+		idempotency.WithLease(idempotency.MinLease), idempotency.WithLease(idempotency.MaxLease),
+		idempotency.WithRetention(idempotency.MinRetention), idempotency.WithRetention(idempotency.MaxRetention),
+		idempotency.WithWaitTimeout(idempotency.MaxWaitTimeout), idempotency.WithStoreTimeout(idempotency.MinStoreTimeout))
+	assert.NoError(t, err)
 }
 
 // TestStoresRefuseOutOfRangeDurations: the in-process stores refuse a lease

@@ -149,7 +149,7 @@ func pauseChild(t *testing.T, spec string) {
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	require.NoError(t, err)
 	opts := []idempotency.Option{idempotency.WithLease(time.Second)}
-	srv := grpc.NewServer(grpc.ChainUnaryInterceptor(idempotency.UnaryServerInterceptor(store, opts...)))
+	srv := grpc.NewServer(grpc.ChainUnaryInterceptor(mustServer(store, opts...).UnaryServerInterceptor()))
 	testpb.RegisterPaymentServiceServer(srv, &slowPayments{})
 	go func() { _ = srv.Serve(lis) }()
 	fmt.Printf("ADDR %s\n", lis.Addr())

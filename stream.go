@@ -15,9 +15,8 @@ import (
 	"google.golang.org/protobuf/proto"
 )
 
-// StreamServerInterceptor returns an interceptor that runs a streaming
-// handler once per idempotency key and answers every duplicate from the
-// stored outcome, with the same options and rules as UnaryServerInterceptor:
+// StreamServerInterceptor returns the interceptor for streaming calls, with
+// the same rules as the unary one:
 //
 //   - server streaming: the request is read first and fingerprinted; every
 //     sent message is recorded in order, and a duplicate gets the same
@@ -39,14 +38,9 @@ import (
 // A stream whose requests were cut short (a receive failed before the
 // handler read their end), or whose send failed while its client was still
 // there, stores nothing and releases its key.
-//
-// It panics if store is nil or an option is out of its documented range.
-func StreamServerInterceptor(store Store, opts ...Option) grpc.StreamServerInterceptor {
-	s := newServer(store, opts)
-	return s.stream
-}
+func (s *Server) StreamServerInterceptor() grpc.StreamServerInterceptor { return s.stream }
 
-func (s *server) stream(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
+func (s *Server) stream(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
 	ctx := ss.Context()
 	c, err := s.prepare(ctx, info.FullMethod)
 	if c == nil {

@@ -689,7 +689,7 @@ func (q *quitter) ChargeInteractive(ss grpc.BidiStreamingServer[testpb.ChargeReq
 func serve(t testing.TB, store idempotency.Store, svc testpb.PaymentServiceServer, opts []idempotency.Option, dialOpts ...grpc.DialOption) *env {
 	t.Helper()
 	lis := bufconn.Listen(1 << 20)
-	srv := grpc.NewServer(grpc.ChainStreamInterceptor(idempotency.StreamServerInterceptor(store, opts...)))
+	srv := grpc.NewServer(grpc.ChainStreamInterceptor(mustServer(store, opts...).StreamServerInterceptor()))
 	testpb.RegisterPaymentServiceServer(srv, svc)
 	go func() { _ = srv.Serve(lis) }()
 	dialOpts = append([]grpc.DialOption{

@@ -120,7 +120,7 @@ func BenchmarkInterceptor(b *testing.B) {
 		b.Run(mode, func(b *testing.B) {
 			var sopts []grpc.ServerOption
 			if mode != "baseline" {
-				sopts = append(sopts, grpc.ChainUnaryInterceptor(idempotency.UnaryServerInterceptor(s)))
+				sopts = append(sopts, grpc.ChainUnaryInterceptor(mustServer(s).UnaryServerInterceptor()))
 			}
 			srv := grpc.NewServer(sopts...)
 			testpb.RegisterPaymentServiceServer(srv, p)

@@ -30,10 +30,11 @@ func Example() {
 	if err := store.Migrate(ctx); err != nil {
 		log.Fatal(err)
 	}
-	srv := grpc.NewServer(
-		grpc.ChainUnaryInterceptor(idempotency.UnaryServerInterceptor(store)),
-		grpc.ChainStreamInterceptor(idempotency.StreamServerInterceptor(store)),
-	)
+	idem, err := idempotency.NewServer(store)
+	if err != nil {
+		log.Fatal(err)
+	}
+	srv := grpc.NewServer(idem.ServerOptions()...)
 	testpb.RegisterPaymentServiceServer(srv, &ledger{store: store})
 	// srv.Serve(lis)
 }

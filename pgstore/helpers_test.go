@@ -16,6 +16,8 @@ import (
 	"go.uber.org/goleak"
 
 	"github.com/grpcidem/idempotency/pgstore"
+
+	"github.com/grpcidem/idempotency"
 )
 
 func TestMain(m *testing.M) {
@@ -151,3 +153,13 @@ func (c *queryCounter) TraceQueryEnd(context.Context, *pgx.Conn, pgx.TraceQueryE
 func token() string { return randomHex(16) }
 
 func key(name string) string { return "pgstore-test/" + randomHex(8) + "/" + name }
+
+// mustServer returns the idempotency server of a test; an option out of range
+// is a bug in the test.
+func mustServer(store idempotency.Store, opts ...idempotency.Option) *idempotency.Server {
+	s, err := idempotency.NewServer(store, opts...)
+	if err != nil {
+		panic(err)
+	}
+	return s
+}

@@ -55,7 +55,7 @@ func (p *txPayments) Charge(ctx context.Context, req *testpb.ChargeRequest) (*te
 // serve runs p behind the idempotency interceptor on lis until the test ends.
 func serve(t *testing.T, lis net.Listener, p *txPayments, opts ...idempotency.Option) {
 	t.Helper()
-	srv := grpc.NewServer(grpc.ChainUnaryInterceptor(idempotency.UnaryServerInterceptor(p.store, opts...)))
+	srv := grpc.NewServer(grpc.ChainUnaryInterceptor(mustServer(p.store, opts...).UnaryServerInterceptor()))
 	testpb.RegisterPaymentServiceServer(srv, p)
 	done := make(chan struct{})
 	go func() {

@@ -62,7 +62,7 @@ func serveChild(name string) {
 		fmt.Fprintln(os.Stderr, "child:", err)
 		os.Exit(2)
 	}
-	srv := grpc.NewServer(grpc.UnaryInterceptor(idempotency.UnaryServerInterceptor(st, idempotency.WithLease(childLease))))
+	srv := grpc.NewServer(grpc.UnaryInterceptor(mustServer(st, idempotency.WithLease(childLease)).UnaryServerInterceptor()))
 	testpb.RegisterPaymentServiceServer(srv, &childPayments{name: name, prefix: prefix, redis: rc, onLost: os.Getenv(childOnLostEnv)})
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {

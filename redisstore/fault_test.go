@@ -88,7 +88,7 @@ func (l *eventLog) of(kind idempotency.EventKind) []idempotency.Event {
 func serveReplica(t *testing.T, store idempotency.Store, svc testpb.PaymentServiceServer, opts ...idempotency.Option) testpb.PaymentServiceClient {
 	t.Helper()
 	opts = append([]idempotency.Option{idempotency.WithLogger(nil)}, opts...)
-	srv := grpc.NewServer(grpc.UnaryInterceptor(idempotency.UnaryServerInterceptor(store, opts...)))
+	srv := grpc.NewServer(grpc.UnaryInterceptor(mustServer(store, opts...).UnaryServerInterceptor()))
 	testpb.RegisterPaymentServiceServer(srv, svc)
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	require.NoError(t, err)

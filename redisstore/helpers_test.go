@@ -13,6 +13,8 @@ import (
 
 	"github.com/grpcidem/idempotency/redisstore"
 	"github.com/redis/go-redis/v9"
+
+	"github.com/grpcidem/idempotency"
 )
 
 func redisAddr() string {
@@ -206,4 +208,14 @@ func killPubSub(tb testing.TB, c redis.UniversalClient, name string) int {
 		}
 	}
 	return len(ids)
+}
+
+// mustServer returns the idempotency server of a test; an option out of range
+// is a bug in the test.
+func mustServer(store idempotency.Store, opts ...idempotency.Option) *idempotency.Server {
+	s, err := idempotency.NewServer(store, opts...)
+	if err != nil {
+		panic(err)
+	}
+	return s
 }

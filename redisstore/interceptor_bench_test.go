@@ -36,7 +36,7 @@ func benchGRPC(b *testing.B, store idempotency.Store) testpb.PaymentServiceClien
 	lis := bufconn.Listen(1 << 20)
 	var opts []grpc.ServerOption
 	if store != nil {
-		opts = append(opts, grpc.UnaryInterceptor(idempotency.UnaryServerInterceptor(store)))
+		opts = append(opts, grpc.UnaryInterceptor(mustServer(store).UnaryServerInterceptor()))
 	}
 	srv := grpc.NewServer(opts...)
 	testpb.RegisterPaymentServiceServer(srv, benchPayments{})

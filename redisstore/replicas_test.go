@@ -163,8 +163,8 @@ func newReplicas(t *testing.T, n int, lease time.Duration, b *bank) []*replica {
 		r := &replica{store: &mortalStore{Store: st}}
 		opts := []idempotency.Option{idempotency.WithLease(lease), idempotency.WithObserver(r.observe), idempotency.WithLogger(nil)}
 		srv := grpc.NewServer(
-			grpc.UnaryInterceptor(idempotency.UnaryServerInterceptor(r.store, opts...)),
-			grpc.StreamInterceptor(idempotency.StreamServerInterceptor(r.store, opts...)),
+			grpc.UnaryInterceptor(mustServer(r.store, opts...).UnaryServerInterceptor()),
+			grpc.StreamInterceptor(mustServer(r.store, opts...).StreamServerInterceptor()),
 		)
 		testpb.RegisterPaymentServiceServer(srv, &paymentServer{replica: i, bank: b})
 		lis, err := net.Listen("tcp", "127.0.0.1:0")

@@ -150,7 +150,12 @@ func startDemoServer(store idempotency.Store, svc paymentsv1.PaymentServiceServe
 	if err != nil {
 		return nil, err
 	}
-	s := &demoServer{srv: NewServer(store, svc, cfg), addr: lis.Addr().String(), served: make(chan error, 1)}
+	srv, err := NewServer(store, svc, cfg)
+	if err != nil {
+		lis.Close()
+		return nil, err
+	}
+	s := &demoServer{srv: srv, addr: lis.Addr().String(), served: make(chan error, 1)}
 	go func() { s.served <- s.srv.Serve(lis) }()
 	return s, nil
 }

@@ -55,7 +55,7 @@ type ServerConfig struct {
 //  4. idempotency, with the tenant as the scope: one tenant's keys can never
 //     replay another tenant's outcomes;
 //  5. the handler.
-func NewServer(store idempotency.Store, svc paymentsv1.PaymentServiceServer, cfg ServerConfig) *grpc.Server {
+func NewServer(store idempotency.Store, svc paymentsv1.PaymentServiceServer, cfg ServerConfig) (*grpc.Server, error) {
 	logger := cfg.Logger
 	if logger == nil {
 		logger = slog.New(slog.DiscardHandler)
@@ -72,23 +72,27 @@ func NewServer(store idempotency.Store, svc paymentsv1.PaymentServiceServer, cfg
 		opts = append(opts, idempotency.WithObserver(cfg.Observe))
 	}
 	opts = append(opts, cfg.Options...)
+	idem, err := idempotency.NewServer(store, opts...)
+	if err != nil {
+		return nil, err
+	}
 	srv := grpc.NewServer(
 		grpc.ChainUnaryInterceptor(
 			recoverUnary(logger),
 			logUnary(logger),
 			tenantUnary,
-			idempotency.UnaryServerInterceptor(store, opts...),
+			idem.UnaryServerInterceptor(),
 		),
 		grpc.ChainStreamInterceptor(
 			recoverStream(logger),
 			logStream(logger),
 			tenantStream,
-			idempotency.StreamServerInterceptor(store, opts...),
+			idem.StreamServerInterceptor(),
 		),
 	)
 	paymentsv1.RegisterPaymentServiceServer(srv, svc)
 	reflection.Register(srv)
-	return srv
+	return srv, nil
 }
 
 func recoverUnary(logger *slog.Logger) grpc.UnaryServerInterceptor {
@@ -255,7 +259,7 @@ func RunServer(ctx context.Context, args []string, stdout, stderr io.Writer) err
 
 	svc := service.New(service.WithDelay(*delay), service.WithFailEvery(*failEvery))
 	var events eventCounts
-	srv := NewServer(store, svc, ServerConfig{
+	srv, err := NewServer(store, svc, ServerConfig{
 		Logger:     logger,
 		RequireKey: *requireKey,
 		Observe: func(e idempotency.Event) {
@@ -263,6 +267,9 @@ func RunServer(ctx context.Context, args []string, stdout, stderr io.Writer) err
 			logger.Debug("idempotency", "event", e.Kind, "method", e.Method, "scope", e.Scope, "key", e.Key, "code", e.Code, "err", e.Err)
 		},
 	})
+	if err != nil {
+		return err
+	}
 	fmt.Fprintf(stdout, "payments server listening on %s (store: %s)\n", lis.Addr(), store.Description)
 
 	served := make(chan error, 1)
