@@ -239,10 +239,25 @@ SELECT true, false, $2::text, NULL::bytea, NULL::bytea, expires_at, now() FROM a
 UNION ALL
 SELECT false, completed, token, fingerprint, record, expires_at, now() FROM live`, t),
 
-		// The owner keeps a lease that ran out until someone takes it over,
-		// as in every store: its work is still the only work on the key.
-		renew: fmt.Sprintf(`UPDATE %[1]s SET expires_at = now() + $3::bigint * interval '1 microsecond'
-WHERE key = $1 AND token = $2 AND NOT completed`, t),
+		// The owner extends its lease; a lease that ran out is still its
+		// owner's until someone takes it over, as in every store. A key
+		// that is absent (no row, or an expired one, whoever's it was) is
+		// taken back under the claim, fingerprint included, as Reserve
+		// would: the owner still runs, and its work is still the only work
+		// on the key. Another owner's live lease, or a live record, matches
+		// neither branch, and nothing changes. One statement, so the check
+		// and the write are atomic, as in Reserve and Complete.
+		renew: fmt.Sprintf(`INSERT INTO %[1]s AS r (key, completed, token, fingerprint, record, created_at, expires_at)
+VALUES ($1::bytea, false, $2::text, $3::bytea, NULL, now(), now() + $4::bigint * interval '1 microsecond')
+ON CONFLICT (key) DO UPDATE
+    SET completed = false, token = excluded.token,
+        fingerprint = CASE WHEN r.token = excluded.token AND NOT r.completed
+            THEN coalesce(excluded.fingerprint, r.fingerprint) ELSE excluded.fingerprint END,
+        record = NULL,
+        created_at = CASE WHEN r.token = excluded.token AND NOT r.completed
+            THEN r.created_at ELSE excluded.created_at END,
+        expires_at = excluded.expires_at
+    WHERE (r.token = excluded.token AND NOT r.completed) OR r.expires_at <= now()`, t),
 
 		// Stores the record if the key is pending under the token, or
 		// absent (no row, or an expired one): the fencing rule.
@@ -341,16 +356,24 @@ func nonNil(b []byte) []byte {
 	return b
 }
 
-// Renew implements idempotency.Store.
+// Renew implements idempotency.Store, in one statement: it extends the lease
+// if key is pending under claim.Token (even if the lease ran out meanwhile),
+// or takes key back under claim if it is absent (no row, or an expired row,
+// whoever's it was: the sweeper may not have deleted it yet). Another owner's
+// live lease, or a live record, gives idempotency.ErrNotOwner. Claim.Held is
+// ignored: replicas sharing the table cannot tell a paused owner from a dead
+// one, so a lease runs out by the database's clock.
 func (s *Store) Renew(ctx context.Context, key string, claim idempotency.Claim) error {
 	if s.closed.Load() {
 		return idempotency.ErrClosed
 	}
-	token, lease := claim.Token, claim.Lease
-	if lease <= 0 {
-		return fmt.Errorf("pgstore: Renew needs a positive lease, got %v", lease)
+	if claim.Token == "" {
+		return errors.New("pgstore: Renew needs a claim with a token")
 	}
-	tag, err := s.pool.Exec(ctx, s.sql.renew, []byte(key), token, micros(lease))
+	if claim.Lease <= 0 {
+		return fmt.Errorf("pgstore: Renew needs a positive lease, got %v", claim.Lease)
+	}
+	tag, err := s.pool.Exec(ctx, s.sql.renew, []byte(key), claim.Token, claim.Fingerprint, micros(claim.Lease))
 	if err != nil {
 		return fmt.Errorf("pgstore: renew: %w", err)
 	}
