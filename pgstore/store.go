@@ -291,9 +291,43 @@ WHERE key = $1 AND expires_at > now()`, t),
 }
 
 // micros converts a duration to the whole microseconds PostgreSQL keeps,
-// rounding up so that a positive duration stays positive.
+// rounding up so that a positive duration stays positive. It cannot overflow
+// (adding before dividing did, for durations near math.MaxInt64, and turned
+// them negative: rows written already expired). The store refuses durations
+// outside (0, idempotency.MaxRetention] anyway (checkClaim, checkRecord), which
+// PostgreSQL's interval and timestamp arithmetic hold exactly.
 func micros(d time.Duration) int64 {
-	return int64((d + time.Microsecond - 1) / time.Microsecond)
+	us := int64(d / time.Microsecond)
+	if d%time.Microsecond > 0 {
+		us++
+	}
+	return us
+}
+
+// checkClaim refuses what Reserve and Renew must not write: a key longer than
+// idempotency.MaxStoreKeyLength (the error wraps idempotency.ErrKeyTooLong),
+// a claim without a token, and a lease outside (0, idempotency.MaxRetention].
+func checkClaim(op, key string, c idempotency.Claim) error {
+	if err := idempotency.CheckStoreKey(key); err != nil {
+		return fmt.Errorf("pgstore: %s: %w", op, err)
+	}
+	if c.Token == "" {
+		return fmt.Errorf("pgstore: %s needs a claim with a token", op)
+	}
+	if err := idempotency.CheckDuration("Claim.Lease", c.Lease); err != nil {
+		return fmt.Errorf("pgstore: %s: %w", op, err)
+	}
+	return nil
+}
+
+// checkRecord refuses what Complete must not write: a key longer than
+// idempotency.MaxStoreKeyLength (wrapping idempotency.ErrKeyTooLong), and a
+// retention outside (0, idempotency.MaxRetention].
+func checkRecord(key string, retention time.Duration) error {
+	if err := idempotency.CheckStoreKey(key); err != nil {
+		return err
+	}
+	return idempotency.CheckDuration("retention", retention)
 }
 
 // localTime moves a database time onto the local clock: the times in an
@@ -314,11 +348,8 @@ func (s *Store) Reserve(ctx context.Context, key string, c idempotency.Claim) (i
 	if s.closed.Load() {
 		return idempotency.Entry{}, idempotency.ErrClosed
 	}
-	if c.Token == "" {
-		return idempotency.Entry{}, errors.New("pgstore: Reserve needs a claim with a token")
-	}
-	if c.Lease <= 0 {
-		return idempotency.Entry{}, fmt.Errorf("pgstore: Reserve needs a positive lease, got %v", c.Lease)
+	if err := checkClaim("reserve", key, c); err != nil {
+		return idempotency.Entry{}, err
 	}
 	for range maxReserveAttempts {
 		var (
@@ -367,11 +398,8 @@ func (s *Store) Renew(ctx context.Context, key string, claim idempotency.Claim) 
 	if s.closed.Load() {
 		return idempotency.ErrClosed
 	}
-	if claim.Token == "" {
-		return errors.New("pgstore: Renew needs a claim with a token")
-	}
-	if claim.Lease <= 0 {
-		return fmt.Errorf("pgstore: Renew needs a positive lease, got %v", claim.Lease)
+	if err := checkClaim("renew", key, claim); err != nil {
+		return err
 	}
 	tag, err := s.pool.Exec(ctx, s.sql.renew, []byte(key), claim.Token, claim.Fingerprint, micros(claim.Lease))
 	if err != nil {
@@ -394,8 +422,8 @@ func (s *Store) Complete(ctx context.Context, key, token string, record []byte, 
 	if s.closed.Load() {
 		return idempotency.ErrClosed
 	}
-	if retention <= 0 {
-		return fmt.Errorf("pgstore: Complete needs a positive retention, got %v", retention)
+	if err := checkRecord(key, retention); err != nil {
+		return fmt.Errorf("pgstore: complete: %w", err)
 	}
 	tag, err := s.pool.Exec(ctx, s.sql.complete, []byte(key), token, record, micros(retention))
 	if err != nil {

@@ -123,13 +123,16 @@ func (s *Store) completeTx(ctx context.Context, st *txState, key, token string, 
 		st.tx.Rollback(rctx) // nothing to do about an error: the transaction cannot commit
 		return fmt.Errorf("pgstore: %w: "+format, append([]any{idempotency.ErrRolledBack}, args...)...)
 	}
+	if err := checkRecord(key, retention); err != nil {
+		// Wrapped too, so that errors.Is finds idempotency.ErrKeyTooLong;
+		// ErrRolledBack decides the answer (Aborted): nothing happened.
+		return fail("%w", err)
+	}
 	switch {
 	case s.closed.Load():
 		return fail("the store is closed")
 	case key != st.key || token != st.token:
 		return fail("the transaction belongs to another execution (key or token differ)")
-	case retention <= 0:
-		return fail("Complete needs a positive retention, got %v", retention)
 	}
 	conn := st.tx.Conn()
 	if conn.IsClosed() {
