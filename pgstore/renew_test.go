@@ -214,3 +214,28 @@ func TestRenewIsOneStatement(t *testing.T) {
 	}
 	statements("Renew of a released key", idempotency.Claim{Token: tok, Lease: time.Hour}, nil)
 }
+
+// TestCompleteRetriedAfterLostReply: a Complete whose reply was lost (the
+// connection died after the commit) is retried by the interceptor; the
+// retry finds the owner's own record and succeeds, instead of reporting
+// that another owner took the key.
+func TestCompleteRetriedAfterLostReply(t *testing.T) {
+	_, _, s := setup(t)
+	ctx := t.Context()
+	k, tok := key("complete-again"), token()
+	if _, err := s.Reserve(ctx, k, idempotency.Claim{Token: tok, Lease: time.Hour}); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Complete(ctx, k, tok, []byte("outcome"), time.Hour); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Complete(ctx, k, tok, []byte("outcome"), time.Hour); err != nil {
+		t.Fatalf("the owner's retried Complete: %v, want nil", err)
+	}
+	if err := s.Complete(ctx, k, token(), []byte("intruder"), time.Hour); !errors.Is(err, idempotency.ErrNotOwner) {
+		t.Fatalf("Complete by another token: %v, want ErrNotOwner", err)
+	}
+	if e, _ := s.Lookup(ctx, k); e.State != idempotency.Completed || string(e.Record) != "outcome" {
+		t.Fatalf("Lookup: %+v, want the owner's record", e)
+	}
+}

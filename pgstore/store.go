@@ -260,14 +260,18 @@ ON CONFLICT (key) DO UPDATE
     WHERE (r.token = excluded.token AND NOT r.completed) OR r.expires_at <= now()`, t),
 
 		// Stores the record if the key is pending under the token, or
-		// absent (no row, or an expired one): the fencing rule.
+		// absent (no row, or an expired one): the fencing rule. A row
+		// already completed under the same token is this owner's own
+		// record, from an attempt whose reply was lost (the connection
+		// died after the commit): the retry succeeds and writes the same
+		// record again, instead of reporting another owner.
 		complete: fmt.Sprintf(`INSERT INTO %[1]s AS r (key, completed, token, fingerprint, record, created_at, expires_at)
-VALUES ($1, true, $2, NULL, coalesce($3::bytea, ''::bytea), now(), now() + $4::bigint * interval '1 microsecond')
+VALUES ($1::bytea, true, $2::text, NULL, coalesce($3::bytea, ''::bytea), now(), now() + $4::bigint * interval '1 microsecond')
 ON CONFLICT (key) DO UPDATE
     SET completed = true, token = excluded.token,
         fingerprint = CASE WHEN r.token = excluded.token THEN r.fingerprint END,
         record = excluded.record, created_at = excluded.created_at, expires_at = excluded.expires_at
-    WHERE (r.token = excluded.token AND NOT r.completed) OR r.expires_at <= now()`, t),
+    WHERE r.token = excluded.token OR r.expires_at <= now()`, t),
 
 		release: fmt.Sprintf(`DELETE FROM %[1]s WHERE key = $1 AND token = $2 AND NOT completed`, t),
 
