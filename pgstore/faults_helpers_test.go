@@ -33,6 +33,12 @@ type faultPayments struct {
 	hook                  func(ctx context.Context, key string) error
 }
 
+func (p *faultPayments) setHook(h func(ctx context.Context, key string) error) {
+	p.mu.Lock()
+	p.hook = h
+	p.mu.Unlock()
+}
+
 // enter counts an execution of key; the returned function ends it.
 func (p *faultPayments) enter(key string) (leave func()) {
 	n := p.inFlight.Add(1)
