@@ -10,7 +10,19 @@
 //
 // In transactional mode (see Store.BeginTx), the handler's writes and the
 // record commit or roll back together: a call has its effect exactly once,
-// even across crashes.
+// even across crashes. It covers every RPC kind: a unary handler calls
+// BeginTx with its ctx, a streaming handler (server, client or
+// bidirectional) with stream.Context(). A unary answer is sent after the
+// commit; a stream's messages are sent before it, as the handler sends them.
+// BeginTx says which calls it does not cover.
+//
+// Leases run out by the database's clock: a replica paused for longer than
+// its lease cannot be told from a dead one. When it resumes, its renewal
+// takes the key back if nobody else took it; if somebody did, its handler's
+// context is cancelled with idempotency.ErrLeaseLost, and its record (and,
+// in transactional mode, its writes) cannot overwrite the new owner's.
+// Durations outside (0, idempotency.MaxRetention] and store keys longer than
+// idempotency.MaxStoreKeyLength are refused.
 package pgstore
 
 import (
