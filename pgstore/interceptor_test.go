@@ -55,8 +55,17 @@ func (p *txPayments) Charge(ctx context.Context, req *testpb.ChargeRequest) (*te
 // serve runs p behind the idempotency interceptor on lis until the test ends.
 func serve(t *testing.T, lis net.Listener, p *txPayments, opts ...idempotency.Option) {
 	t.Helper()
-	srv := grpc.NewServer(grpc.ChainUnaryInterceptor(mustServer(p.store, opts...).UnaryServerInterceptor()))
-	testpb.RegisterPaymentServiceServer(srv, p)
+	serveService(t, lis, p.store, p, opts...)
+}
+
+// serveService runs svc behind the unary and stream idempotency
+// interceptors on store, on lis, until the test ends.
+func serveService(t *testing.T, lis net.Listener, store idempotency.Store, svc testpb.PaymentServiceServer, opts ...idempotency.Option) {
+	t.Helper()
+	srv := grpc.NewServer(
+		grpc.ChainUnaryInterceptor(mustServer(store, opts...).UnaryServerInterceptor()),
+		grpc.ChainStreamInterceptor(mustServer(store, opts...).StreamServerInterceptor()))
+	testpb.RegisterPaymentServiceServer(srv, svc)
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
@@ -73,7 +82,8 @@ func dial(t *testing.T, target string, opts ...grpc.DialOption) testpb.PaymentSe
 	opts = append(opts,
 		grpc.WithTransportCredentials(insecure.NewCredentials()),
 		grpc.WithChainUnaryInterceptor(idempotency.UnaryClientInterceptor(
-			idempotency.WithMaxAttempts(5), idempotency.WithBackoff(10*time.Millisecond, 200*time.Millisecond))))
+			idempotency.WithMaxAttempts(5), idempotency.WithBackoff(10*time.Millisecond, 200*time.Millisecond))),
+		grpc.WithChainStreamInterceptor(idempotency.StreamClientInterceptor()))
 	cc, err := grpc.NewClient(target, opts...)
 	if err != nil {
 		t.Fatal(err)
@@ -84,8 +94,15 @@ func dial(t *testing.T, target string, opts ...grpc.DialOption) testpb.PaymentSe
 
 func bufServer(t *testing.T, p *txPayments, opts ...idempotency.Option) testpb.PaymentServiceClient {
 	t.Helper()
+	return bufService(t, p.store, p, opts...)
+}
+
+// bufService serves svc on store over an in-memory connection and returns a
+// client of it.
+func bufService(t *testing.T, store idempotency.Store, svc testpb.PaymentServiceServer, opts ...idempotency.Option) testpb.PaymentServiceClient {
+	t.Helper()
 	lis := bufconn.Listen(1 << 20)
-	serve(t, lis, p, opts...)
+	serveService(t, lis, store, svc, opts...)
 	return dial(t, "passthrough:///bufnet",
 		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) { return lis.DialContext(ctx) }))
 }

@@ -10,7 +10,19 @@
 //
 // In transactional mode (see Store.BeginTx), the handler's writes and the
 // record commit or roll back together: a call has its effect exactly once,
-// even across crashes.
+// even across crashes. It covers every RPC kind: a unary handler calls
+// BeginTx with its ctx, a streaming handler (server, client or
+// bidirectional) with stream.Context(). A unary answer is sent after the
+// commit; a stream's messages are sent before it, as the handler sends them.
+// BeginTx says which calls it does not cover.
+//
+// Leases run out by the database's clock: a replica paused for longer than
+// its lease cannot be told from a dead one. When it resumes, its renewal
+// takes the key back if nobody else took it; if somebody did, its handler's
+// context is cancelled with idempotency.ErrLeaseLost, and its record (and,
+// in transactional mode, its writes) cannot overwrite the new owner's.
+// Durations outside (0, idempotency.MaxRetention] and store keys longer than
+// idempotency.MaxStoreKeyLength are refused.
 package pgstore
 
 import (
@@ -239,20 +251,39 @@ SELECT true, false, $2::text, NULL::bytea, NULL::bytea, expires_at, now() FROM a
 UNION ALL
 SELECT false, completed, token, fingerprint, record, expires_at, now() FROM live`, t),
 
-		// The owner keeps a lease that ran out until someone takes it over,
-		// as in every store: its work is still the only work on the key.
-		renew: fmt.Sprintf(`UPDATE %[1]s SET expires_at = now() + $3::bigint * interval '1 microsecond'
-WHERE key = $1 AND token = $2 AND NOT completed`, t),
+		// The owner extends its lease; a lease that ran out is still its
+		// owner's until someone takes it over, as in every store. A key
+		// that is absent (no row, or an expired one, whoever's it was) is
+		// taken back under the claim, fingerprint included, as Reserve
+		// would: the owner still runs, and its work is still the only work
+		// on the key. Another owner's live lease, or a live record, matches
+		// neither branch, and nothing changes. One statement, so the check
+		// and the write are atomic, as in Reserve and Complete.
+		renew: fmt.Sprintf(`INSERT INTO %[1]s AS r (key, completed, token, fingerprint, record, created_at, expires_at)
+VALUES ($1::bytea, false, $2::text, $3::bytea, NULL, now(), now() + $4::bigint * interval '1 microsecond')
+ON CONFLICT (key) DO UPDATE
+    SET completed = false, token = excluded.token,
+        fingerprint = CASE WHEN r.token = excluded.token AND NOT r.completed
+            THEN coalesce(excluded.fingerprint, r.fingerprint) ELSE excluded.fingerprint END,
+        record = NULL,
+        created_at = CASE WHEN r.token = excluded.token AND NOT r.completed
+            THEN r.created_at ELSE excluded.created_at END,
+        expires_at = excluded.expires_at
+    WHERE (r.token = excluded.token AND NOT r.completed) OR r.expires_at <= now()`, t),
 
 		// Stores the record if the key is pending under the token, or
-		// absent (no row, or an expired one): the fencing rule.
+		// absent (no row, or an expired one): the fencing rule. A row
+		// already completed under the same token is this owner's own
+		// record, from an attempt whose reply was lost (the connection
+		// died after the commit): the retry succeeds and writes the same
+		// record again, instead of reporting another owner.
 		complete: fmt.Sprintf(`INSERT INTO %[1]s AS r (key, completed, token, fingerprint, record, created_at, expires_at)
-VALUES ($1, true, $2, NULL, coalesce($3::bytea, ''::bytea), now(), now() + $4::bigint * interval '1 microsecond')
+VALUES ($1::bytea, true, $2::text, NULL, coalesce($3::bytea, ''::bytea), now(), now() + $4::bigint * interval '1 microsecond')
 ON CONFLICT (key) DO UPDATE
     SET completed = true, token = excluded.token,
         fingerprint = CASE WHEN r.token = excluded.token THEN r.fingerprint END,
         record = excluded.record, created_at = excluded.created_at, expires_at = excluded.expires_at
-    WHERE (r.token = excluded.token AND NOT r.completed) OR r.expires_at <= now()`, t),
+    WHERE r.token = excluded.token OR r.expires_at <= now()`, t),
 
 		release: fmt.Sprintf(`DELETE FROM %[1]s WHERE key = $1 AND token = $2 AND NOT completed`, t),
 
@@ -276,9 +307,43 @@ WHERE key = $1 AND expires_at > now()`, t),
 }
 
 // micros converts a duration to the whole microseconds PostgreSQL keeps,
-// rounding up so that a positive duration stays positive.
+// rounding up so that a positive duration stays positive. It cannot overflow
+// (adding before dividing did, for durations near math.MaxInt64, and turned
+// them negative: rows written already expired). The store refuses durations
+// outside (0, idempotency.MaxRetention] anyway (checkClaim, checkRecord), which
+// PostgreSQL's interval and timestamp arithmetic hold exactly.
 func micros(d time.Duration) int64 {
-	return int64((d + time.Microsecond - 1) / time.Microsecond)
+	us := int64(d / time.Microsecond)
+	if d%time.Microsecond > 0 {
+		us++
+	}
+	return us
+}
+
+// checkClaim refuses what Reserve and Renew must not write: a key longer than
+// idempotency.MaxStoreKeyLength (the error wraps idempotency.ErrKeyTooLong),
+// a claim without a token, and a lease outside (0, idempotency.MaxRetention].
+func checkClaim(op, key string, c idempotency.Claim) error {
+	if err := idempotency.CheckStoreKey(key); err != nil {
+		return fmt.Errorf("pgstore: %s: %w", op, err)
+	}
+	if c.Token == "" {
+		return fmt.Errorf("pgstore: %s needs a claim with a token", op)
+	}
+	if err := idempotency.CheckDuration("Claim.Lease", c.Lease); err != nil {
+		return fmt.Errorf("pgstore: %s: %w", op, err)
+	}
+	return nil
+}
+
+// checkRecord refuses what Complete must not write: a key longer than
+// idempotency.MaxStoreKeyLength (wrapping idempotency.ErrKeyTooLong), and a
+// retention outside (0, idempotency.MaxRetention].
+func checkRecord(key string, retention time.Duration) error {
+	if err := idempotency.CheckStoreKey(key); err != nil {
+		return err
+	}
+	return idempotency.CheckDuration("retention", retention)
 }
 
 // localTime moves a database time onto the local clock: the times in an
@@ -299,11 +364,8 @@ func (s *Store) Reserve(ctx context.Context, key string, c idempotency.Claim) (i
 	if s.closed.Load() {
 		return idempotency.Entry{}, idempotency.ErrClosed
 	}
-	if c.Token == "" {
-		return idempotency.Entry{}, errors.New("pgstore: Reserve needs a claim with a token")
-	}
-	if c.Lease <= 0 {
-		return idempotency.Entry{}, fmt.Errorf("pgstore: Reserve needs a positive lease, got %v", c.Lease)
+	if err := checkClaim("reserve", key, c); err != nil {
+		return idempotency.Entry{}, err
 	}
 	for range maxReserveAttempts {
 		var (
@@ -341,16 +403,21 @@ func nonNil(b []byte) []byte {
 	return b
 }
 
-// Renew implements idempotency.Store.
+// Renew implements idempotency.Store, in one statement: it extends the lease
+// if key is pending under claim.Token (even if the lease ran out meanwhile),
+// or takes key back under claim if it is absent (no row, or an expired row,
+// whoever's it was: the sweeper may not have deleted it yet). Another owner's
+// live lease, or a live record, gives idempotency.ErrNotOwner. Claim.Held is
+// ignored: replicas sharing the table cannot tell a paused owner from a dead
+// one, so a lease runs out by the database's clock.
 func (s *Store) Renew(ctx context.Context, key string, claim idempotency.Claim) error {
 	if s.closed.Load() {
 		return idempotency.ErrClosed
 	}
-	token, lease := claim.Token, claim.Lease
-	if lease <= 0 {
-		return fmt.Errorf("pgstore: Renew needs a positive lease, got %v", lease)
+	if err := checkClaim("renew", key, claim); err != nil {
+		return err
 	}
-	tag, err := s.pool.Exec(ctx, s.sql.renew, []byte(key), token, micros(lease))
+	tag, err := s.pool.Exec(ctx, s.sql.renew, []byte(key), claim.Token, claim.Fingerprint, micros(claim.Lease))
 	if err != nil {
 		return fmt.Errorf("pgstore: renew: %w", err)
 	}
@@ -371,8 +438,8 @@ func (s *Store) Complete(ctx context.Context, key, token string, record []byte, 
 	if s.closed.Load() {
 		return idempotency.ErrClosed
 	}
-	if retention <= 0 {
-		return fmt.Errorf("pgstore: Complete needs a positive retention, got %v", retention)
+	if err := checkRecord(key, retention); err != nil {
+		return fmt.Errorf("pgstore: complete: %w", err)
 	}
 	tag, err := s.pool.Exec(ctx, s.sql.complete, []byte(key), token, record, micros(retention))
 	if err != nil {

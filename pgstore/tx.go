@@ -72,6 +72,31 @@ func (managedTx) Rollback(context.Context) error { return ErrManagedTx }
 // The transaction holds a pool connection until the call ends; a handler
 // that leaves the transaction in error (a failed statement not rolled back
 // to a savepoint) makes Complete roll back and report ErrRolledBack.
+//
+// Which calls it covers. ctx must carry the call's idempotency.Execution,
+// which the server interceptors put in the context they give a first
+// execution's handler, for every RPC kind: a unary handler's ctx, a
+// server-, client- or bidirectional-streaming handler's stream.Context(),
+// and any context derived from them (a timeout, a value). BeginTx returns
+// ErrNoExecution for a call without a key, a call run without idempotency
+// (a method that takes no part, a store that failed open), and a context not
+// derived from the handler's (context.Background() in a goroutine). A
+// replay never reaches the handler. The transaction ends with the call: a
+// goroutine that outlives the handler finds it committed or rolled back,
+// and BeginTx then returns ErrExecutionDone.
+//
+// When the answer leaves. A unary call's response is sent after the commit.
+// A stream's messages are sent as the handler sends them, before the
+// commit: if the commit then fails, the client has received messages, then
+// gets Aborted, and none of their writes exist. A stream's client should
+// take its messages as final only with the final status OK.
+//
+// Every outcome that is not stored rolls the writes back (Release): an
+// error code that is not cacheable, a stream the interceptor does not record
+// (see idempotency.StreamServerInterceptor), and, by the interceptors'
+// current rules, an outcome that outgrows WithMaxRecordSize or
+// WithMaxStreamMessages, although its handler succeeded and the client gets
+// its answer: keep transactional outcomes within those bounds.
 func (s *Store) BeginTx(ctx context.Context) (pgx.Tx, error) {
 	if s.closed.Load() {
 		return nil, idempotency.ErrClosed
@@ -123,13 +148,16 @@ func (s *Store) completeTx(ctx context.Context, st *txState, key, token string, 
 		st.tx.Rollback(rctx) // nothing to do about an error: the transaction cannot commit
 		return fmt.Errorf("pgstore: %w: "+format, append([]any{idempotency.ErrRolledBack}, args...)...)
 	}
+	if err := checkRecord(key, retention); err != nil {
+		// Wrapped too, so that errors.Is finds idempotency.ErrKeyTooLong;
+		// ErrRolledBack decides the answer (Aborted): nothing happened.
+		return fail("%w", err)
+	}
 	switch {
 	case s.closed.Load():
 		return fail("the store is closed")
 	case key != st.key || token != st.token:
 		return fail("the transaction belongs to another execution (key or token differ)")
-	case retention <= 0:
-		return fail("Complete needs a positive retention, got %v", retention)
 	}
 	conn := st.tx.Conn()
 	if conn.IsClosed() {

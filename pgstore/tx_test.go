@@ -58,7 +58,7 @@ func execution(t *testing.T, s *pgstore.Store, k string, lease time.Duration) (c
 		t.Fatalf("Reserve: %v, want acquired", e.State)
 	}
 	ctx := idempotency.ContextWithExecution(t.Context(), &idempotency.Execution{
-		Method: "/payments.v1.PaymentService/Charge", Key: k, StoreKey: k, Token: tok,
+		Method: "/idempotency.testing.v1.PaymentService/Charge", Key: k, StoreKey: k, Token: tok,
 	})
 	return context.WithoutCancel(ctx), tok
 }
