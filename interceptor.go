@@ -21,6 +21,8 @@ import (
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
+	spb "google.golang.org/genproto/googleapis/rpc/status"
+
 	idempotencyv1 "github.com/grpcidem/idempotency/proto/idempotency/v1"
 )
 
@@ -265,7 +267,11 @@ func (c *call) match(ctx context.Context, method string, got, want []byte) error
 }
 
 func (c *call) replayed(ctx context.Context, r reservation) {
-	c.event(ctx, Event{Kind: EventReplayed, Code: codes.Code(r.rec.GetStatus().GetCode()), Duration: time.Since(r.start)})
+	code := codes.Code(r.rec.GetStatus().GetCode())
+	if r.rec.Omitted != "" {
+		code = codes.FailedPrecondition
+	}
+	c.event(ctx, Event{Kind: EventReplayed, Code: code, Duration: time.Since(r.start)})
 }
 
 func (c *call) mismatch(ctx context.Context, otherMethod string) error {
@@ -394,22 +400,30 @@ func (c *call) finish(ctx context.Context, exec *Execution, rec *Record, cacheab
 	defer cancel()
 	code := codes.Code(rec.GetStatus().GetCode())
 	var data []byte
-	if cacheable && overflow == nil {
+	if cacheable {
 		now := time.Now()
 		rec.Method = c.method
 		rec.CreatedAt = timestamppb.New(now)
 		rec.ExpiresAt = timestamppb.New(now.Add(o.retention))
-		var err error
-		if data, err = proto.Marshal(rec); err != nil {
-			overflow = err
-		} else if len(data) > o.maxRecordSize {
-			overflow = fmt.Errorf("record of %d bytes exceeds the limit of %d (WithMaxRecordSize)", len(data), o.maxRecordSize)
+		if overflow == nil {
+			var err error
+			if data, err = proto.Marshal(rec); err != nil {
+				overflow = err
+			} else if len(data) > o.maxRecordSize {
+				overflow = fmt.Errorf("record of %d bytes exceeds the limit of %d (WithMaxRecordSize)", len(data), o.maxRecordSize)
+			}
 		}
-	}
-	if overflow != nil {
-		o.logger.Warn("idempotency: outcome not stored; key released, so a retry runs again", "method", c.method, "key", c.key, "err", overflow)
-		c.event(ctx, Event{Kind: EventRecordTooLarge, Code: code, Err: overflow})
-		cacheable = false
+		if overflow != nil {
+			c.event(ctx, Event{Kind: EventRecordTooLarge, Code: code, Err: overflow})
+			if o.rerunOversized {
+				o.logger.Warn("idempotency: outcome too large to store; key released, so a retry runs again (WithRerunOversized)", "method", c.method, "key", c.key, "err", overflow)
+				cacheable = false
+			} else {
+				o.logger.Warn("idempotency: outcome too large to store; the key keeps a status-only record, so a duplicate gets FailedPrecondition instead of running again",
+					"method", c.method, "key", c.key, "err", overflow)
+				data = statusOnly(rec, overflow)
+			}
+		}
 	}
 	var err error
 	if cacheable {
@@ -452,6 +466,35 @@ func (c *call) finish(ctx context.Context, exec *Execution, rec *Record, cacheab
 		return status.Errorf(codes.Aborted, "the call's transaction was rolled back, so it had no effect (%v); retry with the same %s", err, KeyHeader)
 	}
 	return nil
+}
+
+// statusOnly is the record kept for an outcome too large to store: the
+// request's fingerprint and the status code, with why the rest is missing.
+func statusOnly(rec *Record, why error) []byte {
+	msg := rec.GetStatus().GetMessage()
+	if len(msg) > 1024 {
+		msg = msg[:1024]
+	}
+	data, _ := proto.Marshal(&Record{
+		Method:         rec.Method,
+		Fingerprint:    rec.Fingerprint,
+		Status:         &spb.Status{Code: rec.GetStatus().GetCode(), Message: msg},
+		CreatedAt:      rec.CreatedAt,
+		ExpiresAt:      rec.ExpiresAt,
+		RequestsRead:   rec.RequestsRead,
+		RequestsClosed: rec.RequestsClosed,
+		Omitted:        why.Error(),
+	})
+	return data
+}
+
+// omittedError is the answer to a duplicate of a call whose outcome was too
+// large to store.
+func omittedError(rec *Record) error {
+	return status.Errorf(codes.FailedPrecondition,
+		"idempotency: this %s was already used for a call that ran, but its outcome was too large to store (%s), so it cannot be replayed; "+
+			"use a new key to run the call again (the server can raise WithMaxRecordSize or WithMaxStreamMessages)",
+		KeyHeader, rec.Omitted)
 }
 
 // retry runs op until it succeeds, fails for good (ErrNotOwner,
@@ -539,6 +582,9 @@ func (s *Server) unary(ctx context.Context, req any, info *grpc.UnaryServerInfo,
 func (c *call) replayUnary(ctx context.Context, rec *Record) (any, error) {
 	if err := grpc.SetHeader(ctx, replayHeader(rec)); err != nil {
 		return nil, err
+	}
+	if rec.Omitted != "" {
+		return nil, omittedError(rec)
 	}
 	if len(rec.Trailer) > 0 {
 		if err := grpc.SetTrailer(ctx, mdFromRecord(rec.Trailer, 0)); err != nil {

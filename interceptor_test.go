@@ -453,12 +453,16 @@ func TestObserverSeesEveryOutcome(t *testing.T) {
 	}})
 	ctx := withKey(testCtx(t), "k")
 	require.NoError(t, charge(ctx, e, chargeReq).err) // too large to store
-	require.NoError(t, charge(ctx, e, chargeReq).err) // so it runs again
+	// A status-only record refuses the duplicate instead of running it again.
+	err := charge(ctx, e, chargeReq).err
+	require.Equal(t, codes.FailedPrecondition, status.Code(err), "%v", err)
+	assert.Contains(t, status.Convert(err).Message(), "too large to store")
 	mu.Lock()
 	defer mu.Unlock()
-	assert.Equal(t, 2, kinds[idempotency.EventExecuted])
-	assert.Equal(t, 2, kinds[idempotency.EventRecordTooLarge])
-	assert.EqualValues(t, 2, e.svc.execs.Load())
+	assert.Equal(t, 1, kinds[idempotency.EventExecuted])
+	assert.Equal(t, 1, kinds[idempotency.EventRecordTooLarge])
+	assert.Equal(t, 1, kinds[idempotency.EventReplayed])
+	assert.EqualValues(t, 1, e.svc.execs.Load())
 }
 
 func TestExecutionInHandlerContext(t *testing.T) {

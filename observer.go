@@ -25,7 +25,8 @@ const (
 	// EventStoreError: a store call failed. Event.Err says which and why.
 	EventStoreError
 	// EventRecordTooLarge: the outcome outgrew WithMaxRecordSize or
-	// WithMaxStreamMessages; it was returned but not stored.
+	// WithMaxStreamMessages; it was returned, and only its status stored
+	// (or, with WithRerunOversized, nothing, and the key released).
 	EventRecordTooLarge
 	// EventFailOpen: the store failed and the handler ran without
 	// idempotency (WithFailOpen).

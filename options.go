@@ -37,6 +37,7 @@ type options struct {
 	failOpen       bool
 	maxRecordSize  int
 	maxStreamMsgs  int
+	rerunOversized bool
 	storeTimeout   time.Duration
 	logger         *slog.Logger
 	observer       func(Event)
@@ -243,10 +244,12 @@ func WithFailOpen() Option {
 }
 
 // WithMaxRecordSize bounds the size of a stored record in bytes: an outcome
-// that would be larger is returned to the caller but not stored, and its key
-// is released (EventRecordTooLarge). For streams it also bounds the memory
-// the interceptor holds while recording. Zero or less keeps the default,
-// 4 MiB.
+// that would be larger is returned to the caller, and its key keeps a
+// status-only record, so that a duplicate gets FailedPrecondition saying the
+// outcome was too large to replay rather than running the handler again
+// (EventRecordTooLarge; WithRerunOversized releases the key instead). For
+// streams it also bounds the memory the interceptor holds while recording.
+// Zero or less keeps the default, 4 MiB.
 func WithMaxRecordSize(n int) Option {
 	return func(o *options) {
 		if n > 0 {
@@ -256,14 +259,22 @@ func WithMaxRecordSize(n int) Option {
 }
 
 // WithMaxStreamMessages bounds how many sent messages a stream's record
-// holds; a stream that sends more is not stored and its key is released
-// (EventRecordTooLarge). Zero or less keeps the default, 1024.
+// holds; a stream that sends more is too large to store, as with
+// WithMaxRecordSize. Zero or less keeps the default, 1024.
 func WithMaxStreamMessages(n int) Option {
 	return func(o *options) {
 		if n > 0 {
 			o.maxStreamMsgs = n
 		}
 	}
+}
+
+// WithRerunOversized makes a duplicate of a call whose outcome was too large
+// to store run the handler again, as if the key had never been used: its key
+// is released instead of keeping a status-only record. Use it only for
+// methods whose handlers are idempotent by themselves.
+func WithRerunOversized() Option {
+	return func(o *options) { o.rerunOversized = true }
 }
 
 // WithStoreTimeout bounds the store calls that do not follow the caller's

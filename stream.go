@@ -311,6 +311,9 @@ func (c *call) replayStream(ss grpc.ServerStream, r reservation, types methodTyp
 	if info.IsClientStream {
 		c.replayed(ss.Context(), r)
 	}
+	if rec.Omitted != "" {
+		return omittedError(rec)
+	}
 	if len(rec.Trailer) > 0 {
 		ss.SetTrailer(mdFromRecord(rec.Trailer, 0))
 	}

@@ -464,17 +464,33 @@ func TestStreamRecordingBound(t *testing.T) {
 				require.NoError(t, first.err)
 				require.Len(t, first.msgs, int(b.outgrows), "the first caller gets the whole stream")
 				executed := ev.nextExecuted(t)
-				assert.False(t, executed.Stored)
-				assert.Equal(t, idempotency.Absent, lookup(t, store, "outgrows"), "nothing is stored, the key is released")
+				assert.True(t, executed.Stored, "a status-only record is stored")
 				tooLarge := ev.of(idempotency.EventRecordTooLarge)
 				require.Len(t, tooLarge, 1)
 				assert.ErrorContains(t, tooLarge[0].Err, b.want)
 				assert.Equal(t, "outgrows", tooLarge[0].Key)
 
+				// A duplicate is told why it cannot be replayed, and
+				// the handler does not run a second time.
 				again := installments(t, ctx, e, req)
+				require.Equal(t, codes.FailedPrecondition, status.Code(again.err), "%v", again.err)
+				assert.Contains(t, status.Convert(again.err).Message(), "too large to store")
+				assert.Contains(t, status.Convert(again.err).Message(), b.want)
+				assert.True(t, idempotency.IsReplayed(again.header))
+				assert.Empty(t, again.msgs)
+				execs--
+
+				// WithRerunOversized releases the key instead: the retry
+				// runs again.
+				e2 := newEnv(t, newStore(t), envConfig{server: []idempotency.Option{b.opt, idempotency.WithRerunOversized()}})
+				ctx2 := withKey(testCtx(t), "outgrows-rerun")
+				first = installments(t, ctx2, e2, req)
+				require.NoError(t, first.err)
+				again = installments(t, ctx2, e2, req)
 				require.NoError(t, again.err)
 				assert.False(t, idempotency.IsReplayed(again.header), "a retry runs again")
 				assert.NotEqual(t, first.ids, again.ids)
+				assert.Equal(t, int64(2), e2.svc.execs.Load())
 				assert.Equal(t, execs, e.svc.execs.Load())
 			})
 		}
@@ -519,9 +535,12 @@ func TestStreamRecordingMemoryIsBounded(t *testing.T) {
 			}
 		}
 		require.Equal(t, count, n, "the caller gets every message")
-		assert.False(t, ev.nextExecuted(t).Stored)
+		assert.True(t, ev.nextExecuted(t).Stored, "a status-only record")
 		require.Len(t, ev.of(idempotency.EventRecordTooLarge), 1)
-		assert.Equal(t, idempotency.Absent, lookup(t, store, "long"))
+		stored, err := store.Lookup(testCtx(t), idempotency.StoreKey("", "long"))
+		require.NoError(t, err)
+		require.Equal(t, idempotency.Completed, stored.State)
+		assert.Less(t, len(stored.Record), 1024, "the record keeps the status only")
 
 		growth := int64(peak) - int64(before)
 		t.Logf("live heap grew by %d KiB while %d MiB passed through", growth>>10, count*msgSize>>20)

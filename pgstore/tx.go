@@ -92,11 +92,13 @@ func (managedTx) Rollback(context.Context) error { return ErrManagedTx }
 // take its messages as final only with the final status OK.
 //
 // Every outcome that is not stored rolls the writes back (Release): an
-// error code that is not cacheable, a stream the interceptor does not record
-// (see idempotency.StreamServerInterceptor), and, by the interceptors'
-// current rules, an outcome that outgrows WithMaxRecordSize or
-// WithMaxStreamMessages, although its handler succeeded and the client gets
-// its answer: keep transactional outcomes within those bounds.
+// error code that is not cacheable, and a stream whose requests were cut
+// short or whose send failed (see idempotency.Server.StreamServerInterceptor).
+// An outcome that outgrows WithMaxRecordSize or WithMaxStreamMessages
+// commits its writes with a status-only record (a duplicate is refused with
+// FailedPrecondition), unless the server set WithRerunOversized, which
+// releases the key and so rolls the writes back while the client still gets
+// the handler's answer: do not combine the two.
 func (s *Store) BeginTx(ctx context.Context) (pgx.Tx, error) {
 	if s.closed.Load() {
 		return nil, idempotency.ErrClosed

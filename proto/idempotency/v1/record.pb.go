@@ -55,8 +55,14 @@ type Record struct {
 	// fingerprints, so a handler that stopped reading early is replayed too.
 	RequestsRead   int64 `protobuf:"varint,9,opt,name=requests_read,json=requestsRead,proto3" json:"requests_read,omitempty"`
 	RequestsClosed bool  `protobuf:"varint,10,opt,name=requests_closed,json=requestsClosed,proto3" json:"requests_closed,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// Set when the first execution's outcome was too large to store (over
+	// WithMaxRecordSize or WithMaxStreamMessages): why. The record then keeps
+	// the status but no responses, header or trailer, and a duplicate is
+	// refused with FailedPrecondition saying so, instead of running the
+	// handler a second time.
+	Omitted       string `protobuf:"bytes,11,opt,name=omitted,proto3" json:"omitted,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Record) Reset() {
@@ -159,6 +165,13 @@ func (x *Record) GetRequestsClosed() bool {
 	return false
 }
 
+func (x *Record) GetOmitted() string {
+	if x != nil {
+		return x.Omitted
+	}
+	return ""
+}
+
 // Metadata is one metadata key with its values, in order. Values are bytes so
 // that binary ("-bin") headers round-trip exactly.
 type Metadata struct {
@@ -217,7 +230,7 @@ var File_idempotency_v1_record_proto protoreflect.FileDescriptor
 
 const file_idempotency_v1_record_proto_rawDesc = "" +
 	"\n" +
-	"\x1bidempotency/v1/record.proto\x12\x0eidempotency.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\"\xb6\x03\n" +
+	"\x1bidempotency/v1/record.proto\x12\x0eidempotency.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\"\xd0\x03\n" +
 	"\x06Record\x12\x16\n" +
 	"\x06method\x18\x01 \x01(\tR\x06method\x12 \n" +
 	"\vfingerprint\x18\x02 \x01(\fR\vfingerprint\x12*\n" +
@@ -231,7 +244,8 @@ const file_idempotency_v1_record_proto_rawDesc = "" +
 	"expires_at\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\texpiresAt\x12#\n" +
 	"\rrequests_read\x18\t \x01(\x03R\frequestsRead\x12'\n" +
 	"\x0frequests_closed\x18\n" +
-	" \x01(\bR\x0erequestsClosed\"4\n" +
+	" \x01(\bR\x0erequestsClosed\x12\x18\n" +
+	"\aomitted\x18\v \x01(\tR\aomitted\"4\n" +
 	"\bMetadata\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x16\n" +
 	"\x06values\x18\x02 \x03(\fR\x06valuesBDZBgithub.com/grpcidem/idempotency/proto/idempotency/v1;idempotencyv1b\x06proto3"
