@@ -1,15 +1,12 @@
 package idempotency_test
 
 import (
-	"bufio"
 	"context"
 	"fmt"
 	"io"
 	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -95,8 +92,8 @@ func TestBoltKilledMidLoadKeepsEveryAnswer(t *testing.T) {
 		acked = map[string]ack{}
 	)
 	for round := range 3 {
-		addr, kill := startCrashChild(t, path)
-		conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+		child := startServerProcess(t, "TestBoltKilledMidLoadKeepsEveryAnswer", crashChildEnv+"="+path)
+		conn, err := grpc.NewClient(child.addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
 		require.NoError(t, err)
 		client := testpb.NewPaymentServiceClient(conn)
 
@@ -133,7 +130,7 @@ func TestBoltKilledMidLoadKeepsEveryAnswer(t *testing.T) {
 			time.Sleep(time.Millisecond)
 		}
 		killed.Store(true)
-		kill()
+		child.kill()
 		stop()
 		wg.Wait()
 		conn.Close()
@@ -154,42 +151,6 @@ func TestBoltKilledMidLoadKeepsEveryAnswer(t *testing.T) {
 	}
 	assert.Zero(t, e.svc.execs.Load(), "no answered call ran again")
 	t.Logf("%d answers, all replayed after 3 kills", len(acked))
-}
-
-// startCrashChild starts this test binary as a server on path and returns
-// its address and a function that kills it with SIGKILL and waits for it.
-func startCrashChild(t *testing.T, path string) (string, func()) {
-	t.Helper()
-	cmd := exec.Command(os.Args[0], "-test.run=^TestBoltKilledMidLoadKeepsEveryAnswer$", "-test.count=1")
-	cmd.Env = append(os.Environ(), crashChildEnv+"="+path)
-	cmd.Stderr = os.Stderr
-	out, err := cmd.StdoutPipe()
-	require.NoError(t, err)
-	require.NoError(t, cmd.Start())
-	var once sync.Once
-	kill := func() {
-		once.Do(func() {
-			_ = cmd.Process.Kill()
-			_ = cmd.Wait()
-		})
-	}
-	t.Cleanup(kill)
-	addr := make(chan string, 1)
-	go func() {
-		sc := bufio.NewScanner(out)
-		for sc.Scan() {
-			if a, ok := strings.CutPrefix(sc.Text(), "ADDR "); ok {
-				addr <- a
-			}
-		}
-	}()
-	select {
-	case a := <-addr:
-		return a, kill
-	case <-time.After(30 * time.Second):
-		t.Fatal("the server process did not start")
-		return "", nil
-	}
 }
 
 // crashChild is the server process: it serves the payments service with

@@ -1,15 +1,20 @@
 package idempotency_test
 
 import (
+	"bufio"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
 	"errors"
 	"io"
 	"net"
+	"os"
+	"os/exec"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -336,4 +341,51 @@ func mustServer(store idempotency.Store, opts ...idempotency.Option) *idempotenc
 		panic(err)
 	}
 	return s
+}
+
+// serverProcess is this test binary run again as a server, by the test named
+// run, with env set; the child prints "ADDR host:port" once it serves.
+type serverProcess struct {
+	addr string
+	cmd  *exec.Cmd
+	once sync.Once
+}
+
+// startServerProcess starts it and waits for its address. The process is
+// killed (and resumed first, if it was stopped) when the test ends.
+func startServerProcess(t *testing.T, run, env string) *serverProcess {
+	t.Helper()
+	cmd := exec.Command(os.Args[0], "-test.run=^"+run+"$", "-test.count=1")
+	cmd.Env = append(os.Environ(), env)
+	cmd.Stderr = os.Stderr
+	out, err := cmd.StdoutPipe()
+	require.NoError(t, err)
+	require.NoError(t, cmd.Start())
+	p := &serverProcess{cmd: cmd}
+	t.Cleanup(p.kill)
+	addr := make(chan string, 1)
+	go func() {
+		sc := bufio.NewScanner(out)
+		for sc.Scan() {
+			if a, ok := strings.CutPrefix(sc.Text(), "ADDR "); ok {
+				addr <- a
+			}
+		}
+	}()
+	select {
+	case p.addr = <-addr:
+		return p
+	case <-time.After(30 * time.Second):
+		t.Fatal("the server process did not start")
+		return nil
+	}
+}
+
+// kill ends the process with SIGKILL and waits for it.
+func (p *serverProcess) kill() {
+	p.once.Do(func() {
+		_ = p.cmd.Process.Signal(syscall.SIGCONT)
+		_ = p.cmd.Process.Kill()
+		_ = p.cmd.Wait()
+	})
 }

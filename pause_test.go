@@ -1,12 +1,10 @@
 package idempotency_test
 
 import (
-	"bufio"
 	"context"
 	"fmt"
 	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -45,8 +43,8 @@ func TestPausedProcessKeepsItsKeys(t *testing.T) {
 	for _, kind := range []string{"memory", "bolt"} {
 		t.Run(kind, func(t *testing.T) {
 			spec := kind + ":" + filepath.Join(t.TempDir(), "idem.db")
-			addr, child := startPauseChild(t, spec)
-			conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+			child := startServerProcess(t, "TestPausedProcessKeepsItsKeys", pauseChildEnv+"="+spec)
+			conn, err := grpc.NewClient(child.addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
 			require.NoError(t, err)
 			defer conn.Close()
 			client := testpb.NewPaymentServiceClient(conn)
@@ -74,9 +72,9 @@ func TestPausedProcessKeepsItsKeys(t *testing.T) {
 				time.Sleep(200 * time.Millisecond) // the duplicate waits
 
 				// Paused for 2.5 leases, in the middle of a 3 s handler.
-				require.NoError(t, child.Signal(syscall.SIGSTOP))
+				require.NoError(t, child.cmd.Process.Signal(syscall.SIGSTOP))
 				time.Sleep(2500 * time.Millisecond)
-				require.NoError(t, child.Signal(syscall.SIGCONT))
+				require.NoError(t, child.cmd.Process.Signal(syscall.SIGCONT))
 				time.Sleep(500 * time.Millisecond)
 				answers[2] = call()
 				wg.Wait()
@@ -92,39 +90,6 @@ func TestPausedProcessKeepsItsKeys(t *testing.T) {
 				}
 			}
 		})
-	}
-}
-
-// startPauseChild starts this test binary as a server (spec: "memory:path"
-// or "bolt:path") and returns its address and process.
-func startPauseChild(t *testing.T, spec string) (string, *os.Process) {
-	t.Helper()
-	cmd := exec.Command(os.Args[0], "-test.run=^TestPausedProcessKeepsItsKeys$", "-test.count=1")
-	cmd.Env = append(os.Environ(), pauseChildEnv+"="+spec)
-	cmd.Stderr = os.Stderr
-	out, err := cmd.StdoutPipe()
-	require.NoError(t, err)
-	require.NoError(t, cmd.Start())
-	t.Cleanup(func() {
-		_ = cmd.Process.Signal(syscall.SIGCONT)
-		_ = cmd.Process.Kill()
-		_ = cmd.Wait()
-	})
-	addr := make(chan string, 1)
-	go func() {
-		sc := bufio.NewScanner(out)
-		for sc.Scan() {
-			if a, ok := strings.CutPrefix(sc.Text(), "ADDR "); ok {
-				addr <- a
-			}
-		}
-	}()
-	select {
-	case a := <-addr:
-		return a, cmd.Process
-	case <-time.After(30 * time.Second):
-		t.Fatal("the server process did not start")
-		return "", nil
 	}
 }
 
