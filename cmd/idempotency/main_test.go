@@ -32,10 +32,6 @@ import (
 // and closes it.
 func seed(t *testing.T) string {
 	t.Helper()
-	path := filepath.Join(t.TempDir(), "idem.db")
-	s, err := boltstore.Open(path)
-	require.NoError(t, err)
-	defer s.Close()
 	st, err := status.New(codes.InvalidArgument, "amount must be positive").WithDetails(&errdetails.BadRequest{})
 	require.NoError(t, err)
 	now := time.Now()
@@ -53,6 +49,17 @@ func seed(t *testing.T) string {
 			CreatedAt: timestamppb.New(now), ExpiresAt: timestamppb.New(now.Add(time.Hour)),
 		},
 	}
+	return seedRecords(t, records)
+}
+
+// seedRecords writes records, by store key, into a new bbolt store, as the
+// interceptor would, and closes it.
+func seedRecords(t *testing.T, records map[string]*idempotencyv1.Record) string {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "idem.db")
+	s, err := boltstore.Open(path)
+	require.NoError(t, err)
+	defer s.Close()
 	ctx := context.Background()
 	for key, rec := range records {
 		data, err := proto.Marshal(rec)
@@ -130,8 +137,8 @@ func TestUsageAndErrors(t *testing.T) {
 		{[]string{"show", "-db", db}, 2, "exactly one KEY"},
 		{[]string{"list", "-db", db, "extra"}, 2, "unexpected arguments"},
 		{[]string{"list", "-db", filepath.Join(t.TempDir(), "missing.db")}, 1, "no such file"},
-		{[]string{"salvage", "-db", db}, 2, "salvage requires it"},
-		{[]string{"list", "-db", db, "-out", "x.db"}, 2, "-out is for salvage"},
+		{[]string{"salvage", "-db", db}, 2, "-out NEW is required"},
+		{[]string{"list", "-db", db, "-out", "x.db"}, 2, "flag provided but not defined: -out"},
 		{[]string{"salvage", "-db", db, "-out", db}, 1, "exists"},
 		{[]string{"check", "-db", filepath.Join(t.TempDir(), "missing.db")}, 1, "no such file"},
 	} {
@@ -375,5 +382,169 @@ func TestCheckAndSalvageNeverPanic(t *testing.T) {
 			assert.Equal(t, 0, code, errOut)
 			t.Log(out[strings.LastIndex(out[:len(out)-1], "\n")+1:])
 		})
+	}
+}
+
+// okRecord is a successful unary record of method, with one response.
+func okRecord(method string, response []byte) *idempotencyv1.Record {
+	now := time.Now()
+	return &idempotencyv1.Record{
+		Method: method, Fingerprint: []byte{0x01, 0x23},
+		Status:    status.New(codes.OK, "").Proto(),
+		Responses: [][]byte{response},
+		CreatedAt: timestamppb.New(now), ExpiresAt: timestamppb.New(now.Add(time.Hour)),
+	}
+}
+
+// TestFlagsAnywhere runs commands with their flags before, between and after
+// the command and KEY, as operators type them: each finds the record in
+// scope "public" (the payments example's scope) and none reports a missing
+// -db. Before, flags after KEY were left unparsed: "-db is required".
+func TestFlagsAnywhere(t *testing.T) {
+	db := seedRecords(t, map[string]*idempotencyv1.Record{
+		idempotency.StoreKey("public", "order-1"): okRecord("/payments.v1.PaymentService/Charge", []byte("r")),
+		idempotency.StoreKey("public", "-dash"):   okRecord("/payments.v1.PaymentService/Charge", []byte("r")),
+	})
+	for _, tc := range []struct {
+		args []string
+		code int
+		want string // on stdout for 0, stderr otherwise
+	}{
+		{[]string{"show", "order-1", "-db", db, "-scope", "public"}, 0, `scope:       "public"`},
+		{[]string{"show", "-db", db, "order-1", "-scope", "public"}, 0, `scope:       "public"`},
+		{[]string{"show", "-scope", "public", "order-1", "-db", db}, 0, `scope:       "public"`},
+		{[]string{"show", "order-1", "-db=" + db, "--scope=public"}, 0, `scope:       "public"`},
+		{[]string{"-db", db, "show", "-scope", "public", "order-1"}, 0, `scope:       "public"`},
+		{[]string{"-db", db, "-scope", "public", "show", "order-1"}, 0, `scope:       "public"`},
+		{[]string{"forget", "order-1", "-db", db, "-scope", "public"}, 0, `forgot key "order-1" in scope "public"`},
+		// After a "--" that ends the flags, what looks like a flag is a KEY.
+		{[]string{"show", "-db", db, "-scope", "public", "--", "-dash"}, 0, `key:         "-dash"`},
+		{[]string{"show", "-db", db, "--", "-dash", "-scope"}, 2, "exactly one KEY"},
+		// A "--" that is -scope's value does not end the flags: the key is
+		// looked up in scope "--".
+		{[]string{"show", "-db", db, "-scope", "--", "--", "order-1"}, 1, `no record for key "order-1" in scope "--"`},
+	} {
+		code, out, errOut := cli(tc.args...)
+		assert.Equal(t, tc.code, code, "%q: %s", tc.args, errOut)
+		if tc.code == 0 {
+			assert.Contains(t, out, tc.want, "%q", tc.args)
+			assert.Empty(t, errOut, "%q", tc.args)
+		} else {
+			assert.Contains(t, errOut, tc.want, "%q", tc.args)
+		}
+	}
+	for _, args := range [][]string{
+		{"list", "-limit", "1", "-db", db},
+		{"list", "-db", db, "-limit", "1"},
+		{"-limit", "1", "list", "-db", db},
+	} {
+		code, out, errOut := cli(args...)
+		assert.Equal(t, 0, code, "%q: %s", args, errOut)
+		assert.Equal(t, 1, strings.Count(out, "scope="), "%q: -limit 1 obeyed: %s", args, out)
+	}
+}
+
+// TestHelp asks for help every way a Go tool takes it: the usage goes to
+// stdout and the exit status is 0. Asking for a command that does not exist,
+// or for nothing at all, is a usage error: usage on stderr, exit 2. Before,
+// -h and help were "unknown command".
+func TestHelp(t *testing.T) {
+	for _, tc := range []struct {
+		args []string
+		want string // on stdout
+	}{
+		{[]string{"-h"}, "usage: idempotency COMMAND"},
+		{[]string{"-help"}, "usage: idempotency COMMAND"},
+		{[]string{"--help"}, "usage: idempotency COMMAND"},
+		{[]string{"help"}, "usage: idempotency COMMAND"},
+		{[]string{"help", "show"}, "usage: idempotency show -db FILE"},
+		{[]string{"show", "-h"}, "usage: idempotency show -db FILE"},
+		{[]string{"show", "--help"}, "usage: idempotency show -db FILE"},
+		{[]string{"show", "order-1", "-db", "x.db", "-h"}, "usage: idempotency show -db FILE"},
+		{[]string{"list", "-help"}, "usage: idempotency list -db FILE"},
+		{[]string{"help", "forget"}, "usage: idempotency forget -db FILE"},
+		{[]string{"help", "sweep"}, "usage: idempotency sweep -db FILE"},
+		{[]string{"help", "check"}, "usage: idempotency check -db FILE"},
+		{[]string{"salvage", "-h"}, "usage: idempotency salvage -db FILE -out NEW"},
+	} {
+		code, out, errOut := cli(tc.args...)
+		assert.Equal(t, 0, code, "%q", tc.args)
+		assert.Contains(t, out, tc.want, "%q", tc.args)
+		assert.Empty(t, errOut, "%q", tc.args)
+	}
+
+	// The examples name the file and the scope the payments example's server
+	// writes (examples/payments/internal/app: -db payments-idem.db, tenant
+	// "public"), not ones it never does.
+	_, out, _ := cli("help")
+	for _, want := range []string{
+		"idempotency list -db payments-idem.db",
+		"idempotency show -db payments-idem.db -scope public order-1001",
+		"idempotency forget -db payments-idem.db -scope public order-1001",
+	} {
+		assert.Contains(t, out, want)
+	}
+	for _, args := range [][]string{{"help"}, {"help", "show"}, {"help", "list"}, {"help", "forget"}, {"help", "salvage"}} {
+		_, out, _ := cli(args...)
+		assert.Contains(t, out, "payments-idem.db", "%q", args)
+		assert.NotContains(t, out, "idempotency.db", "%q", args)
+		assert.NotContains(t, out, "tenant-a", "%q", args)
+	}
+	_, out, _ = cli("help", "show")
+	assert.Contains(t, out, "-scope public")
+
+	for _, tc := range []struct {
+		args []string
+		want string // on stderr
+	}{
+		{nil, "usage: idempotency COMMAND"},
+		{[]string{"drop"}, "idempotency: unknown command \"drop\"\n\nusage: idempotency COMMAND"},
+		{[]string{"help", "drop"}, "idempotency help: unknown command \"drop\"\n\nusage: idempotency COMMAND"},
+		{[]string{"-db", "x.db"}, "idempotency: no command given"},
+	} {
+		code, out, errOut := cli(tc.args...)
+		assert.Equal(t, 2, code, "%q", tc.args)
+		assert.Contains(t, errOut, tc.want, "%q", tc.args)
+		assert.Empty(t, out, "%q", tc.args)
+	}
+}
+
+// TestUsageErrorsExit2 checks that every command refuses a command line it
+// cannot run with a message, its usage line and exit status 2, before it
+// touches any file: a missing -db above all.
+func TestUsageErrorsExit2(t *testing.T) {
+	db := seed(t)
+	type tc struct {
+		args []string
+		want string
+	}
+	var cases []tc
+	for _, cmd := range []string{"list", "show", "forget", "sweep", "check", "salvage"} {
+		args := []string{cmd}
+		switch cmd {
+		case "show", "forget":
+			args = append(args, "order-1", "-scope", "public")
+		case "salvage":
+			args = append(args, "-out", filepath.Join(t.TempDir(), "new.db"))
+		}
+		cases = append(cases, tc{args, "idempotency " + cmd + ": -db is required"})
+	}
+	cases = append(cases,
+		tc{[]string{"show", "-db", db}, "idempotency show: give exactly one KEY"},
+		tc{[]string{"forget", "-db", db, "a", "b"}, "idempotency forget: give exactly one KEY"},
+		tc{[]string{"sweep", "-db", db, "extra"}, `idempotency sweep: unexpected arguments ["extra"]`},
+		tc{[]string{"show", "-db", db, "-bogus", "k"}, "idempotency show: flag provided but not defined: -bogus"},
+		tc{[]string{"list", "-db", db, "-limit", "x"}, `idempotency list: invalid value "x" for flag -limit`},
+		tc{[]string{"list", "-db", db, "-limit", "-1"}, "idempotency list: -limit is -1"},
+		tc{[]string{"check", "-db", db, "-scope", "public"}, "idempotency check: flag provided but not defined: -scope"},
+		tc{[]string{"salvage", "-db", db}, "idempotency salvage: -out NEW is required"},
+		tc{[]string{"show", "-db"}, "idempotency show: flag needs an argument: -db"},
+	)
+	for _, c := range cases {
+		code, out, errOut := cli(c.args...)
+		assert.Equal(t, 2, code, "%q", c.args)
+		assert.Contains(t, errOut, c.want, "%q", c.args)
+		assert.Contains(t, errOut, "usage: idempotency "+c.args[0], "%q", c.args)
+		assert.Empty(t, out, "%q", c.args)
 	}
 }
