@@ -99,7 +99,8 @@ var commands = []*command{{
 	short:    "one line per live record",
 	long: `List prints one line per live (unexpired) record, in store-key order: its
 scope, key, method, status code, number of responses, and when it was created
-and expires; then how many records the file holds.`,
+and expires; then how many live records the file holds: all of them are
+counted, also when -limit prints fewer ("3 of 11 records shown").`,
 	examples: []string{"idempotency list -db payments-idem.db -limit 20"},
 }, {
 	name: "show", flags: []string{"db", "scope"}, key: true,
@@ -405,16 +406,26 @@ func dispatch(store *boltstore.Store, cmd string, o *options, out io.Writer) err
 	scope, key, limit := o.scope, o.key, o.limit
 	switch cmd {
 	case "list":
-		n := 0
+		// Every record is counted, so that the summary says how many -limit
+		// left out: the scan is cheap next to what an operator waits for.
+		shown, total := 0, 0
 		err := store.Records(func(storeKey string, e idempotency.Entry) bool {
-			printLine(out, storeKey, e)
-			n++
-			return limit <= 0 || n < limit
+			total++
+			if limit <= 0 || shown < limit {
+				printLine(out, storeKey, e)
+				shown++
+			}
+			return true
 		})
-		if err == nil {
-			fmt.Fprintf(out, "%d records\n", n)
+		if err != nil {
+			return err
 		}
-		return err
+		if shown < total {
+			fmt.Fprintf(out, "%d of %s shown (-limit %d; -limit 0 shows all)\n", shown, plural(total, "record"), limit)
+		} else {
+			fmt.Fprintln(out, plural(total, "record"))
+		}
+		return nil
 	case "show":
 		e, err := store.Lookup(context.Background(), idempotency.StoreKey(scope, key))
 		if err != nil {
@@ -442,6 +453,13 @@ func dispatch(store *boltstore.Store, cmd string, o *options, out io.Writer) err
 		return err
 	}
 	return errors.New("unreachable")
+}
+
+func plural(n int, noun string) string {
+	if n == 1 {
+		return "1 " + noun
+	}
+	return fmt.Sprintf("%d %ss", n, noun)
 }
 
 func decode(e idempotency.Entry) (*idempotency.Record, error) {

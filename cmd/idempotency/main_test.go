@@ -88,7 +88,7 @@ func TestListShowForgetSweep(t *testing.T) {
 
 	code, out, _ = cli("list", "-db", db, "-limit", "1")
 	require.Equal(t, 0, code)
-	assert.Contains(t, out, "1 records")
+	assert.Contains(t, out, "1 of 2 records shown")
 
 	code, out, errOut = cli("show", "-db", db, "-scope", "tenant/a", "order-1")
 	require.Equal(t, 0, code, errOut)
@@ -121,7 +121,7 @@ func TestListShowForgetSweep(t *testing.T) {
 	assert.Contains(t, out, "swept 0 expired records")
 	code, out, _ = cli("list", "-db", db)
 	require.Equal(t, 0, code)
-	assert.Contains(t, out, "1 records")
+	assert.Contains(t, out, "1 record\n")
 }
 
 func TestUsageAndErrors(t *testing.T) {
@@ -546,5 +546,37 @@ func TestUsageErrorsExit2(t *testing.T) {
 		assert.Contains(t, errOut, c.want, "%q", c.args)
 		assert.Contains(t, errOut, "usage: idempotency "+c.args[0], "%q", c.args)
 		assert.Empty(t, out, "%q", c.args)
+	}
+}
+
+// TestListLimitCountsAll checks list's summary against the file: -limit
+// bounds the lines printed, not the count. Before, `list -limit 3` on a file
+// of 11 records said "3 records".
+func TestListLimitCountsAll(t *testing.T) {
+	records := map[string]*idempotencyv1.Record{}
+	for i := range 11 {
+		records[idempotency.StoreKey("public", fmt.Sprintf("order-%02d", i))] = okRecord("/payments.v1.PaymentService/Charge", []byte("r"))
+	}
+	db := seedRecords(t, records)
+	one := seedRecords(t, map[string]*idempotencyv1.Record{
+		idempotency.StoreKey("public", "order-1"): okRecord("/payments.v1.PaymentService/Charge", []byte("r")),
+	})
+	for _, tc := range []struct {
+		args    []string
+		lines   int
+		summary string
+	}{
+		{[]string{"list", "-db", db, "-limit", "3"}, 3, "3 of 11 records shown (-limit 3; -limit 0 shows all)\n"},
+		{[]string{"list", "-limit", "10", "-db", db}, 10, "10 of 11 records shown"},
+		{[]string{"list", "-db", db, "-limit", "11"}, 11, "11 records\n"},
+		{[]string{"list", "-db", db, "-limit", "50"}, 11, "11 records\n"},
+		{[]string{"list", "-db", db}, 11, "11 records\n"},
+		{[]string{"list", "-db", one}, 1, "1 record\n"},
+	} {
+		code, out, errOut := cli(tc.args...)
+		require.Equal(t, 0, code, "%q: %s", tc.args, errOut)
+		assert.Equal(t, tc.lines, strings.Count(out, "scope=\"public\""), "%q", tc.args)
+		last := out[strings.LastIndex(strings.TrimSuffix(out, "\n"), "\n")+1:]
+		assert.True(t, strings.HasPrefix(last, tc.summary), "%q: the summary is %q", tc.args, last)
 	}
 }
