@@ -3,7 +3,7 @@
 // (or was not) charged again.
 //
 //	idempotency list    -db FILE [-limit N]                one line per live record
-//	idempotency show    -db FILE [-scope SCOPE] KEY        one record in full
+//	idempotency show    -db FILE [-scope SCOPE] [-json] KEY one record in full
 //	idempotency forget  -db FILE [-scope SCOPE] KEY        delete a record: the next call with KEY runs again
 //	idempotency sweep   -db FILE                           delete expired records now
 //	idempotency check   -db FILE                           check the file for damage (exit 1 if damaged)
@@ -103,15 +103,24 @@ and expires; then how many live records the file holds: all of them are
 counted, also when -limit prints fewer ("3 of 11 records shown").`,
 	examples: []string{"idempotency list -db payments-idem.db -limit 20"},
 }, {
-	name: "show", flags: []string{"db", "scope"}, key: true,
-	synopsis: "-db FILE [-scope SCOPE] KEY",
+	name: "show", flags: []string{"db", "scope", "json"}, key: true,
+	synopsis: "-db FILE [-scope SCOPE] [-json] KEY",
 	short:    "one record in full",
 	long: `Show prints the record stored for KEY in SCOPE: its method, status (code,
 message and details), header and trailer metadata, when it was created and
-expires, the fingerprint of its requests, and every stored response.`,
+expires, the fingerprint of its requests, and every stored response.
+
+A response (or a status detail) whose message type is linked into this tool
+is printed as protojson; any other is printed as its wire fields, one a line:
+field number, wire type and value, with text quoted and bytes that parse as
+a message decoded as one, indented. -bin metadata values are base64, as gRPC
+sends them. With -json, show prints the whole record as one JSON object:
+scope, key, method, status {code, codeName, message, details}, header and
+trailer (key: [values]), responses [{type, size, message | wire, bytes}],
+createdAt, expiresAt, fingerprint (hex).`,
 	examples: []string{
 		"idempotency show -db payments-idem.db -scope public order-1001",
-		"idempotency show order-1001 -db payments-idem.db -scope public",
+		"idempotency show order-1001 -db payments-idem.db -scope public -json",
 	},
 }, {
 	name: "forget", flags: []string{"db", "scope"}, key: true,
@@ -434,7 +443,7 @@ func dispatch(store *boltstore.Store, cmd string, o *options, out io.Writer) err
 		if e.State != idempotency.Completed {
 			return fmt.Errorf("no record for key %q in scope %q", key, scope)
 		}
-		return printRecord(out, scope, key, e)
+		return printRecord(out, scope, key, e, o.json)
 	case "forget":
 		found, err := store.Forget(idempotency.StoreKey(scope, key))
 		if err != nil {
@@ -480,46 +489,6 @@ func printLine(out io.Writer, storeKey string, e idempotency.Entry) {
 	fmt.Fprintf(out, "scope=%q key=%q  %s  %s  responses=%d  created=%s  expires=%s\n",
 		scope, key, rec.Method, codes.Code(rec.GetStatus().GetCode()), len(rec.Responses),
 		rec.CreatedAt.AsTime().Format(time.RFC3339), e.Expires.UTC().Format(time.RFC3339))
-}
-
-func printRecord(out io.Writer, scope, key string, e idempotency.Entry) error {
-	rec, err := decode(e)
-	if err != nil {
-		return err
-	}
-	st := rec.GetStatus()
-	fmt.Fprintf(out, "scope:       %q\nkey:         %q\nmethod:      %s\n", scope, key, rec.Method)
-	fmt.Fprintf(out, "status:      %s %q\n", codes.Code(st.GetCode()), st.GetMessage())
-	for _, d := range st.GetDetails() {
-		fmt.Fprintf(out, "  detail:    %s (%d bytes)\n", d.GetTypeUrl(), len(d.GetValue()))
-	}
-	fmt.Fprintf(out, "created:     %s\nexpires:     %s\nfingerprint: %x\n",
-		rec.CreatedAt.AsTime().Format(time.RFC3339Nano), e.Expires.UTC().Format(time.RFC3339Nano), rec.Fingerprint)
-	for _, md := range rec.Header {
-		fmt.Fprintf(out, "header:      %s: %s\n", md.Key, values(md.Key, md.Values))
-	}
-	for _, md := range rec.Trailer {
-		fmt.Fprintf(out, "trailer:     %s: %s\n", md.Key, values(md.Key, md.Values))
-	}
-	for i, r := range rec.Responses {
-		fmt.Fprintf(out, "response %d:  %d bytes\n", i+1, len(r))
-	}
-	if rec.RequestsRead > 0 {
-		fmt.Fprintf(out, "requests:    %d read, end of stream read: %v\n", rec.RequestsRead, rec.RequestsClosed)
-	}
-	return nil
-}
-
-func values(key string, vs [][]byte) string {
-	parts := make([]string, len(vs))
-	for i, v := range vs {
-		if strings.HasSuffix(key, "-bin") {
-			parts[i] = fmt.Sprintf("%x", v)
-		} else {
-			parts[i] = fmt.Sprintf("%q", v)
-		}
-	}
-	return strings.Join(parts, ", ")
 }
 
 // check runs CheckBolt on the file at path and prints its report: exit 0 if

@@ -4,8 +4,11 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"encoding/base64"
+	"encoding/json"
 	"fmt"
 	"io"
+	"math"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -18,11 +21,16 @@ import (
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/encoding/protowire"
 	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/anypb"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/grpcidem/idempotency"
 	"github.com/grpcidem/idempotency/internal/boltraw"
+	// The test PaymentService, linked in (and so registered) only in this
+	// test binary: show prints its responses as protojson.
+	"github.com/grpcidem/idempotency/internal/testpb"
 	idempotencyv1 "github.com/grpcidem/idempotency/proto/idempotency/v1"
 
 	"github.com/grpcidem/idempotency/boltstore"
@@ -93,7 +101,7 @@ func TestListShowForgetSweep(t *testing.T) {
 	code, out, errOut = cli("show", "-db", db, "-scope", "tenant/a", "order-1")
 	require.Equal(t, 0, code, errOut)
 	assert.Contains(t, out, `status:      OK ""`)
-	assert.Contains(t, out, "header:      x-sig-bin: 00ff")
+	assert.Contains(t, out, "header:      x-sig-bin: AP8=")
 	assert.Contains(t, out, `trailer:     x-ledger: "entry-1"`)
 	assert.Contains(t, out, "response 1:  4 bytes")
 	assert.Contains(t, out, "fingerprint: abcd")
@@ -101,7 +109,7 @@ func TestListShowForgetSweep(t *testing.T) {
 	code, out, _ = cli("show", "-db", db, "bad-1")
 	require.Equal(t, 0, code)
 	assert.Contains(t, out, `status:      InvalidArgument "amount must be positive"`)
-	assert.Contains(t, out, "detail:    type.googleapis.com/google.rpc.BadRequest")
+	assert.Contains(t, out, "detail 1:    type.googleapis.com/google.rpc.BadRequest\n  {\n    \"@type\": \"type.googleapis.com/google.rpc.BadRequest\"\n  }\n")
 
 	code, _, errOut = cli("show", "-db", db, "order-1")
 	assert.Equal(t, 1, code, "the key exists only in scope tenant/a")
@@ -579,4 +587,267 @@ func TestListLimitCountsAll(t *testing.T) {
 		last := out[strings.LastIndex(strings.TrimSuffix(out, "\n"), "\n")+1:]
 		assert.True(t, strings.HasPrefix(last, tc.summary), "%q: the summary is %q", tc.args, last)
 	}
+}
+
+// showRecords are the records TestShow* show: a unary call and a server
+// stream of the test PaymentService (linked into this test binary), a
+// failed call with a standard and an unknown status detail, and a call of a
+// service this binary does not know.
+func showRecords(t *testing.T) (db string, unknownResponse []byte) {
+	t.Helper()
+	charge := func(id string, cents int64) []byte {
+		b, err := proto.Marshal(&testpb.ChargeResponse{ChargeId: id, Account: "acct_demo", AmountCents: cents, Currency: "EUR"})
+		require.NoError(t, err)
+		return b
+	}
+	unary := okRecord(testpb.PaymentService_Charge_FullMethodName, charge("ch_1", 1250))
+	unary.Fingerprint = []byte{0xab, 0xcd}
+	unary.Header = []*idempotencyv1.Metadata{{Key: "x-sig-bin", Values: [][]byte{{0, 0xff}}}, {Key: "x-request-id", Values: [][]byte{[]byte("r-1")}}}
+	unary.Trailer = []*idempotencyv1.Metadata{{Key: "x-ledger", Values: [][]byte{[]byte("entry-1"), []byte("entry-2")}}}
+
+	stream := okRecord(testpb.PaymentService_ChargeInstallments_FullMethodName, charge("ch_2", 600))
+	// A field ChargeResponse does not define, as a newer server would send.
+	stream.Responses = append(stream.Responses, protowire.AppendVarint(protowire.AppendTag(charge("ch_3", 650), 15, protowire.VarintType), 3))
+
+	st, err := status.New(codes.InvalidArgument, "amount must be positive").WithDetails(&errdetails.BadRequest{
+		FieldViolations: []*errdetails.BadRequest_FieldViolation{{Field: "amount_cents", Description: "must be positive"}},
+	})
+	require.NoError(t, err)
+	sp := st.Proto()
+	reason := protowire.AppendTag(nil, 1, protowire.VarintType)
+	reason = protowire.AppendVarint(reason, 7)
+	reason = protowire.AppendTag(reason, 2, protowire.BytesType)
+	reason = protowire.AppendString(reason, "card declined")
+	sp.Details = append(sp.Details, &anypb.Any{TypeUrl: "type.googleapis.com/acme.v1.Reason", Value: reason})
+	failed := okRecord(testpb.PaymentService_Charge_FullMethodName, nil)
+	failed.Status, failed.Responses = sp, nil
+
+	// A response of a service this binary does not link in, field by field.
+	var b []byte
+	b = protowire.AppendTag(b, 1, protowire.BytesType)
+	b = protowire.AppendString(b, "ch_9")
+	b = protowire.AppendTag(b, 2, protowire.VarintType)
+	b = protowire.AppendVarint(b, 1250)
+	var nested []byte
+	nested = protowire.AppendTag(nested, 1, protowire.VarintType)
+	nested = protowire.AppendVarint(nested, 7)
+	nested = protowire.AppendTag(nested, 2, protowire.BytesType)
+	nested = protowire.AppendString(nested, "EUR")
+	b = protowire.AppendTag(b, 3, protowire.BytesType)
+	b = protowire.AppendBytes(b, nested)
+	b = protowire.AppendTag(b, 4, protowire.Fixed32Type)
+	b = protowire.AppendFixed32(b, math.Float32bits(1.5))
+	b = protowire.AppendTag(b, 5, protowire.Fixed64Type)
+	b = protowire.AppendFixed64(b, math.Float64bits(2.25))
+	b = protowire.AppendTag(b, 6, protowire.BytesType)
+	b = protowire.AppendBytes(b, []byte{0xff, 0xfe, 0x00})
+	b = protowire.AppendTag(b, 7, protowire.VarintType)
+	b = protowire.AppendVarint(b, protowire.EncodeZigZag(-5)) // sint64 -5 is 9
+	b = protowire.AppendTag(b, 8, protowire.VarintType)
+	minus5 := int64(-5)
+	b = protowire.AppendVarint(b, uint64(minus5)) // int64 -5
+	unknown := okRecord("/acme.ledger.v2.Ledger/Post", b)
+
+	return seedRecords(t, map[string]*idempotencyv1.Record{
+		idempotency.StoreKey("public", "order-1"):  unary,
+		idempotency.StoreKey("public", "order-2"):  stream,
+		idempotency.StoreKey("public", "bad-1"):    failed,
+		idempotency.StoreKey("public", "ledger-1"): unknown,
+	}), b
+}
+
+// TestShowPrintsPayload checks that show prints what was stored, not its
+// size: responses whose type is linked in as protojson (with the fields
+// the type does not define as wire fields), status details the same way,
+// -bin metadata in base64, and the responses of an unknown service as their
+// wire fields, nested messages decoded. Before, show printed "response 1:
+// 34 bytes".
+func TestShowPrintsPayload(t *testing.T) {
+	db, _ := showRecords(t)
+	for _, tc := range []struct {
+		key  string
+		want []string
+	}{
+		{"order-1", []string{
+			"method:      /idempotency.testing.v1.PaymentService/Charge\n",
+			`status:      OK ""` + "\n",
+			"fingerprint: abcd\n",
+			"header:      x-sig-bin: AP8=\n",
+			`header:      x-request-id: "r-1"` + "\n",
+			`trailer:     x-ledger: "entry-1", "entry-2"` + "\n",
+			"response 1:  ", " bytes of idempotency.testing.v1.ChargeResponse:\n" +
+				"  {\n" +
+				`    "chargeId": "ch_1",` + "\n" +
+				`    "account": "acct_demo",` + "\n" +
+				`    "amountCents": "1250",` + "\n" +
+				`    "currency": "EUR"` + "\n" +
+				"  }\n",
+		}},
+		{"order-2", []string{
+			"response 1:  ", `"chargeId": "ch_2"`,
+			"response 2:  ", `"chargeId": "ch_3"`,
+			"  fields idempotency.testing.v1.ChargeResponse does not define:\n    15 (varint): 3\n",
+		}},
+		{"bad-1", []string{
+			`status:      InvalidArgument "amount must be positive"` + "\n",
+			"detail 1:    type.googleapis.com/google.rpc.BadRequest\n" +
+				"  {\n" +
+				`    "@type": "type.googleapis.com/google.rpc.BadRequest",` + "\n" +
+				`    "fieldViolations": [` + "\n" +
+				"      {\n" +
+				`        "field": "amount_cents",` + "\n" +
+				`        "description": "must be positive"` + "\n" +
+				"      }\n" +
+				"    ]\n" +
+				"  }\n",
+			"detail 2:    type.googleapis.com/acme.v1.Reason  17 bytes; its type is not linked into this tool; wire fields:\n" +
+				"  1 (varint): 7\n" +
+				`  2 (bytes): "card declined"` + "\n",
+			"responses:   none\n",
+		}},
+		{"ledger-1", []string{
+			"method:      /acme.ledger.v2.Ledger/Post\n",
+			"response 1:  ", " bytes; the response type of /acme.ledger.v2.Ledger/Post is unknown: service acme.ledger.v2.Ledger is not linked into this tool; wire fields:\n" +
+				`  1 (bytes): "ch_9"` + "\n" +
+				"  2 (varint): 1250\n" +
+				"  3 (bytes): {\n" +
+				"    1 (varint): 7\n" +
+				`    2 (bytes): "EUR"` + "\n" +
+				"  }\n" +
+				"  4 (fixed32): 1069547520 (0x3fc00000, float 1.5)\n" +
+				"  5 (fixed64): 4612248968380809216 (0x4002000000000000, double 2.25)\n" +
+				"  6 (bytes): 3 bytes fffe00\n" +
+				"  7 (varint): 9\n" +
+				"  8 (varint): 18446744073709551611 (int64 -5)\n",
+		}},
+	} {
+		code, out, errOut := cli("show", "-db", db, "-scope", "public", tc.key)
+		require.Equal(t, 0, code, errOut)
+		for _, want := range tc.want {
+			assert.Contains(t, out, want, tc.key)
+		}
+		assert.NotContains(t, out, "bytes\n", "%s: a bare size", tc.key)
+	}
+}
+
+// TestShowJSON checks show -json: one JSON object a script can read, with
+// the same content as the human form.
+func TestShowJSON(t *testing.T) {
+	db, unknownResponse := showRecords(t)
+	show := func(key string) map[string]any {
+		t.Helper()
+		code, out, errOut := cli("show", key, "-json", "-db", db, "-scope", "public")
+		require.Equal(t, 0, code, errOut)
+		dec := json.NewDecoder(strings.NewReader(out))
+		var v map[string]any
+		require.NoError(t, dec.Decode(&v), out)
+		_, err := dec.Token()
+		require.ErrorIs(t, err, io.EOF, "one object, nothing after it")
+		return v
+	}
+	type obj = map[string]any
+	type arr = []any
+
+	v := show("order-1")
+	assert.Equal(t, "public", v["scope"])
+	assert.Equal(t, "order-1", v["key"])
+	assert.Equal(t, "/idempotency.testing.v1.PaymentService/Charge", v["method"])
+	assert.Equal(t, "abcd", v["fingerprint"])
+	assert.Equal(t, obj{"code": 0.0, "codeName": "OK", "message": "", "details": arr{}}, v["status"])
+	assert.Equal(t, obj{"x-sig-bin": arr{"AP8="}, "x-request-id": arr{"r-1"}}, v["header"])
+	assert.Equal(t, obj{"x-ledger": arr{"entry-1", "entry-2"}}, v["trailer"])
+	for _, k := range []string{"createdAt", "expiresAt"} {
+		_, err := time.Parse(time.RFC3339Nano, v[k].(string))
+		assert.NoError(t, err, k)
+	}
+	require.Len(t, v["responses"], 1)
+	r := v["responses"].(arr)[0].(obj)
+	assert.Equal(t, "idempotency.testing.v1.ChargeResponse", r["type"])
+	assert.Equal(t, obj{"chargeId": "ch_1", "account": "acct_demo", "amountCents": "1250", "currency": "EUR"}, r["message"])
+	assert.NotContains(t, r, "wire")
+
+	v = show("bad-1")
+	assert.Equal(t, 3.0, v["status"].(obj)["code"])
+	assert.Equal(t, "InvalidArgument", v["status"].(obj)["codeName"])
+	details := v["status"].(obj)["details"].(arr)
+	require.Len(t, details, 2)
+	assert.Equal(t, obj{"@type": "type.googleapis.com/google.rpc.BadRequest",
+		"fieldViolations": arr{obj{"field": "amount_cents", "description": "must be positive"}}}, details[0])
+	reason := details[1].(obj)
+	assert.Equal(t, "type.googleapis.com/acme.v1.Reason", reason["@type"])
+	assert.Equal(t, arr{
+		obj{"field": 1.0, "wire": "varint", "value": 7.0},
+		obj{"field": 2.0, "wire": "bytes", "string": "card declined"},
+	}, reason["wire"])
+	assert.Equal(t, arr{}, v["responses"])
+
+	v = show("ledger-1")
+	r = v["responses"].([]any)[0].(obj)
+	assert.NotContains(t, r, "type")
+	assert.NotContains(t, r, "message")
+	assert.Contains(t, r["note"], "service acme.ledger.v2.Ledger is not linked into this tool")
+	assert.Equal(t, base64.StdEncoding.EncodeToString(unknownResponse), r["bytes"])
+	assert.Equal(t, float64(len(unknownResponse)), r["size"])
+	wire := r["wire"].(arr)
+	require.Len(t, wire, 8)
+	assert.Equal(t, obj{"field": 1.0, "wire": "bytes", "string": "ch_9"}, wire[0])
+	assert.Equal(t, obj{"field": 3.0, "wire": "bytes", "message": arr{
+		obj{"field": 1.0, "wire": "varint", "value": 7.0},
+		obj{"field": 2.0, "wire": "bytes", "string": "EUR"},
+	}}, wire[2])
+	assert.Equal(t, obj{"field": 6.0, "wire": "bytes", "bytes": "//4A"}, wire[5])
+
+	// A miss prints no JSON.
+	code, out, errOut := cli("show", "nope", "-json", "-db", db, "-scope", "public")
+	assert.Equal(t, 1, code)
+	assert.Empty(t, out)
+	assert.Contains(t, errOut, `no record for key "nope" in scope "public"`)
+}
+
+// FuzzParseWire feeds the wire decoder of show arbitrary bytes: it must not
+// panic, and what it decodes, encoded again (varints made minimal), must
+// decode to the same fields.
+func FuzzParseWire(f *testing.F) {
+	f.Add([]byte("resp"))
+	f.Add([]byte{0x0a, 0x02, 0x08, 0x01})
+	f.Add([]byte{0x0b, 0x08, 0x01, 0x0c}) // a group
+	f.Add([]byte{0x0c})                   // an end group alone
+	f.Fuzz(func(t *testing.T, b []byte) {
+		fields, ok := parseWire(b, 0)
+		if ok {
+			again, ok := parseWire(appendWire(nil, fields), 0)
+			require.True(t, ok)
+			require.Equal(t, fields, again)
+		}
+		var out bytes.Buffer
+		printWire(&out, fields, "")
+	})
+}
+
+// appendWire encodes fields back to wire bytes.
+func appendWire(b []byte, fields []wireField) []byte {
+	for _, f := range fields {
+		switch f.Wire {
+		case "varint":
+			b = protowire.AppendVarint(protowire.AppendTag(b, f.Field, protowire.VarintType), *f.Value)
+		case "fixed32":
+			b = protowire.AppendFixed32(protowire.AppendTag(b, f.Field, protowire.Fixed32Type), uint32(*f.Value))
+		case "fixed64":
+			b = protowire.AppendFixed64(protowire.AppendTag(b, f.Field, protowire.Fixed64Type), *f.Value)
+		case "group":
+			b = protowire.AppendTag(appendWire(protowire.AppendTag(b, f.Field, protowire.StartGroupType), f.Message), f.Field, protowire.EndGroupType)
+		case "bytes":
+			var v []byte
+			switch {
+			case f.String != nil:
+				v = []byte(*f.String)
+			case f.Message != nil:
+				v = appendWire(nil, f.Message)
+			default:
+				v = f.Bytes
+			}
+			b = protowire.AppendBytes(protowire.AppendTag(b, f.Field, protowire.BytesType), v)
+		}
+	}
+	return b
 }
