@@ -33,6 +33,7 @@ import (
 	"io"
 	"io/fs"
 	"os"
+	"strconv"
 	"strings"
 	"time"
 
@@ -117,7 +118,10 @@ a message decoded as one, indented. -bin metadata values are base64, as gRPC
 sends them. With -json, show prints the whole record as one JSON object:
 scope, key, method, status {code, codeName, message, details}, header and
 trailer (key: [values]), responses [{type, size, message | wire, bytes}],
-createdAt, expiresAt, fingerprint (hex).`,
+createdAt, expiresAt, fingerprint (hex).
+
+If KEY has no record in SCOPE, show looks for it under the file's other
+scopes and says which -scope to rerun with (exit 1).`,
 	examples: []string{
 		"idempotency show -db payments-idem.db -scope public order-1001",
 		"idempotency show order-1001 -db payments-idem.db -scope public -json",
@@ -128,7 +132,8 @@ createdAt, expiresAt, fingerprint (hex).`,
 	short:    "delete a record: the next call with KEY runs again",
 	long: `Forget deletes the record stored for KEY in SCOPE, so that the next call with
 KEY runs the handler again instead of replaying the record. Use it when the
-stored outcome was undone by hand (a refund, say).`,
+stored outcome was undone by hand (a refund, say). If KEY has no record in
+SCOPE, forget deletes nothing, and names the scopes that hold KEY (exit 1).`,
 	examples: []string{"idempotency forget -db payments-idem.db -scope public order-1001"},
 }, {
 	name: "sweep", flags: []string{"db"},
@@ -441,7 +446,7 @@ func dispatch(store *boltstore.Store, cmd string, o *options, out io.Writer) err
 			return err
 		}
 		if e.State != idempotency.Completed {
-			return fmt.Errorf("no record for key %q in scope %q", key, scope)
+			return missing(store, scope, key)
 		}
 		return printRecord(out, scope, key, e, o.json)
 	case "forget":
@@ -450,7 +455,7 @@ func dispatch(store *boltstore.Store, cmd string, o *options, out io.Writer) err
 			return err
 		}
 		if !found {
-			return fmt.Errorf("no record for key %q in scope %q", key, scope)
+			return missing(store, scope, key)
 		}
 		fmt.Fprintf(out, "forgot key %q in scope %q: the next call with it runs the handler again\n", key, scope)
 		return nil
@@ -462,6 +467,45 @@ func dispatch(store *boltstore.Store, cmd string, o *options, out io.Writer) err
 		return err
 	}
 	return errors.New("unreachable")
+}
+
+// missing is the error for a key that has no record in scope. A scope is
+// easy to get wrong (the server's WithScope chose it, not the caller), so
+// it scans the file for the key under other scopes, and says which to rerun
+// with.
+func missing(store *boltstore.Store, scope, key string) error {
+	var scopes []string
+	err := store.Records(func(storeKey string, _ idempotency.Entry) bool {
+		if s, k, ok := idempotency.SplitStoreKey(storeKey); ok && k == key && s != scope {
+			scopes = append(scopes, s)
+		}
+		return true
+	})
+	msg := fmt.Sprintf("no record for key %q in scope %q", key, scope)
+	if err != nil {
+		return fmt.Errorf("%s (looking for it in other scopes failed: %w)", msg, err)
+	}
+	switch len(scopes) {
+	case 0:
+		return errors.New(msg + ", nor in any other scope")
+	case 1:
+		return fmt.Errorf("%s; found in scope %q: rerun with -scope %s", msg, scopes[0], shellQuote(scopes[0]))
+	}
+	quoted := make([]string, len(scopes))
+	flags := make([]string, len(scopes))
+	for i, s := range scopes {
+		quoted[i] = strconv.Quote(s)
+		flags[i] = "-scope " + shellQuote(s)
+	}
+	return fmt.Errorf("%s; found in scopes %s: rerun with %s", msg, strings.Join(quoted, ", "), strings.Join(flags, " or "))
+}
+
+// shellQuote quotes s for a POSIX shell, if it needs quoting.
+func shellQuote(s string) string {
+	if s != "" && strings.Trim(s, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.,:/@%+=") == "" {
+		return s
+	}
+	return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'"
 }
 
 func plural(n int, noun string) string {

@@ -851,3 +851,48 @@ func appendWire(b []byte, fields []wireField) []byte {
 	}
 	return b
 }
+
+// TestMissNamesOtherScopes checks that show and forget, finding no record
+// for KEY in the scope given, name the scopes that hold KEY and the flag
+// to rerun with (exit 1, and nothing deleted). Before, a miss in scope ""
+// gave no hint that the payments example keeps its keys in "public".
+func TestMissNamesOtherScopes(t *testing.T) {
+	rec := okRecord("/payments.v1.PaymentService/Charge", []byte("r"))
+	db := seedRecords(t, map[string]*idempotencyv1.Record{
+		idempotency.StoreKey("public", "order-1"):   rec,
+		idempotency.StoreKey("acme", "order-2"):     rec,
+		idempotency.StoreKey("tenant b", "order-2"): rec,
+		idempotency.StoreKey("", "order-3"):         rec,
+	})
+	for _, tc := range []struct {
+		args []string
+		want string // all of stderr
+	}{
+		{[]string{"show", "-db", db, "order-1"},
+			`idempotency show: no record for key "order-1" in scope ""; found in scope "public": rerun with -scope public` + "\n"},
+		{[]string{"show", "-db", db, "-json", "order-1"},
+			`idempotency show: no record for key "order-1" in scope ""; found in scope "public": rerun with -scope public` + "\n"},
+		{[]string{"forget", "-db", db, "order-1"},
+			`idempotency forget: no record for key "order-1" in scope ""; found in scope "public": rerun with -scope public` + "\n"},
+		{[]string{"show", "-db", db, "-scope", "public", "order-2"},
+			`idempotency show: no record for key "order-2" in scope "public"; found in scopes "acme", "tenant b": rerun with -scope acme or -scope 'tenant b'` + "\n"},
+		{[]string{"show", "-db", db, "-scope", "public", "order-3"},
+			`idempotency show: no record for key "order-3" in scope "public"; found in scope "": rerun with -scope ''` + "\n"},
+		{[]string{"forget", "-db", db, "-scope", "public", "nope"},
+			`idempotency forget: no record for key "nope" in scope "public", nor in any other scope` + "\n"},
+	} {
+		code, out, errOut := cli(tc.args...)
+		assert.Equal(t, 1, code, "%q", tc.args)
+		assert.Empty(t, out, "%q", tc.args)
+		assert.Equal(t, tc.want, errOut, "%q", tc.args)
+	}
+	// The hints work, and the misses deleted nothing.
+	for _, args := range [][]string{
+		{"show", "-db", db, "-scope", "public", "order-1"},
+		{"show", "-db", db, "-scope", "tenant b", "order-2"},
+		{"show", "-db", db, "-scope", "", "order-3"},
+	} {
+		code, _, errOut := cli(args...)
+		assert.Equal(t, 0, code, "%q: %s", args, errOut)
+	}
+}
