@@ -32,6 +32,7 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"log/slog"
 	"os"
 	"strconv"
 	"strings"
@@ -88,6 +89,7 @@ type command struct {
 	name     string
 	flags    []string // names in flagDefs
 	key      bool     // takes one KEY
+	writes   bool     // changes the file
 	synopsis string   // its arguments, for usage lines
 	short    string   // one line, for the list of commands
 	long     string   // what `help NAME` adds
@@ -127,7 +129,7 @@ scopes and says which -scope to rerun with (exit 1).`,
 		"idempotency show order-1001 -db payments-idem.db -scope public -json",
 	},
 }, {
-	name: "forget", flags: []string{"db", "scope"}, key: true,
+	name: "forget", flags: []string{"db", "scope"}, key: true, writes: true,
 	synopsis: "-db FILE [-scope SCOPE] KEY",
 	short:    "delete a record: the next call with KEY runs again",
 	long: `Forget deletes the record stored for KEY in SCOPE, so that the next call with
@@ -136,7 +138,7 @@ stored outcome was undone by hand (a refund, say). If KEY has no record in
 SCOPE, forget deletes nothing, and names the scopes that hold KEY (exit 1).`,
 	examples: []string{"idempotency forget -db payments-idem.db -scope public order-1001"},
 }, {
-	name: "sweep", flags: []string{"db"},
+	name: "sweep", flags: []string{"db"}, writes: true,
 	synopsis: "-db FILE",
 	short:    "delete expired records now",
 	long: `Sweep deletes the expired records now, instead of waiting for the server's
@@ -365,21 +367,24 @@ func run(args []string, stdout, stderr io.Writer) int {
 		if errors.Is(err, fs.ErrNotExist) {
 			return cmd.fail(stderr, "no such file: %s (give -db the file the server writes, such as payments-idem.db; this tool does not create one)", o.db)
 		}
-		return cmd.fail(stderr, "%v", err)
+		return cmd.failOn(stderr, o.db, err)
 	}
 	switch cmd.name {
 	case "check":
-		return check(o.db, stdout, stderr)
+		return check(cmd, o.db, stdout, stderr)
 	case "salvage":
-		return salvage(o.db, o.out, stdout, stderr)
+		return salvage(cmd, o.db, o.out, stdout, stderr)
 	}
-	store, err := boltstore.Open(o.db, boltstore.WithLockTimeout(time.Second), boltstore.WithCacheRecords(0))
+	store, err := boltstore.Open(o.db, boltstore.WithLockTimeout(time.Second), boltstore.WithCacheRecords(0),
+		// The errors say what went wrong, on one line; a stack trace of
+		// bbolt's panic on a damaged page is not for operators.
+		boltstore.WithLogger(slog.New(slog.DiscardHandler)))
 	if err != nil {
-		return cmd.fail(stderr, "%v", err)
+		return cmd.failOn(stderr, o.db, err)
 	}
 	defer store.Close()
 	if err := dispatch(store, cmd.name, o, stdout); err != nil {
-		return cmd.fail(stderr, "%v", err)
+		return cmd.failOn(stderr, o.db, err)
 	}
 	return exitOK
 }
@@ -412,8 +417,26 @@ func (c *command) usageError(stderr io.Writer, format string, args ...any) int {
 
 // fail reports a failure of c on stderr, on one line.
 func (c *command) fail(stderr io.Writer, format string, args ...any) int {
-	fmt.Fprintf(stderr, "idempotency %s: %s\n", c.name, fmt.Sprintf(format, args...))
+	msg := strings.ReplaceAll(fmt.Sprintf(format, args...), "\n", " ")
+	fmt.Fprintf(stderr, "idempotency %s: %s\n", c.name, msg)
 	return exitFailure
+}
+
+// failOn reports err, met by c working on the bbolt file at path, on one
+// line that says what to do: for a file a server holds, to stop it; for a
+// damaged file, how to check and salvage it (the store's error says how).
+func (c *command) failOn(stderr io.Writer, path string, err error) int {
+	if errors.Is(err, boltstore.ErrLocked) {
+		advice := "stop the server first, or work on a copy of the file"
+		if c.writes {
+			advice = "stop the server first: " + c.name + " changes the file, so it must have it to itself"
+		}
+		return c.fail(stderr, "%s is in use by another process, such as a running server (a bbolt file serves one process at a time): %s", path, advice)
+	}
+	// The store's errors start with its package's name; this line starts
+	// with the command's.
+	msg := strings.ReplaceAll(err.Error(), ": idempotency: ", ": ")
+	return c.fail(stderr, "%s", strings.TrimPrefix(msg, "idempotency: "))
 }
 
 func dispatch(store *boltstore.Store, cmd string, o *options, out io.Writer) error {
@@ -483,7 +506,7 @@ func missing(store *boltstore.Store, scope, key string) error {
 	})
 	msg := fmt.Sprintf("no record for key %q in scope %q", key, scope)
 	if err != nil {
-		return fmt.Errorf("%s (looking for it in other scopes failed: %w)", msg, err)
+		return fmt.Errorf("%s; looking for it in other scopes failed: %w", msg, err)
 	}
 	switch len(scopes) {
 	case 0:
@@ -537,11 +560,10 @@ func printLine(out io.Writer, storeKey string, e idempotency.Entry) {
 
 // check runs CheckBolt on the file at path and prints its report: exit 0 if
 // the file is sound, 1 if it is damaged or could not be checked.
-func check(path string, stdout, stderr io.Writer) int {
+func check(c *command, path string, stdout, stderr io.Writer) int {
 	r, err := boltstore.Check(path, boltstore.WithLockTimeout(time.Second))
 	if err != nil {
-		fmt.Fprintf(stderr, "idempotency check: %v\n", err)
-		return 1
+		return c.failOn(stderr, path, err)
 	}
 	for _, n := range r.Notes {
 		fmt.Fprintf(stdout, "note: %s\n", n)
@@ -564,11 +586,10 @@ func check(path string, stdout, stderr io.Writer) int {
 
 // salvage runs SalvageBolt from src to the new file dst, prints what was
 // copied and what was not, and checks dst.
-func salvage(src, dst string, stdout, stderr io.Writer) int {
+func salvage(cmd *command, src, dst string, stdout, stderr io.Writer) int {
 	r, err := boltstore.Salvage(src, dst)
 	if err != nil {
-		fmt.Fprintf(stderr, "idempotency salvage: %v\n", err)
-		return 1
+		return cmd.failOn(stderr, src, err)
 	}
 	for _, p := range r.Problems {
 		fmt.Fprintf(stdout, "  %s\n", p)
