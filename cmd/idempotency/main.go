@@ -2,13 +2,13 @@
 // store: what a support engineer needs when a customer asks why a payment was
 // (or was not) charged again.
 //
-//	idempotency list    -db FILE [-limit N]                one line per live record
-//	idempotency show    -db FILE [-scope SCOPE] [-json] KEY one record in full
-//	idempotency forget  -db FILE [-scope SCOPE] KEY        delete a record: the next call with KEY runs again
-//	idempotency sweep   -db FILE                           delete expired records now
-//	idempotency check   -db FILE                           check the file for damage (exit 1 if damaged)
-//	idempotency salvage -db FILE -out NEW                  copy the readable records of a damaged file to NEW
-//	idempotency help [COMMAND]                             this, or one command in full
+//	idempotency list    -db FILE [-limit N]                  one line per live record
+//	idempotency show    -db FILE [-scope SCOPE] [-json] KEY  one record in full
+//	idempotency forget  -db FILE [-scope SCOPE] KEY          delete a record: the next call with KEY runs again
+//	idempotency sweep   -db FILE                             delete expired records now
+//	idempotency check   -db FILE                             check the file for damage (exit 1 if damaged)
+//	idempotency salvage -db FILE -out NEW                    copy the readable records of a damaged file to NEW
+//	idempotency help    [COMMAND]                            this, or one command in full
 //
 // Flags may come anywhere on the command line, before or after KEY. Against
 // the file of the payments example's server, whose scope is its tenant

@@ -702,14 +702,15 @@ func TestShowPrintsPayload(t *testing.T) {
 				"      }\n" +
 				"    ]\n" +
 				"  }\n",
-			"detail 2:    type.googleapis.com/acme.v1.Reason  17 bytes; its type is not linked into this tool; wire fields:\n" +
+			"detail 2:    type.googleapis.com/acme.v1.Reason  17 bytes (its type is not linked into this tool), wire fields:\n" +
 				"  1 (varint): 7\n" +
 				`  2 (bytes): "card declined"` + "\n",
 			"responses:   none\n",
 		}},
 		{"ledger-1", []string{
 			"method:      /acme.ledger.v2.Ledger/Post\n",
-			"response 1:  ", " bytes; the response type of /acme.ledger.v2.Ledger/Post is unknown: service acme.ledger.v2.Ledger is not linked into this tool; wire fields:\n" +
+			"responses:   1, as wire fields: the response type of /acme.ledger.v2.Ledger/Post is unknown: service acme.ledger.v2.Ledger is not linked into this tool\n" +
+				"response 1:  50 bytes, wire fields:\n" +
 				`  1 (bytes): "ch_9"` + "\n" +
 				"  2 (varint): 1250\n" +
 				"  3 (bytes): {\n" +

@@ -269,24 +269,31 @@ func indentJSON(js []byte, prefix string) []byte {
 	return b.Bytes()
 }
 
-// print prints p under its heading line, which says what the bytes are.
-func (p payload) print(w io.Writer, heading string) {
-	switch {
-	case p.Message != nil:
-		fmt.Fprintf(w, "%s  %d bytes of %s:\n  %s\n", heading, p.Size, p.Type, p.human)
+// print prints p under its heading line, which says what the bytes are,
+// and why they are not decoded as their type unless that was said already.
+func (p payload) print(w io.Writer, heading, said string) {
+	head := fmt.Sprintf("%s  %d bytes", heading, p.Size)
+	if p.Message != nil {
+		fmt.Fprintf(w, "%s of %s:\n  %s\n", head, p.Type, p.human)
 		if len(p.Unknown) > 0 {
 			fmt.Fprintf(w, "  fields %s does not define:\n", p.Type)
 			printWire(w, p.Unknown, "    ")
 		}
+		return
+	}
+	if p.Note != "" && p.Note != said {
+		head += " (" + p.Note + ")"
+	}
+	switch {
 	case p.Size == 0:
-		fmt.Fprintf(w, "%s  0 bytes (an empty message); %s\n", heading, p.Note)
+		fmt.Fprintf(w, "%s: an empty message\n", head)
 	case p.Wire != nil:
-		fmt.Fprintf(w, "%s  %d bytes; %s; wire fields:\n", heading, p.Size, p.Note)
+		fmt.Fprintf(w, "%s, wire fields:\n", head)
 		printWire(w, p.Wire, "  ")
 	case utf8.Valid(p.Bytes):
-		fmt.Fprintf(w, "%s  %d bytes; %s; not a protobuf message: %q\n", heading, p.Size, p.Note, p.Bytes)
+		fmt.Fprintf(w, "%s, not a protobuf message: %q\n", head, p.Bytes)
 	default:
-		fmt.Fprintf(w, "%s  %d bytes; %s; not a protobuf message: %x\n", heading, p.Size, p.Note, p.Bytes)
+		fmt.Fprintf(w, "%s, not a protobuf message: %x\n", head, p.Bytes)
 	}
 }
 
@@ -332,9 +339,12 @@ func printRecord(out io.Writer, scope, key string, e idempotency.Entry, asJSON b
 		return err
 	}
 	mt, why := responseType(rec.Method)
+	if why != nil {
+		why = fmt.Errorf("the response type of %s is unknown: %v", rec.Method, why)
+	}
 	responses := make([]payload, len(rec.Responses))
 	for i, r := range rec.Responses {
-		responses[i] = decodePayload(r, mt, fmt.Errorf("the response type of %s is unknown: %v", rec.Method, why))
+		responses[i] = decodePayload(r, mt, why)
 	}
 	st := rec.GetStatus()
 	created := rec.GetCreatedAt().AsTime().UTC().Format(time.RFC3339Nano)
@@ -371,7 +381,7 @@ func printRecord(out io.Writer, scope, key string, e idempotency.Entry, asJSON b
 		if js, p, known := detail(d); known {
 			fmt.Fprintf(out, "%s\n  %s\n", heading, indentJSON(js, "  "))
 		} else {
-			p.print(out, heading)
+			p.print(out, heading, "")
 		}
 	}
 	fmt.Fprintf(out, "created:     %s\nexpires:     %s\nfingerprint: %x\n", created, expires, rec.Fingerprint)
@@ -384,11 +394,17 @@ func printRecord(out io.Writer, scope, key string, e idempotency.Entry, asJSON b
 	if rec.RequestsRead > 0 {
 		fmt.Fprintf(out, "requests:    %d read, end of stream read: %v\n", rec.RequestsRead, rec.RequestsClosed)
 	}
-	if len(responses) == 0 {
+	said := ""
+	switch {
+	case len(responses) == 0:
 		fmt.Fprintln(out, "responses:   none")
+	case why != nil:
+		// Said once, not for each response of a stream.
+		said = why.Error()
+		fmt.Fprintf(out, "responses:   %d, as wire fields: %s\n", len(responses), said)
 	}
 	for i, p := range responses {
-		p.print(out, fmt.Sprintf("response %d:", i+1))
+		p.print(out, fmt.Sprintf("response %d:", i+1), said)
 	}
 	return nil
 }
