@@ -304,6 +304,10 @@ func (c *call) keepLease(ctx context.Context, exec *Execution, claim Claim) (sto
 		stopped  bool
 		inFlight sync.WaitGroup
 		t        *time.Timer
+		// retryIn is how soon a failed renewal is tried again: soon, as a
+		// renewal cut off by a pause of the process (its deadline passed
+		// while stopped) must take the key back before a duplicate can.
+		retryIn = min(every, renewRetryMin)
 	)
 	renew := func() {
 		mu.Lock()
@@ -332,9 +336,15 @@ func (c *call) keepLease(ctx context.Context, exec *Execution, claim Claim) (sto
 			o.logger.Warn("idempotency: lease renewal failed; retrying", "method", c.method, "key", c.key, "err", err)
 			c.event(ctx, Event{Kind: EventStoreError, Err: err})
 		}
+		next := every
+		if err != nil {
+			next, retryIn = retryIn, min(2*retryIn, every)
+		} else {
+			retryIn = min(every, renewRetryMin)
+		}
 		mu.Lock()
 		if !stopped {
-			t.Reset(every)
+			t.Reset(next)
 		}
 		mu.Unlock()
 	}
@@ -349,6 +359,10 @@ func (c *call) keepLease(ctx context.Context, exec *Execution, claim Claim) (sto
 		inFlight.Wait()
 	}
 }
+
+// renewRetryMin is the first delay before a failed renewal is tried again; it
+// doubles up to a third of the lease.
+const renewRetryMin = 20 * time.Millisecond
 
 // handlerContext returns the context a first execution's handler runs in: it
 // carries exec, and is cancelled with ErrLeaseLost if the lease is lost.

@@ -21,6 +21,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
+	spb "google.golang.org/genproto/googleapis/rpc/status"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/encoding/protowire"
@@ -987,4 +988,30 @@ func TestOpenFailuresOneLine(t *testing.T) {
 		assert.Contains(t, errOut, `no record for key "order-0000" in scope "public"; looking for it in other scopes failed: bbolt file is corrupt`)
 	})
 	assert.Empty(t, logged.String(), "nothing logged")
+}
+
+// TestShowOmittedOutcome: a status-only record (its outcome was too large to
+// store) says so in show and show -json.
+func TestShowOmittedOutcome(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "idem.db")
+	store, err := boltstore.Open(path)
+	require.NoError(t, err)
+	ctx := context.Background()
+	key := idempotency.StoreKey("public", "big-1")
+	_, err = store.Reserve(ctx, key, idempotency.Claim{Token: "t", Lease: time.Minute})
+	require.NoError(t, err)
+	rec, err := proto.Marshal(&idempotency.Record{
+		Method: "/idempotency.testing.v1.PaymentService/Charge",
+		Status: &spb.Status{Code: 0}, Omitted: "record of 5000000 bytes exceeds the limit of 4194304 (WithMaxRecordSize)",
+	})
+	require.NoError(t, err)
+	require.NoError(t, store.Complete(ctx, key, "t", rec, time.Hour))
+	require.NoError(t, store.Close())
+
+	var out, errOut bytes.Buffer
+	require.Equal(t, 0, run([]string{"show", "-db", path, "-scope", "public", "big-1"}, &out, &errOut), errOut.String())
+	assert.Contains(t, out.String(), "omitted:     the outcome was too large to store (record of 5000000 bytes")
+	out.Reset()
+	require.Equal(t, 0, run([]string{"show", "-db", path, "-scope", "public", "-json", "big-1"}, &out, &errOut), errOut.String())
+	assert.Contains(t, out.String(), `"omitted": "record of 5000000 bytes`)
 }

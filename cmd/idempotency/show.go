@@ -44,6 +44,7 @@ type recordJSON struct {
 	Fingerprint    string              `json:"fingerprint"` // hex
 	RequestsRead   int64               `json:"requestsRead,omitempty"`
 	RequestsClosed bool                `json:"requestsClosed,omitempty"`
+	Omitted        string              `json:"omitted,omitempty"` // why only the status was stored
 }
 
 type statusJSON struct {
@@ -359,6 +360,7 @@ func printRecord(out io.Writer, scope, key string, e idempotency.Entry, asJSON b
 			CreatedAt: created, ExpiresAt: expires,
 			Fingerprint:  fmt.Sprintf("%x", rec.Fingerprint),
 			RequestsRead: rec.RequestsRead, RequestsClosed: rec.RequestsClosed,
+			Omitted: rec.Omitted,
 		}
 		for _, d := range st.GetDetails() {
 			js, p, known := detail(d)
@@ -393,6 +395,9 @@ func printRecord(out io.Writer, scope, key string, e idempotency.Entry, asJSON b
 	}
 	if rec.RequestsRead > 0 {
 		fmt.Fprintf(out, "requests:    %d read, end of stream read: %v\n", rec.RequestsRead, rec.RequestsClosed)
+	}
+	if rec.Omitted != "" {
+		fmt.Fprintf(out, "omitted:     the outcome was too large to store (%s); duplicates get FailedPrecondition\n", rec.Omitted)
 	}
 	said := ""
 	switch {
