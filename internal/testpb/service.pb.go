@@ -11,6 +11,7 @@
 package testpb
 
 import (
+	_ "github.com/grpcidem/idempotency/proto/idempotency/v1"
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
 	reflect "reflect"
@@ -265,11 +266,349 @@ func (x *BatchResponse) GetCharges() []*ChargeResponse {
 	return nil
 }
 
+type TransferRequest struct {
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	RequestId   string                 `protobuf:"bytes,1,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	Account     string                 `protobuf:"bytes,2,opt,name=account,proto3" json:"account,omitempty"`
+	AmountCents int64                  `protobuf:"varint,3,opt,name=amount_cents,json=amountCents,proto3" json:"amount_cents,omitempty"`
+	// A note the handler only logs: a retry that changes it is still a retry.
+	TraceNote     string    `protobuf:"bytes,4,opt,name=trace_note,json=traceNote,proto3" json:"trace_note,omitempty"`
+	Sender        *Sender   `protobuf:"bytes,5,opt,name=sender,proto3" json:"sender,omitempty"`
+	Hops          []*Sender `protobuf:"bytes,6,rep,name=hops,proto3" json:"hops,omitempty"`
+	Count         int32     `protobuf:"varint,7,opt,name=count,proto3" json:"count,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TransferRequest) Reset() {
+	*x = TransferRequest{}
+	mi := &file_idempotency_testing_v1_service_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TransferRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TransferRequest) ProtoMessage() {}
+
+func (x *TransferRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_idempotency_testing_v1_service_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TransferRequest.ProtoReflect.Descriptor instead.
+func (*TransferRequest) Descriptor() ([]byte, []int) {
+	return file_idempotency_testing_v1_service_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *TransferRequest) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
+func (x *TransferRequest) GetAccount() string {
+	if x != nil {
+		return x.Account
+	}
+	return ""
+}
+
+func (x *TransferRequest) GetAmountCents() int64 {
+	if x != nil {
+		return x.AmountCents
+	}
+	return 0
+}
+
+func (x *TransferRequest) GetTraceNote() string {
+	if x != nil {
+		return x.TraceNote
+	}
+	return ""
+}
+
+func (x *TransferRequest) GetSender() *Sender {
+	if x != nil {
+		return x.Sender
+	}
+	return nil
+}
+
+func (x *TransferRequest) GetHops() []*Sender {
+	if x != nil {
+		return x.Hops
+	}
+	return nil
+}
+
+func (x *TransferRequest) GetCount() int32 {
+	if x != nil {
+		return x.Count
+	}
+	return 0
+}
+
+// Sender is nested in requests; its sent_at is left out of the fingerprint
+// wherever it appears.
+type Sender struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	SentAt        string                 `protobuf:"bytes,2,opt,name=sent_at,json=sentAt,proto3" json:"sent_at,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Sender) Reset() {
+	*x = Sender{}
+	mi := &file_idempotency_testing_v1_service_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Sender) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Sender) ProtoMessage() {}
+
+func (x *Sender) ProtoReflect() protoreflect.Message {
+	mi := &file_idempotency_testing_v1_service_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Sender.ProtoReflect.Descriptor instead.
+func (*Sender) Descriptor() ([]byte, []int) {
+	return file_idempotency_testing_v1_service_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *Sender) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *Sender) GetSentAt() string {
+	if x != nil {
+		return x.SentAt
+	}
+	return ""
+}
+
+type TransferResponse struct {
+	state      protoimpl.MessageState `protogen:"open.v1"`
+	TransferId string                 `protobuf:"bytes,1,opt,name=transfer_id,json=transferId,proto3" json:"transfer_id,omitempty"`
+	// The request_id the handler saw.
+	RequestId     string `protobuf:"bytes,2,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	AmountCents   int64  `protobuf:"varint,3,opt,name=amount_cents,json=amountCents,proto3" json:"amount_cents,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TransferResponse) Reset() {
+	*x = TransferResponse{}
+	mi := &file_idempotency_testing_v1_service_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TransferResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TransferResponse) ProtoMessage() {}
+
+func (x *TransferResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_idempotency_testing_v1_service_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TransferResponse.ProtoReflect.Descriptor instead.
+func (*TransferResponse) Descriptor() ([]byte, []int) {
+	return file_idempotency_testing_v1_service_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *TransferResponse) GetTransferId() string {
+	if x != nil {
+		return x.TransferId
+	}
+	return ""
+}
+
+func (x *TransferResponse) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
+func (x *TransferResponse) GetAmountCents() int64 {
+	if x != nil {
+		return x.AmountCents
+	}
+	return 0
+}
+
+// LegacyRequest carries an AIP-155 request_id and a volatile field with no
+// annotations: WithKeyField and WithFingerprintExclude declare them.
+type LegacyRequest struct {
+	state           protoimpl.MessageState `protogen:"open.v1"`
+	RequestId       string                 `protobuf:"bytes,1,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	Account         string                 `protobuf:"bytes,2,opt,name=account,proto3" json:"account,omitempty"`
+	AmountCents     int64                  `protobuf:"varint,3,opt,name=amount_cents,json=amountCents,proto3" json:"amount_cents,omitempty"`
+	Annotations     *LegacyAnnotations     `protobuf:"bytes,4,opt,name=annotations,proto3" json:"annotations,omitempty"`
+	RequestIdNumber int64                  `protobuf:"varint,5,opt,name=request_id_number,json=requestIdNumber,proto3" json:"request_id_number,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
+}
+
+func (x *LegacyRequest) Reset() {
+	*x = LegacyRequest{}
+	mi := &file_idempotency_testing_v1_service_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LegacyRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LegacyRequest) ProtoMessage() {}
+
+func (x *LegacyRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_idempotency_testing_v1_service_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LegacyRequest.ProtoReflect.Descriptor instead.
+func (*LegacyRequest) Descriptor() ([]byte, []int) {
+	return file_idempotency_testing_v1_service_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *LegacyRequest) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
+func (x *LegacyRequest) GetAccount() string {
+	if x != nil {
+		return x.Account
+	}
+	return ""
+}
+
+func (x *LegacyRequest) GetAmountCents() int64 {
+	if x != nil {
+		return x.AmountCents
+	}
+	return 0
+}
+
+func (x *LegacyRequest) GetAnnotations() *LegacyAnnotations {
+	if x != nil {
+		return x.Annotations
+	}
+	return nil
+}
+
+func (x *LegacyRequest) GetRequestIdNumber() int64 {
+	if x != nil {
+		return x.RequestIdNumber
+	}
+	return 0
+}
+
+type LegacyAnnotations struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	TraceId       string                 `protobuf:"bytes,1,opt,name=trace_id,json=traceId,proto3" json:"trace_id,omitempty"`
+	Tag           string                 `protobuf:"bytes,2,opt,name=tag,proto3" json:"tag,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LegacyAnnotations) Reset() {
+	*x = LegacyAnnotations{}
+	mi := &file_idempotency_testing_v1_service_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LegacyAnnotations) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LegacyAnnotations) ProtoMessage() {}
+
+func (x *LegacyAnnotations) ProtoReflect() protoreflect.Message {
+	mi := &file_idempotency_testing_v1_service_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LegacyAnnotations.ProtoReflect.Descriptor instead.
+func (*LegacyAnnotations) Descriptor() ([]byte, []int) {
+	return file_idempotency_testing_v1_service_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *LegacyAnnotations) GetTraceId() string {
+	if x != nil {
+		return x.TraceId
+	}
+	return ""
+}
+
+func (x *LegacyAnnotations) GetTag() string {
+	if x != nil {
+		return x.Tag
+	}
+	return ""
+}
+
 var File_idempotency_testing_v1_service_proto protoreflect.FileDescriptor
 
 const file_idempotency_testing_v1_service_proto_rawDesc = "" +
 	"\n" +
-	"$idempotency/testing/v1/service.proto\x12\x16idempotency.testing.v1\"h\n" +
+	"$idempotency/testing/v1/service.proto\x12\x16idempotency.testing.v1\x1a\x1cidempotency/v1/options.proto\"h\n" +
 	"\rChargeRequest\x12\x18\n" +
 	"\aaccount\x18\x01 \x01(\tR\aaccount\x12!\n" +
 	"\famount_cents\x18\x02 \x01(\x03R\vamountCents\x12\x1a\n" +
@@ -285,12 +624,51 @@ const file_idempotency_testing_v1_service_proto_rawDesc = "" +
 	"\bcurrency\x18\x03 \x01(\tR\bcurrency\x12\x14\n" +
 	"\x05count\x18\x04 \x01(\x05R\x05count\"Q\n" +
 	"\rBatchResponse\x12@\n" +
-	"\acharges\x18\x01 \x03(\v2&.idempotency.testing.v1.ChargeResponseR\acharges2\x9d\x03\n" +
+	"\acharges\x18\x01 \x03(\v2&.idempotency.testing.v1.ChargeResponseR\acharges\"\x9e\x02\n" +
+	"\x0fTransferRequest\x12%\n" +
+	"\n" +
+	"request_id\x18\x01 \x01(\tB\x06ڲ\x1c\x02\b\x01R\trequestId\x12\x18\n" +
+	"\aaccount\x18\x02 \x01(\tR\aaccount\x12!\n" +
+	"\famount_cents\x18\x03 \x01(\x03R\vamountCents\x12%\n" +
+	"\n" +
+	"trace_note\x18\x04 \x01(\tB\x06ڲ\x1c\x02\x10\x01R\ttraceNote\x126\n" +
+	"\x06sender\x18\x05 \x01(\v2\x1e.idempotency.testing.v1.SenderR\x06sender\x122\n" +
+	"\x04hops\x18\x06 \x03(\v2\x1e.idempotency.testing.v1.SenderR\x04hops\x12\x14\n" +
+	"\x05count\x18\a \x01(\x05R\x05count\"=\n" +
+	"\x06Sender\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1f\n" +
+	"\asent_at\x18\x02 \x01(\tB\x06ڲ\x1c\x02\x10\x01R\x06sentAt\"u\n" +
+	"\x10TransferResponse\x12\x1f\n" +
+	"\vtransfer_id\x18\x01 \x01(\tR\n" +
+	"transferId\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x02 \x01(\tR\trequestId\x12!\n" +
+	"\famount_cents\x18\x03 \x01(\x03R\vamountCents\"\xe4\x01\n" +
+	"\rLegacyRequest\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x01 \x01(\tR\trequestId\x12\x18\n" +
+	"\aaccount\x18\x02 \x01(\tR\aaccount\x12!\n" +
+	"\famount_cents\x18\x03 \x01(\x03R\vamountCents\x12K\n" +
+	"\vannotations\x18\x04 \x01(\v2).idempotency.testing.v1.LegacyAnnotationsR\vannotations\x12*\n" +
+	"\x11request_id_number\x18\x05 \x01(\x03R\x0frequestIdNumber\"@\n" +
+	"\x11LegacyAnnotations\x12\x19\n" +
+	"\btrace_id\x18\x01 \x01(\tR\atraceId\x12\x10\n" +
+	"\x03tag\x18\x02 \x01(\tR\x03tag2\x9d\x03\n" +
 	"\x0ePaymentService\x12W\n" +
 	"\x06Charge\x12%.idempotency.testing.v1.ChargeRequest\x1a&.idempotency.testing.v1.ChargeResponse\x12k\n" +
 	"\x12ChargeInstallments\x12+.idempotency.testing.v1.InstallmentsRequest\x1a&.idempotency.testing.v1.ChargeResponse0\x01\x12]\n" +
 	"\vChargeBatch\x12%.idempotency.testing.v1.ChargeRequest\x1a%.idempotency.testing.v1.BatchResponse(\x01\x12f\n" +
-	"\x11ChargeInteractive\x12%.idempotency.testing.v1.ChargeRequest\x1a&.idempotency.testing.v1.ChargeResponse(\x010\x01B8Z6github.com/grpcidem/idempotency/internal/testpb;testpbb\x06proto3"
+	"\x11ChargeInteractive\x12%.idempotency.testing.v1.ChargeRequest\x1a&.idempotency.testing.v1.ChargeResponse(\x010\x012\xaa\a\n" +
+	"\rPolicyService\x12j\n" +
+	"\bTransfer\x12'.idempotency.testing.v1.TransferRequest\x1a(.idempotency.testing.v1.TransferResponse\"\vڲ\x1c\a\b\x01\x12\x03\b\x90\x1c\x12c\n" +
+	"\x06Refund\x12'.idempotency.testing.v1.TransferRequest\x1a(.idempotency.testing.v1.TransferResponse\"\x06ڲ\x1c\x02\b\x02\x12a\n" +
+	"\aInspect\x12'.idempotency.testing.v1.TransferRequest\x1a(.idempotency.testing.v1.TransferResponse\"\x03\x90\x02\x01\x12b\n" +
+	"\bSetLimit\x12'.idempotency.testing.v1.TransferRequest\x1a(.idempotency.testing.v1.TransferResponse\"\x03\x90\x02\x02\x12g\n" +
+	"\aReplace\x12'.idempotency.testing.v1.TransferRequest\x1a(.idempotency.testing.v1.TransferResponse\"\tڲ\x1c\x02\b\x01\x90\x02\x02\x12a\n" +
+	"\x04Ping\x12'.idempotency.testing.v1.TransferRequest\x1a(.idempotency.testing.v1.TransferResponse\"\x06ڲ\x1c\x02\b\x03\x12l\n" +
+	"\rTransferSteps\x12'.idempotency.testing.v1.TransferRequest\x1a(.idempotency.testing.v1.TransferResponse\"\x06ڲ\x1c\x02\b\x010\x01\x12l\n" +
+	"\rTransferBatch\x12'.idempotency.testing.v1.TransferRequest\x1a(.idempotency.testing.v1.TransferResponse\"\x06ڲ\x1c\x02\b\x01(\x01\x12Y\n" +
+	"\x06Legacy\x12%.idempotency.testing.v1.LegacyRequest\x1a(.idempotency.testing.v1.TransferResponseB8Z6github.com/grpcidem/idempotency/internal/testpb;testpbb\x06proto3"
 
 var (
 	file_idempotency_testing_v1_service_proto_rawDescOnce sync.Once
@@ -304,28 +682,54 @@ func file_idempotency_testing_v1_service_proto_rawDescGZIP() []byte {
 	return file_idempotency_testing_v1_service_proto_rawDescData
 }
 
-var file_idempotency_testing_v1_service_proto_msgTypes = make([]protoimpl.MessageInfo, 4)
+var file_idempotency_testing_v1_service_proto_msgTypes = make([]protoimpl.MessageInfo, 9)
 var file_idempotency_testing_v1_service_proto_goTypes = []any{
 	(*ChargeRequest)(nil),       // 0: idempotency.testing.v1.ChargeRequest
 	(*ChargeResponse)(nil),      // 1: idempotency.testing.v1.ChargeResponse
 	(*InstallmentsRequest)(nil), // 2: idempotency.testing.v1.InstallmentsRequest
 	(*BatchResponse)(nil),       // 3: idempotency.testing.v1.BatchResponse
+	(*TransferRequest)(nil),     // 4: idempotency.testing.v1.TransferRequest
+	(*Sender)(nil),              // 5: idempotency.testing.v1.Sender
+	(*TransferResponse)(nil),    // 6: idempotency.testing.v1.TransferResponse
+	(*LegacyRequest)(nil),       // 7: idempotency.testing.v1.LegacyRequest
+	(*LegacyAnnotations)(nil),   // 8: idempotency.testing.v1.LegacyAnnotations
 }
 var file_idempotency_testing_v1_service_proto_depIdxs = []int32{
-	1, // 0: idempotency.testing.v1.BatchResponse.charges:type_name -> idempotency.testing.v1.ChargeResponse
-	0, // 1: idempotency.testing.v1.PaymentService.Charge:input_type -> idempotency.testing.v1.ChargeRequest
-	2, // 2: idempotency.testing.v1.PaymentService.ChargeInstallments:input_type -> idempotency.testing.v1.InstallmentsRequest
-	0, // 3: idempotency.testing.v1.PaymentService.ChargeBatch:input_type -> idempotency.testing.v1.ChargeRequest
-	0, // 4: idempotency.testing.v1.PaymentService.ChargeInteractive:input_type -> idempotency.testing.v1.ChargeRequest
-	1, // 5: idempotency.testing.v1.PaymentService.Charge:output_type -> idempotency.testing.v1.ChargeResponse
-	1, // 6: idempotency.testing.v1.PaymentService.ChargeInstallments:output_type -> idempotency.testing.v1.ChargeResponse
-	3, // 7: idempotency.testing.v1.PaymentService.ChargeBatch:output_type -> idempotency.testing.v1.BatchResponse
-	1, // 8: idempotency.testing.v1.PaymentService.ChargeInteractive:output_type -> idempotency.testing.v1.ChargeResponse
-	5, // [5:9] is the sub-list for method output_type
-	1, // [1:5] is the sub-list for method input_type
-	1, // [1:1] is the sub-list for extension type_name
-	1, // [1:1] is the sub-list for extension extendee
-	0, // [0:1] is the sub-list for field type_name
+	1,  // 0: idempotency.testing.v1.BatchResponse.charges:type_name -> idempotency.testing.v1.ChargeResponse
+	5,  // 1: idempotency.testing.v1.TransferRequest.sender:type_name -> idempotency.testing.v1.Sender
+	5,  // 2: idempotency.testing.v1.TransferRequest.hops:type_name -> idempotency.testing.v1.Sender
+	8,  // 3: idempotency.testing.v1.LegacyRequest.annotations:type_name -> idempotency.testing.v1.LegacyAnnotations
+	0,  // 4: idempotency.testing.v1.PaymentService.Charge:input_type -> idempotency.testing.v1.ChargeRequest
+	2,  // 5: idempotency.testing.v1.PaymentService.ChargeInstallments:input_type -> idempotency.testing.v1.InstallmentsRequest
+	0,  // 6: idempotency.testing.v1.PaymentService.ChargeBatch:input_type -> idempotency.testing.v1.ChargeRequest
+	0,  // 7: idempotency.testing.v1.PaymentService.ChargeInteractive:input_type -> idempotency.testing.v1.ChargeRequest
+	4,  // 8: idempotency.testing.v1.PolicyService.Transfer:input_type -> idempotency.testing.v1.TransferRequest
+	4,  // 9: idempotency.testing.v1.PolicyService.Refund:input_type -> idempotency.testing.v1.TransferRequest
+	4,  // 10: idempotency.testing.v1.PolicyService.Inspect:input_type -> idempotency.testing.v1.TransferRequest
+	4,  // 11: idempotency.testing.v1.PolicyService.SetLimit:input_type -> idempotency.testing.v1.TransferRequest
+	4,  // 12: idempotency.testing.v1.PolicyService.Replace:input_type -> idempotency.testing.v1.TransferRequest
+	4,  // 13: idempotency.testing.v1.PolicyService.Ping:input_type -> idempotency.testing.v1.TransferRequest
+	4,  // 14: idempotency.testing.v1.PolicyService.TransferSteps:input_type -> idempotency.testing.v1.TransferRequest
+	4,  // 15: idempotency.testing.v1.PolicyService.TransferBatch:input_type -> idempotency.testing.v1.TransferRequest
+	7,  // 16: idempotency.testing.v1.PolicyService.Legacy:input_type -> idempotency.testing.v1.LegacyRequest
+	1,  // 17: idempotency.testing.v1.PaymentService.Charge:output_type -> idempotency.testing.v1.ChargeResponse
+	1,  // 18: idempotency.testing.v1.PaymentService.ChargeInstallments:output_type -> idempotency.testing.v1.ChargeResponse
+	3,  // 19: idempotency.testing.v1.PaymentService.ChargeBatch:output_type -> idempotency.testing.v1.BatchResponse
+	1,  // 20: idempotency.testing.v1.PaymentService.ChargeInteractive:output_type -> idempotency.testing.v1.ChargeResponse
+	6,  // 21: idempotency.testing.v1.PolicyService.Transfer:output_type -> idempotency.testing.v1.TransferResponse
+	6,  // 22: idempotency.testing.v1.PolicyService.Refund:output_type -> idempotency.testing.v1.TransferResponse
+	6,  // 23: idempotency.testing.v1.PolicyService.Inspect:output_type -> idempotency.testing.v1.TransferResponse
+	6,  // 24: idempotency.testing.v1.PolicyService.SetLimit:output_type -> idempotency.testing.v1.TransferResponse
+	6,  // 25: idempotency.testing.v1.PolicyService.Replace:output_type -> idempotency.testing.v1.TransferResponse
+	6,  // 26: idempotency.testing.v1.PolicyService.Ping:output_type -> idempotency.testing.v1.TransferResponse
+	6,  // 27: idempotency.testing.v1.PolicyService.TransferSteps:output_type -> idempotency.testing.v1.TransferResponse
+	6,  // 28: idempotency.testing.v1.PolicyService.TransferBatch:output_type -> idempotency.testing.v1.TransferResponse
+	6,  // 29: idempotency.testing.v1.PolicyService.Legacy:output_type -> idempotency.testing.v1.TransferResponse
+	17, // [17:30] is the sub-list for method output_type
+	4,  // [4:17] is the sub-list for method input_type
+	4,  // [4:4] is the sub-list for extension type_name
+	4,  // [4:4] is the sub-list for extension extendee
+	0,  // [0:4] is the sub-list for field type_name
 }
 
 func init() { file_idempotency_testing_v1_service_proto_init() }
@@ -339,9 +743,9 @@ func file_idempotency_testing_v1_service_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_idempotency_testing_v1_service_proto_rawDesc), len(file_idempotency_testing_v1_service_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   4,
+			NumMessages:   9,
 			NumExtensions: 0,
-			NumServices:   1,
+			NumServices:   2,
 		},
 		GoTypes:           file_idempotency_testing_v1_service_proto_goTypes,
 		DependencyIndexes: file_idempotency_testing_v1_service_proto_depIdxs,

@@ -242,3 +242,440 @@ var PaymentService_ServiceDesc = grpc.ServiceDesc{
 	},
 	Metadata: "idempotency/testing/v1/service.proto",
 }
+
+const (
+	PolicyService_Transfer_FullMethodName      = "/idempotency.testing.v1.PolicyService/Transfer"
+	PolicyService_Refund_FullMethodName        = "/idempotency.testing.v1.PolicyService/Refund"
+	PolicyService_Inspect_FullMethodName       = "/idempotency.testing.v1.PolicyService/Inspect"
+	PolicyService_SetLimit_FullMethodName      = "/idempotency.testing.v1.PolicyService/SetLimit"
+	PolicyService_Replace_FullMethodName       = "/idempotency.testing.v1.PolicyService/Replace"
+	PolicyService_Ping_FullMethodName          = "/idempotency.testing.v1.PolicyService/Ping"
+	PolicyService_TransferSteps_FullMethodName = "/idempotency.testing.v1.PolicyService/TransferSteps"
+	PolicyService_TransferBatch_FullMethodName = "/idempotency.testing.v1.PolicyService/TransferBatch"
+	PolicyService_Legacy_FullMethodName        = "/idempotency.testing.v1.PolicyService/Legacy"
+)
+
+// PolicyServiceClient is the client API for PolicyService service.
+//
+// For semantics around ctx use and closing/ending streaming RPCs, please refer to https://pkg.go.dev/google.golang.org/grpc/?tab=doc#ClientConn.NewStream.
+//
+// PolicyService declares its idempotency policy in this file, one method per
+// case the policy tests cover. Each execution makes a fresh transfer_id.
+type PolicyServiceClient interface {
+	// Transfer requires a key, from the metadata or request_id, and keeps its
+	// records for an hour.
+	Transfer(ctx context.Context, in *TransferRequest, opts ...grpc.CallOption) (*TransferResponse, error)
+	// Refund takes an optional key.
+	Refund(ctx context.Context, in *TransferRequest, opts ...grpc.CallOption) (*TransferResponse, error)
+	// Inspect only reads: it needs no record.
+	Inspect(ctx context.Context, in *TransferRequest, opts ...grpc.CallOption) (*TransferResponse, error)
+	// SetLimit is idempotent by itself: it needs no record.
+	SetLimit(ctx context.Context, in *TransferRequest, opts ...grpc.CallOption) (*TransferResponse, error)
+	// Replace is declared IDEMPOTENT, and takes part all the same: this
+	// module's annotation comes first.
+	Replace(ctx context.Context, in *TransferRequest, opts ...grpc.CallOption) (*TransferResponse, error)
+	// Ping is declared out of idempotency.
+	Ping(ctx context.Context, in *TransferRequest, opts ...grpc.CallOption) (*TransferResponse, error)
+	// TransferSteps streams count steps; it requires a key, which request_id
+	// can carry.
+	TransferSteps(ctx context.Context, in *TransferRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[TransferResponse], error)
+	// TransferBatch requires a key, which only the metadata can carry in a
+	// client stream.
+	TransferBatch(ctx context.Context, opts ...grpc.CallOption) (grpc.ClientStreamingClient[TransferRequest, TransferResponse], error)
+	// Legacy declares nothing: the Go options decide, as for a proto that
+	// cannot be changed.
+	Legacy(ctx context.Context, in *LegacyRequest, opts ...grpc.CallOption) (*TransferResponse, error)
+}
+
+type policyServiceClient struct {
+	cc grpc.ClientConnInterface
+}
+
+func NewPolicyServiceClient(cc grpc.ClientConnInterface) PolicyServiceClient {
+	return &policyServiceClient{cc}
+}
+
+func (c *policyServiceClient) Transfer(ctx context.Context, in *TransferRequest, opts ...grpc.CallOption) (*TransferResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(TransferResponse)
+	err := c.cc.Invoke(ctx, PolicyService_Transfer_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *policyServiceClient) Refund(ctx context.Context, in *TransferRequest, opts ...grpc.CallOption) (*TransferResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(TransferResponse)
+	err := c.cc.Invoke(ctx, PolicyService_Refund_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *policyServiceClient) Inspect(ctx context.Context, in *TransferRequest, opts ...grpc.CallOption) (*TransferResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(TransferResponse)
+	err := c.cc.Invoke(ctx, PolicyService_Inspect_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *policyServiceClient) SetLimit(ctx context.Context, in *TransferRequest, opts ...grpc.CallOption) (*TransferResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(TransferResponse)
+	err := c.cc.Invoke(ctx, PolicyService_SetLimit_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *policyServiceClient) Replace(ctx context.Context, in *TransferRequest, opts ...grpc.CallOption) (*TransferResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(TransferResponse)
+	err := c.cc.Invoke(ctx, PolicyService_Replace_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *policyServiceClient) Ping(ctx context.Context, in *TransferRequest, opts ...grpc.CallOption) (*TransferResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(TransferResponse)
+	err := c.cc.Invoke(ctx, PolicyService_Ping_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *policyServiceClient) TransferSteps(ctx context.Context, in *TransferRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[TransferResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &PolicyService_ServiceDesc.Streams[0], PolicyService_TransferSteps_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[TransferRequest, TransferResponse]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type PolicyService_TransferStepsClient = grpc.ServerStreamingClient[TransferResponse]
+
+func (c *policyServiceClient) TransferBatch(ctx context.Context, opts ...grpc.CallOption) (grpc.ClientStreamingClient[TransferRequest, TransferResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &PolicyService_ServiceDesc.Streams[1], PolicyService_TransferBatch_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[TransferRequest, TransferResponse]{ClientStream: stream}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type PolicyService_TransferBatchClient = grpc.ClientStreamingClient[TransferRequest, TransferResponse]
+
+func (c *policyServiceClient) Legacy(ctx context.Context, in *LegacyRequest, opts ...grpc.CallOption) (*TransferResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(TransferResponse)
+	err := c.cc.Invoke(ctx, PolicyService_Legacy_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+// PolicyServiceServer is the server API for PolicyService service.
+// All implementations must embed UnimplementedPolicyServiceServer
+// for forward compatibility.
+//
+// PolicyService declares its idempotency policy in this file, one method per
+// case the policy tests cover. Each execution makes a fresh transfer_id.
+type PolicyServiceServer interface {
+	// Transfer requires a key, from the metadata or request_id, and keeps its
+	// records for an hour.
+	Transfer(context.Context, *TransferRequest) (*TransferResponse, error)
+	// Refund takes an optional key.
+	Refund(context.Context, *TransferRequest) (*TransferResponse, error)
+	// Inspect only reads: it needs no record.
+	Inspect(context.Context, *TransferRequest) (*TransferResponse, error)
+	// SetLimit is idempotent by itself: it needs no record.
+	SetLimit(context.Context, *TransferRequest) (*TransferResponse, error)
+	// Replace is declared IDEMPOTENT, and takes part all the same: this
+	// module's annotation comes first.
+	Replace(context.Context, *TransferRequest) (*TransferResponse, error)
+	// Ping is declared out of idempotency.
+	Ping(context.Context, *TransferRequest) (*TransferResponse, error)
+	// TransferSteps streams count steps; it requires a key, which request_id
+	// can carry.
+	TransferSteps(*TransferRequest, grpc.ServerStreamingServer[TransferResponse]) error
+	// TransferBatch requires a key, which only the metadata can carry in a
+	// client stream.
+	TransferBatch(grpc.ClientStreamingServer[TransferRequest, TransferResponse]) error
+	// Legacy declares nothing: the Go options decide, as for a proto that
+	// cannot be changed.
+	Legacy(context.Context, *LegacyRequest) (*TransferResponse, error)
+	mustEmbedUnimplementedPolicyServiceServer()
+}
+
+// UnimplementedPolicyServiceServer must be embedded to have
+// forward compatible implementations.
+//
+// NOTE: this should be embedded by value instead of pointer to avoid a nil
+// pointer dereference when methods are called.
+type UnimplementedPolicyServiceServer struct{}
+
+func (UnimplementedPolicyServiceServer) Transfer(context.Context, *TransferRequest) (*TransferResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method Transfer not implemented")
+}
+func (UnimplementedPolicyServiceServer) Refund(context.Context, *TransferRequest) (*TransferResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method Refund not implemented")
+}
+func (UnimplementedPolicyServiceServer) Inspect(context.Context, *TransferRequest) (*TransferResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method Inspect not implemented")
+}
+func (UnimplementedPolicyServiceServer) SetLimit(context.Context, *TransferRequest) (*TransferResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method SetLimit not implemented")
+}
+func (UnimplementedPolicyServiceServer) Replace(context.Context, *TransferRequest) (*TransferResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method Replace not implemented")
+}
+func (UnimplementedPolicyServiceServer) Ping(context.Context, *TransferRequest) (*TransferResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method Ping not implemented")
+}
+func (UnimplementedPolicyServiceServer) TransferSteps(*TransferRequest, grpc.ServerStreamingServer[TransferResponse]) error {
+	return status.Error(codes.Unimplemented, "method TransferSteps not implemented")
+}
+func (UnimplementedPolicyServiceServer) TransferBatch(grpc.ClientStreamingServer[TransferRequest, TransferResponse]) error {
+	return status.Error(codes.Unimplemented, "method TransferBatch not implemented")
+}
+func (UnimplementedPolicyServiceServer) Legacy(context.Context, *LegacyRequest) (*TransferResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method Legacy not implemented")
+}
+func (UnimplementedPolicyServiceServer) mustEmbedUnimplementedPolicyServiceServer() {}
+func (UnimplementedPolicyServiceServer) testEmbeddedByValue()                       {}
+
+// UnsafePolicyServiceServer may be embedded to opt out of forward compatibility for this service.
+// Use of this interface is not recommended, as added methods to PolicyServiceServer will
+// result in compilation errors.
+type UnsafePolicyServiceServer interface {
+	mustEmbedUnimplementedPolicyServiceServer()
+}
+
+func RegisterPolicyServiceServer(s grpc.ServiceRegistrar, srv PolicyServiceServer) {
+	// If the following call panics, it indicates UnimplementedPolicyServiceServer was
+	// embedded by pointer and is nil.  This will cause panics if an
+	// unimplemented method is ever invoked, so we test this at initialization
+	// time to prevent it from happening at runtime later due to I/O.
+	if t, ok := srv.(interface{ testEmbeddedByValue() }); ok {
+		t.testEmbeddedByValue()
+	}
+	s.RegisterService(&PolicyService_ServiceDesc, srv)
+}
+
+func _PolicyService_Transfer_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(TransferRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(PolicyServiceServer).Transfer(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: PolicyService_Transfer_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(PolicyServiceServer).Transfer(ctx, req.(*TransferRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _PolicyService_Refund_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(TransferRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(PolicyServiceServer).Refund(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: PolicyService_Refund_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(PolicyServiceServer).Refund(ctx, req.(*TransferRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _PolicyService_Inspect_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(TransferRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(PolicyServiceServer).Inspect(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: PolicyService_Inspect_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(PolicyServiceServer).Inspect(ctx, req.(*TransferRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _PolicyService_SetLimit_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(TransferRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(PolicyServiceServer).SetLimit(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: PolicyService_SetLimit_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(PolicyServiceServer).SetLimit(ctx, req.(*TransferRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _PolicyService_Replace_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(TransferRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(PolicyServiceServer).Replace(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: PolicyService_Replace_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(PolicyServiceServer).Replace(ctx, req.(*TransferRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _PolicyService_Ping_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(TransferRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(PolicyServiceServer).Ping(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: PolicyService_Ping_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(PolicyServiceServer).Ping(ctx, req.(*TransferRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _PolicyService_TransferSteps_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(TransferRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(PolicyServiceServer).TransferSteps(m, &grpc.GenericServerStream[TransferRequest, TransferResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type PolicyService_TransferStepsServer = grpc.ServerStreamingServer[TransferResponse]
+
+func _PolicyService_TransferBatch_Handler(srv interface{}, stream grpc.ServerStream) error {
+	return srv.(PolicyServiceServer).TransferBatch(&grpc.GenericServerStream[TransferRequest, TransferResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type PolicyService_TransferBatchServer = grpc.ClientStreamingServer[TransferRequest, TransferResponse]
+
+func _PolicyService_Legacy_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(LegacyRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(PolicyServiceServer).Legacy(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: PolicyService_Legacy_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(PolicyServiceServer).Legacy(ctx, req.(*LegacyRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+// PolicyService_ServiceDesc is the grpc.ServiceDesc for PolicyService service.
+// It's only intended for direct use with grpc.RegisterService,
+// and not to be introspected or modified (even as a copy)
+var PolicyService_ServiceDesc = grpc.ServiceDesc{
+	ServiceName: "idempotency.testing.v1.PolicyService",
+	HandlerType: (*PolicyServiceServer)(nil),
+	Methods: []grpc.MethodDesc{
+		{
+			MethodName: "Transfer",
+			Handler:    _PolicyService_Transfer_Handler,
+		},
+		{
+			MethodName: "Refund",
+			Handler:    _PolicyService_Refund_Handler,
+		},
+		{
+			MethodName: "Inspect",
+			Handler:    _PolicyService_Inspect_Handler,
+		},
+		{
+			MethodName: "SetLimit",
+			Handler:    _PolicyService_SetLimit_Handler,
+		},
+		{
+			MethodName: "Replace",
+			Handler:    _PolicyService_Replace_Handler,
+		},
+		{
+			MethodName: "Ping",
+			Handler:    _PolicyService_Ping_Handler,
+		},
+		{
+			MethodName: "Legacy",
+			Handler:    _PolicyService_Legacy_Handler,
+		},
+	},
+	Streams: []grpc.StreamDesc{
+		{
+			StreamName:    "TransferSteps",
+			Handler:       _PolicyService_TransferSteps_Handler,
+			ServerStreams: true,
+		},
+		{
+			StreamName:    "TransferBatch",
+			Handler:       _PolicyService_TransferBatch_Handler,
+			ClientStreams: true,
+		},
+	},
+	Metadata: "idempotency/testing/v1/service.proto",
+}
