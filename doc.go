@@ -24,11 +24,64 @@
 // for another method or request gets FailedPrecondition. Other codes release
 // the key, so a retry runs the handler again.
 //
-// By default: every method takes part and a key is optional (WithMethods,
-// WithRequiredKey); the scope is empty (WithScope); records live 24 hours
-// (WithRetention); duplicates wait up to 30 seconds (WithWaitTimeout); a store
-// failure refuses the call with Unavailable (WithFailOpen runs it instead).
-// Every duration option has a documented range, checked by NewServer.
+// By default: every method takes part and a key is optional, except gRPC's
+// health, reflection and channelz services and the methods a proto declares
+// out (see Policy below); the scope is empty (WithScope); records live 24
+// hours (WithRetention); duplicates wait up to 30 seconds (WithWaitTimeout);
+// a store failure refuses the call with Unavailable (WithFailOpen runs it
+// instead). Every duration option has a documented range, and every method
+// name a documented form, checked by NewServer.
+//
+// # Policy
+//
+// Which methods take part, whether they require a key, where the key is and
+// what the fingerprint leaves out can be declared in the service's .proto
+// file, with the options of idempotency/v1/options.proto (package
+// github.com/grpcidem/idempotency/proto/idempotency/v1):
+//
+//	import "idempotency/v1/options.proto";
+//
+//	rpc Charge(ChargeRequest) returns (ChargeResponse) {
+//	  option (idempotency.v1.method) = {participation: PARTICIPATION_KEY_REQUIRED};
+//	}
+//	rpc GetCharge(GetChargeRequest) returns (ChargeResponse) {
+//	  option idempotency_level = NO_SIDE_EFFECTS;
+//	}
+//	message ChargeRequest {
+//	  string request_id = 1 [(idempotency.v1.field).key = true];
+//	  string client_note = 5 [(idempotency.v1.field).fingerprint_exclude = true];
+//	}
+//
+// The server reads each method's policy from its descriptors, on its first
+// call, and keeps it. Whether a method takes part is decided by the first of
+// these that says anything; what a source says is never overridden by a
+// later one:
+//
+//  1. the method's (idempotency.v1.method) participation: a required key,
+//     an optional key, or none;
+//  2. its idempotency_level: NO_SIDE_EFFECTS and IDEMPOTENT take no part
+//     (such a method needs no record);
+//  3. gRPC's infrastructure services (grpc.health.*, grpc.reflection.*,
+//     grpc.channelz.*) take no part unless WithMethods or WithRequiredKey
+//     names the method;
+//  4. the Go options: WithPolicy if set, else WithMethods and
+//     WithRequiredKey; by default, an optional key.
+//
+// NewServer refuses a Go option that names a method against its proto (such
+// as WithMethods of a NO_SIDE_EFFECTS method), since it would do nothing.
+// A method's (idempotency.v1.method) retention replaces WithRetention.
+//
+// A request field marked as the key, or named by WithKeyField for protos
+// that cannot be changed (AIP-155's request_id), supplies the key of a unary
+// or server-streaming call whose metadata has none; metadata and field
+// holding different keys is InvalidArgument. Client- and
+// bidirectional-streaming calls take their key from the metadata only.
+//
+// The fingerprint leaves out the key field and the fields marked
+// fingerprint_exclude (or named by WithFingerprintExclude), so a retry that
+// differs only in them is replayed, and gets the first call's outcome. Leave
+// out only fields that cannot change the outcome: trace ids, client
+// timestamps, notes.
 //
 // # Client
 //

@@ -32,9 +32,10 @@ import (
 // stream interceptors share one Store and one configuration; install both
 // (ServerOptions does), or streaming calls run without idempotency.
 type Server struct {
-	store   Store
-	o       *options
-	decoded *decodedRecords
+	store    Store
+	o        *options
+	decoded  *decodedRecords
+	policies sync.Map // full method name -> *methodPolicy
 }
 
 // NewServer returns a Server that keeps its records in store. It returns an
@@ -68,33 +69,66 @@ func (s *Server) ServerOptions() []grpc.ServerOption {
 
 // UnaryServerInterceptor returns the interceptor for unary calls. Calls
 // without a key run as if there were no interceptor, unless their method
-// requires one (WithRequiredKey).
+// requires one ((idempotency.v1.method) PARTICIPATION_KEY_REQUIRED, or
+// WithRequiredKey).
 func (s *Server) UnaryServerInterceptor() grpc.UnaryServerInterceptor { return s.unary }
 
 // call is one keyed call, from the key's validation to its outcome.
 type call struct {
 	s                        *Server
 	method, scope, key, skey string
+	retention                time.Duration
+	filter                   *requestFilter
 }
 
-// prepare validates the call's key and scope. It returns a nil call for a
-// call that runs as if there were no interceptor.
-func (s *Server) prepare(ctx context.Context, method string) (*call, error) {
-	policy := s.o.policy(method)
-	if policy == Skip {
-		return nil, nil
+// policy returns how method takes part, resolved on its first call.
+func (s *Server) policy(method string) *methodPolicy {
+	if p, ok := s.policies.Load(method); ok {
+		return p.(*methodPolicy)
 	}
+	p, _ := s.policies.LoadOrStore(method, resolve(method, &s.o.methods))
+	return p.(*methodPolicy)
+}
+
+// policyError is the answer to a call of a method whose declared policy
+// cannot be honoured: running it unguarded could run a payment twice.
+func (s *Server) policyError(method string, p *methodPolicy) error {
+	s.o.logger.Error("idempotency: the method's idempotency policy cannot be honoured; call refused", "method", method, "err", p.serverErr())
+	return status.Errorf(codes.Internal, "idempotency: the idempotency policy of %s cannot be honoured: %v", method, p.serverErr())
+}
+
+// prepare validates the call's key and scope. req is the call's request when
+// it has been read (unary and server-streaming calls), so that a key field
+// can supply the key; nil otherwise. It returns a nil call for a call that
+// runs as if there were no interceptor.
+func (s *Server) prepare(ctx context.Context, method string, p *methodPolicy, req proto.Message) (*call, error) {
 	key, present, err := KeyFromIncoming(ctx)
 	if err != nil {
 		return nil, err
 	}
-	if !present {
-		if policy == Required {
-			return nil, status.Errorf(codes.InvalidArgument, "%s requires %s metadata: send a unique key (1 to %d visible ASCII characters) and reuse it on every retry", method, KeyHeader, MaxKeyLength)
+	if fieldKey := p.requestKey(req); fieldKey != "" {
+		field := p.keyFieldName()
+		if err := validateKey(fieldKey, "request field "+field); err != nil {
+			return nil, err
 		}
-		return nil, nil
+		if present && key != fieldKey {
+			return nil, status.Errorf(codes.InvalidArgument, "the %s metadata and request field %s hold different idempotency keys; send one of them, or the same key in both", KeyHeader, field)
+		}
+		key, present = fieldKey, true
 	}
-	c := &call{s: s, method: method, key: key}
+	if !present {
+		if p.policy != Required {
+			return nil, nil
+		}
+		if req != nil && p.keyField != nil {
+			return nil, status.Errorf(codes.InvalidArgument, "%s requires an idempotency key: send %s metadata or set request field %s (1 to %d visible ASCII characters), and reuse it on every retry", method, KeyHeader, p.keyFieldName(), MaxKeyLength)
+		}
+		return nil, status.Errorf(codes.InvalidArgument, "%s requires %s metadata: send a unique key (1 to %d visible ASCII characters) and reuse it on every retry", method, KeyHeader, MaxKeyLength)
+	}
+	c := &call{s: s, method: method, key: key, retention: s.o.retention, filter: p.filter}
+	if p.retention > 0 {
+		c.retention = p.retention
+	}
 	if s.o.scope != nil {
 		scope, err := s.o.scope(ctx)
 		if err != nil {
@@ -418,7 +452,7 @@ func (c *call) finish(ctx context.Context, exec *Execution, rec *Record, cacheab
 		now := time.Now()
 		rec.Method = c.method
 		rec.CreatedAt = timestamppb.New(now)
-		rec.ExpiresAt = timestamppb.New(now.Add(o.retention))
+		rec.ExpiresAt = timestamppb.New(now.Add(c.retention))
 		if overflow == nil {
 			var err error
 			if data, err = proto.Marshal(rec); err != nil {
@@ -442,7 +476,7 @@ func (c *call) finish(ctx context.Context, exec *Execution, rec *Record, cacheab
 	var err error
 	if cacheable {
 		err = c.retry(sctx, "complete", func(ctx context.Context) error {
-			return c.s.store.Complete(ctx, c.skey, exec.Token, data, o.retention)
+			return c.s.store.Complete(ctx, c.skey, exec.Token, data, c.retention)
 		})
 		switch {
 		case err == nil:
@@ -539,14 +573,22 @@ func (c *call) retry(ctx context.Context, what string, op func(context.Context) 
 }
 
 func (s *Server) unary(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
-	c, err := s.prepare(ctx, info.FullMethod)
+	p := s.policy(info.FullMethod)
+	switch {
+	case p.serverErr() != nil:
+		return nil, s.policyError(info.FullMethod, p)
+	case p.policy == Skip:
+		return handler(ctx, req)
+	}
+	pm, _ := req.(proto.Message)
+	c, err := s.prepare(ctx, info.FullMethod, p, pm)
 	if c == nil {
 		if err != nil {
 			return nil, err
 		}
 		return handler(ctx, req)
 	}
-	fp := newFingerprint(info.FullMethod)
+	fp := newFingerprint(info.FullMethod, c.filter)
 	err = fp.add(req)
 	sum := fp.sum()
 	fp.release()

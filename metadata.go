@@ -32,15 +32,21 @@ func NewKey() string {
 // characters of visible ASCII (0x21 to 0x7E). The error is an InvalidArgument
 // status whose message names the header.
 func ValidateKey(key string) error {
+	return validateKey(key, KeyHeader+" metadata")
+}
+
+// validateKey is ValidateKey for a key found in where: the metadata, or a
+// request's key field.
+func validateKey(key, where string) error {
 	if len(key) == 0 {
-		return status.Errorf(codes.InvalidArgument, "%s metadata is empty; send 1 to %d visible ASCII characters", KeyHeader, MaxKeyLength)
+		return status.Errorf(codes.InvalidArgument, "%s is empty; send 1 to %d visible ASCII characters", where, MaxKeyLength)
 	}
 	if len(key) > MaxKeyLength {
-		return status.Errorf(codes.InvalidArgument, "%s metadata is %d bytes long; the limit is %d", KeyHeader, len(key), MaxKeyLength)
+		return status.Errorf(codes.InvalidArgument, "%s is %d bytes long; the limit is %d", where, len(key), MaxKeyLength)
 	}
 	for i := 0; i < len(key); i++ {
 		if c := key[i]; c < 0x21 || c > 0x7e {
-			return status.Errorf(codes.InvalidArgument, "%s metadata has byte 0x%02x at offset %d; only visible ASCII (0x21 to 0x7E) is allowed", KeyHeader, c, i)
+			return status.Errorf(codes.InvalidArgument, "%s has byte 0x%02x at offset %d; only visible ASCII (0x21 to 0x7E) is allowed", where, c, i)
 		}
 	}
 	return nil

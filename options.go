@@ -8,12 +8,18 @@ import (
 	"time"
 
 	"google.golang.org/grpc/codes"
+	"google.golang.org/protobuf/reflect/protoreflect"
+	"google.golang.org/protobuf/reflect/protoregistry"
+	"google.golang.org/protobuf/types/descriptorpb"
+
+	idempotencyv1 "github.com/grpcidem/idempotency/proto/idempotency/v1"
 )
 
 // An Option configures the server interceptors.
 type Option func(*options)
 
-// Policy says how a method takes part in idempotency.
+// Policy says how a method takes part in idempotency, as WithPolicy decides
+// it for methods whose proto does not.
 type Policy uint8
 
 const (
@@ -33,7 +39,7 @@ type options struct {
 	waitTimeout    time.Duration
 	reject         bool
 	cacheable      [32]bool // indexed by code; codes above 31 are never cached
-	policy         func(fullMethod string) Policy
+	methods        goPolicy
 	failOpen       bool
 	maxRecordSize  int
 	maxStreamMsgs  int
@@ -41,8 +47,6 @@ type options struct {
 	storeTimeout   time.Duration
 	logger         *slog.Logger
 	observer       func(Event)
-	requiredFilter map[string]bool
-	methodFilter   map[string]bool
 	errs           []error // options set out of their range
 }
 
@@ -116,20 +120,11 @@ func newOptions(opts []Option) (*options, error) {
 			opt(o)
 		}
 	}
+	if err := checkDeclared(protoregistry.GlobalFiles); err != nil {
+		o.errs = append(o.errs, err)
+	}
 	if err := errors.Join(o.errs...); err != nil {
 		return nil, err
-	}
-	if o.policy == nil {
-		methods, required := o.methodFilter, o.requiredFilter
-		o.policy = func(m string) Policy {
-			if methods != nil && !methods[m] {
-				return Skip
-			}
-			if required != nil && (required[m] || required["*"]) {
-				return Required
-			}
-			return Optional
-		}
 	}
 	return o, nil
 }
@@ -152,7 +147,8 @@ func WithScope(scope func(ctx context.Context) (string, error)) Option {
 // WithRetention sets how long a completed record is replayed; after that the
 // key acts as never used, and the record is swept. It must be between
 // MinRetention (10ms) and MaxRetention (ten years); zero keeps the default,
-// 24 hours.
+// 24 hours. A method whose proto sets (idempotency.v1.method).retention
+// keeps its records for that long instead.
 func WithRetention(d time.Duration) Option {
 	return func(o *options) { o.setDuration("WithRetention", &o.retention, d, MinRetention, MaxRetention) }
 }
@@ -201,39 +197,188 @@ func WithCacheableCodes(cs ...codes.Code) Option {
 	}
 }
 
-// WithMethods limits idempotency to the named methods (full names such as
-// "/payments.v1.PaymentService/Charge"); other methods run as if there were no
-// interceptor. By default every method takes part.
+// WithMethods limits idempotency to the named methods, among those whose
+// proto does not declare their policy (see the package documentation:
+// (idempotency.v1.method) and idempotency_level come first); other methods
+// run as if there were no interceptor. Names are full method names, as the
+// generated _FullMethodName constants spell them:
+// "/payments.v1.PaymentService/Charge". By default every method takes part,
+// except those of gRPC's infrastructure services (health, reflection,
+// channelz), which take part only if named here or in WithRequiredKey.
+//
+// NewServer returns an error for a name that is not a full method name, and
+// for a method whose proto declares that it takes no part
+// (PARTICIPATION_NONE, or NO_SIDE_EFFECTS or IDEMPOTENT without an
+// (idempotency.v1.method) option): the proto would win, and the name would
+// silently do nothing.
 func WithMethods(fullMethods ...string) Option {
 	return func(o *options) {
-		if o.methodFilter == nil {
-			o.methodFilter = make(map[string]bool)
+		if o.methods.methods == nil {
+			o.methods.methods = make(map[string]bool)
 		}
 		for _, m := range fullMethods {
-			o.methodFilter[m] = true
+			if o.checkNamed("WithMethods", m, false) {
+				o.methods.methods[m] = true
+			}
 		}
 	}
 }
 
 // WithRequiredKey makes the named methods refuse calls without a key, with
-// InvalidArgument naming the header. With "*", every method that takes part
-// requires a key.
+// InvalidArgument naming the header (and the key field, if the method has
+// one). With "*", every method that takes part by the Go options requires
+// a key; a method whose proto declares its participation keeps it. Names
+// are checked as WithMethods checks them; a method whose proto declares
+// PARTICIPATION_KEY_OPTIONAL is refused too.
 func WithRequiredKey(fullMethods ...string) Option {
 	return func(o *options) {
-		if o.requiredFilter == nil {
-			o.requiredFilter = make(map[string]bool)
+		if o.methods.required == nil {
+			o.methods.required = make(map[string]bool)
 		}
 		for _, m := range fullMethods {
-			o.requiredFilter[m] = true
+			if m == "*" || o.checkNamed("WithRequiredKey", m, true) {
+				o.methods.required[m] = true
+			}
 		}
 	}
 }
 
+// checkNamed records an error if m, named in the option opt, is not a full
+// method name or contradicts what the method's proto declares.
+func (o *options) checkNamed(opt, m string, required bool) bool {
+	if err := checkMethodName(m); err != nil {
+		o.errs = append(o.errs, fmt.Errorf("idempotency: %s: %w", opt, err))
+		return false
+	}
+	md, err := findMethod(protoregistry.GlobalFiles, m)
+	if err != nil {
+		return true // nothing declared: the Go options decide
+	}
+	part, safe, _, err := methodOptions(md)
+	if err != nil {
+		return true // checkDeclared reports it
+	}
+	var says string
+	switch {
+	case part == idempotencyv1.Participation_PARTICIPATION_NONE:
+		says = "(idempotency.v1.method) PARTICIPATION_NONE"
+	case part == idempotencyv1.Participation_PARTICIPATION_UNSPECIFIED && safe:
+		says = "idempotency_level = " + md.Options().(*descriptorpb.MethodOptions).GetIdempotencyLevel().String() + ", which takes no part"
+	case required && part == idempotencyv1.Participation_PARTICIPATION_KEY_OPTIONAL:
+		says = "(idempotency.v1.method) PARTICIPATION_KEY_OPTIONAL"
+	default:
+		return true
+	}
+	o.errs = append(o.errs, fmt.Errorf("idempotency: %s(%q): its proto declares %s, and the proto's declaration comes first; change the proto's (idempotency.v1.method) option instead", opt, m, says))
+	return false
+}
+
 // WithPolicy sets a function that decides, per full method name, whether the
-// method is skipped, takes an optional key or requires one. It overrides
-// WithMethods and WithRequiredKey.
+// method is skipped, takes an optional key or requires one. It replaces
+// WithMethods and WithRequiredKey, for the methods whose proto declares
+// nothing: (idempotency.v1.method) and idempotency_level come first. It is
+// not asked about gRPC's infrastructure services (health, reflection,
+// channelz) unless WithMethods or WithRequiredKey names them, so that a
+// blanket rule leaves health checks alone.
 func WithPolicy(policy func(fullMethod string) Policy) Option {
-	return func(o *options) { o.policy = policy }
+	return func(o *options) { o.methods.fn = policy }
+}
+
+// WithKeyField names the request field that carries the idempotency key
+// (AIP-155's request_id), for protos that cannot be marked with
+// [(idempotency.v1.field).key = true]. It applies to the named methods, or,
+// with none, to every method that takes part and whose request has a
+// singular string field of that name at its top level and marks no key
+// field of its own. As with a marked field: the key of a unary or
+// server-streaming call whose metadata has none comes from the field, both
+// present and different is InvalidArgument, and the field is left out of
+// the fingerprint. Clients need WithClientKeyField with the same field.
+//
+// NewServer returns an error if a named method is not in the protobuf
+// registry, its request has no such string field, or its proto marks
+// another field as the key.
+func WithKeyField(field string, fullMethods ...string) Option {
+	return func(o *options) {
+		r, errs := newKeyFieldRule("WithKeyField", field, fullMethods)
+		o.errs = append(o.errs, errs...)
+		if len(errs) == 0 {
+			o.methods.keyFields = append(o.methods.keyFields, r)
+		}
+	}
+}
+
+// newKeyFieldRule checks a WithKeyField or WithClientKeyField.
+func newKeyFieldRule(opt, field string, fullMethods []string) (keyFieldRule, []error) {
+	r := keyFieldRule{field: protoreflect.Name(field)}
+	if !r.field.IsValid() {
+		return r, []error{fmt.Errorf("idempotency: %s(%q): not a field name", opt, field)}
+	}
+	var errs []error
+	for _, m := range fullMethods {
+		if err := checkMethodName(m); err != nil {
+			errs = append(errs, fmt.Errorf("idempotency: %s: %w", opt, err))
+			continue
+		}
+		md, err := findMethod(protoregistry.GlobalFiles, m)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("idempotency: %s(%q, %q): %w", opt, field, m, err))
+			continue
+		}
+		fd := md.Input().Fields().ByName(r.field)
+		switch {
+		case fd == nil:
+			errs = append(errs, fmt.Errorf("idempotency: %s(%q, %q): %s has no field %s", opt, field, m, md.Input().FullName(), field))
+			continue
+		case keyFieldProblem(fd) != "":
+			errs = append(errs, fmt.Errorf("idempotency: %s(%q, %q): %s", opt, field, m, keyFieldProblem(fd)))
+			continue
+		}
+		if d := declare(md); d.keyField != nil && d.keyField != fd {
+			errs = append(errs, fmt.Errorf("idempotency: %s(%q, %q): the proto marks %s as the key field, and its mark comes first", opt, field, m, d.keyField.FullName()))
+			continue
+		}
+		if r.methods == nil {
+			r.methods = make(map[string]bool)
+		}
+		r.methods[m] = true
+	}
+	return r, errs
+}
+
+// WithFingerprintExclude leaves fields of fullMethod's request out of its
+// fingerprint, for protos that cannot be marked with
+// [(idempotency.v1.field).fingerprint_exclude = true]. Paths name fields as
+// a FieldMask does ("client_sent_at", "metadata.trace_id"): every element
+// but the last is a singular message field. A retry that differs from the
+// first call only in these fields is replayed instead of refused, so use it
+// only for fields that cannot change the outcome (trace ids, client
+// timestamps): the retry gets the first call's outcome, computed from the
+// first call's values.
+//
+// NewServer returns an error if the method is not in the protobuf registry
+// or a path does not resolve in its request.
+func WithFingerprintExclude(fullMethod string, paths ...string) Option {
+	return func(o *options) {
+		if err := checkMethodName(fullMethod); err != nil {
+			o.errs = append(o.errs, fmt.Errorf("idempotency: WithFingerprintExclude: %w", err))
+			return
+		}
+		md, err := findMethod(protoregistry.GlobalFiles, fullMethod)
+		if err != nil {
+			o.errs = append(o.errs, fmt.Errorf("idempotency: WithFingerprintExclude(%q): %w", fullMethod, err))
+			return
+		}
+		for _, p := range paths {
+			if _, err := fieldPath(md.Input(), p); err != nil {
+				o.errs = append(o.errs, fmt.Errorf("idempotency: WithFingerprintExclude(%q, %q): %w", fullMethod, p, err))
+				return
+			}
+		}
+		if o.methods.exclude == nil {
+			o.methods.exclude = make(map[string][]string)
+		}
+		o.methods.exclude[fullMethod] = append(o.methods.exclude[fullMethod], paths...)
+	}
 }
 
 // WithFailOpen makes the interceptors run the handler without idempotency

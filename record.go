@@ -4,11 +4,9 @@ import (
 	"bytes"
 	"crypto/sha256"
 	"encoding/binary"
-	"fmt"
 	"hash"
 	"hash/maphash"
 	"slices"
-	"strings"
 	"sync"
 	"sync/atomic"
 
@@ -28,21 +26,24 @@ type Record = idempotencyv1.Record
 
 // fingerprint is SHA-256 over the full method name and the deterministic
 // protobuf encoding of every request message, in order, each preceded by its
-// length so that message boundaries count.
+// length so that message boundaries count. The key field and the fields
+// excluded from the fingerprint are left out of each message's encoding.
 type fingerprint struct {
-	h   hash.Hash
-	buf []byte
-	n   int64
+	h      hash.Hash
+	buf    []byte
+	n      int64
+	filter *requestFilter
 }
 
 var deterministic = proto.MarshalOptions{Deterministic: true}
 
 var fingerprints = sync.Pool{New: func() any { return &fingerprint{h: sha256.New()} }}
 
-func newFingerprint(method string) *fingerprint {
+func newFingerprint(method string, filter *requestFilter) *fingerprint {
 	f := fingerprints.Get().(*fingerprint)
 	f.h.Reset()
 	f.n = 0
+	f.filter = filter
 	f.h.Write([]byte(method))
 	f.h.Write([]byte{0})
 	return f
@@ -53,6 +54,7 @@ func (f *fingerprint) release() {
 	if cap(f.buf) > 64<<10 {
 		f.buf = nil // keep the pool small
 	}
+	f.filter = nil
 	fingerprints.Put(f)
 }
 
@@ -61,7 +63,7 @@ func (f *fingerprint) add(m any) error {
 	if !ok {
 		return status.Errorf(codes.Internal, "idempotency: request type %T is not a protobuf message, so it cannot be fingerprinted", m)
 	}
-	b, err := deterministic.MarshalAppend(f.buf[:0], pm)
+	b, err := f.filter.encode(f.buf[:0], pm)
 	if err != nil {
 		return status.Errorf(codes.Internal, "idempotency: marshal request to fingerprint it: %v", err)
 	}
@@ -122,21 +124,9 @@ func typesOf(fullMethod string) (methodTypes, error) {
 	if t, ok := methodTypeCache.Load(fullMethod); ok {
 		return t.(methodTypes), nil
 	}
-	svc, name, ok := strings.Cut(strings.TrimPrefix(fullMethod, "/"), "/")
-	if !ok {
-		return methodTypes{}, fmt.Errorf("malformed method name %q", fullMethod)
-	}
-	d, err := protoregistry.GlobalFiles.FindDescriptorByName(protoreflect.FullName(svc))
+	md, err := findMethod(protoregistry.GlobalFiles, fullMethod)
 	if err != nil {
-		return methodTypes{}, fmt.Errorf("service %s is not in the protobuf registry: %w", svc, err)
-	}
-	sd, ok := d.(protoreflect.ServiceDescriptor)
-	if !ok {
-		return methodTypes{}, fmt.Errorf("%s is not a service", svc)
-	}
-	md := sd.Methods().ByName(protoreflect.Name(name))
-	if md == nil {
-		return methodTypes{}, fmt.Errorf("service %s has no method %s", svc, name)
+		return methodTypes{}, err
 	}
 	var t methodTypes
 	if t.in, err = protoregistry.GlobalTypes.FindMessageByName(md.Input().FullName()); err != nil {

@@ -42,36 +42,68 @@ func (s *Server) StreamServerInterceptor() grpc.StreamServerInterceptor { return
 
 func (s *Server) stream(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
 	ctx := ss.Context()
-	c, err := s.prepare(ctx, info.FullMethod)
+	p := s.policy(info.FullMethod)
+	switch {
+	case p.serverErr() != nil:
+		return s.policyError(info.FullMethod, p)
+	case p.policy == Skip:
+		return handler(srv, ss)
+	}
+	var (
+		types    methodTypes
+		typesErr error
+		first    proto.Message // a server stream's request, read before the handler ran
+	)
+	readFirst := func() error {
+		if types, typesErr = typesOf(info.FullMethod); typesErr != nil {
+			return status.Errorf(codes.Internal, "idempotency: cannot record %s: %v", info.FullMethod, typesErr)
+		}
+		req := types.in.New().Interface()
+		if err := ss.RecvMsg(req); err != nil {
+			return err
+		}
+		first = req
+		return nil
+	}
+	if !info.IsClientStream && p.keyField != nil {
+		// The key may be in the request.
+		if err := readFirst(); err != nil {
+			return err
+		}
+	}
+	c, err := s.prepare(ctx, info.FullMethod, p, first)
 	if c == nil {
 		if err != nil {
 			return err
 		}
+		if first != nil {
+			return handler(srv, &recordingStream{ServerStream: ss, first: first}) // hands over the request read
+		}
 		return handler(srv, ss)
-	}
-	types, err := typesOf(info.FullMethod)
-	if err != nil {
-		return status.Errorf(codes.Internal, "idempotency: cannot record %s: %v", info.FullMethod, err)
 	}
 	rs := &recordingStream{ServerStream: ss, c: c}
 	var sum []byte
 	if !info.IsClientStream {
 		// One request: read it now, so that its fingerprint is known
 		// before the key is reserved, as for unary calls.
-		req := types.in.New().Interface()
-		if err := ss.RecvMsg(req); err != nil {
-			return err
+		if first == nil {
+			if err := readFirst(); err != nil {
+				return err
+			}
 		}
-		fp := newFingerprint(info.FullMethod)
-		err := fp.add(req)
+		fp := newFingerprint(info.FullMethod, c.filter)
+		err := fp.add(first)
 		sum = fp.sum()
 		fp.release()
 		if err != nil {
 			return err
 		}
-		rs.first = req
+		rs.first = first
 	} else {
-		rs.fp = newFingerprint(info.FullMethod)
+		if types, typesErr = typesOf(info.FullMethod); typesErr != nil {
+			return status.Errorf(codes.Internal, "idempotency: cannot record %s: %v", info.FullMethod, typesErr)
+		}
+		rs.fp = newFingerprint(info.FullMethod, c.filter)
 	}
 
 	r, err := c.reserve(ctx, sum)
@@ -326,7 +358,7 @@ func (c *call) replayStream(ss grpc.ServerStream, r reservation, types methodTyp
 // readDuplicate reads as many requests as the first execution read (and the
 // end of the stream, if it read it) and compares their fingerprint.
 func (c *call) readDuplicate(ss grpc.ServerStream, rec *Record, types methodTypes) error {
-	fp := newFingerprint(c.method)
+	fp := newFingerprint(c.method, c.filter)
 	extra := false
 	for fp.n < rec.RequestsRead {
 		m := types.in.New().Interface()
