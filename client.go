@@ -35,8 +35,9 @@ type clientOptions struct {
 	maxBackoff     time.Duration
 	perAttempt     time.Duration
 	retryCodes     []codes.Code
-	keySet         bool    // WithKey was given, even with ""
-	errs           []error // options set out of their range
+	keyFields      []keyFieldRule // WithClientKeyField
+	keySet         bool           // WithKey was given, even with ""
+	errs           []error        // options set out of their range
 }
 
 // Defaults of the retry helper.
@@ -103,7 +104,25 @@ func WithKey(key string) CallOption {
 	return CallOption{apply: func(o *clientOptions) { o.key, o.keySet, o.noKey = key, true, false }}
 }
 
-// WithoutKey sends the call without an idempotency key (and without retries).
+// WithClientKeyField names the request field that carries the idempotency
+// key, for protos that cannot be marked with [(idempotency.v1.field).key =
+// true]: the client side of the server's WithKeyField, with the same
+// arguments. An empty key field of a unary or server-streaming call is
+// filled with a random UUID4 instead of sending the key as metadata.
+// Checked as WithKeyField is: the interceptor constructors panic on a
+// misuse, and a call given it fails with InvalidArgument.
+func WithClientKeyField(field string, fullMethods ...string) CallOption {
+	return CallOption{apply: func(o *clientOptions) {
+		r, errs := newKeyFieldRule("WithClientKeyField", field, fullMethods)
+		o.errs = append(o.errs, errs...)
+		if len(errs) == 0 {
+			o.keyFields = append(o.keyFields[:len(o.keyFields):len(o.keyFields)], r)
+		}
+	}}
+}
+
+// WithoutKey sends the call without an idempotency key (and without retries,
+// unless its proto declares it NO_SIDE_EFFECTS or IDEMPOTENT).
 func WithoutKey() CallOption {
 	return CallOption{apply: func(o *clientOptions) { o.noKey = true }}
 }
@@ -193,20 +212,71 @@ func split(base clientOptions, callOpts []grpc.CallOption) (clientOptions, []grp
 	return o, rest
 }
 
-// withKey returns ctx with the call's idempotency key, keeping a key the
-// caller already put in the outgoing metadata.
-func (o *clientOptions) withKey(ctx context.Context) (context.Context, bool) {
+// clientPolicies resolves, once per method, how the methods a client calls
+// take part, from their descriptors and the dial-time WithClientKeyField.
+type clientPolicies struct {
+	base  goPolicy
+	cache sync.Map // full method name -> *methodPolicy
+}
+
+func newClientPolicies(base clientOptions) *clientPolicies {
+	return &clientPolicies{base: goPolicy{keyFields: base.keyFields}}
+}
+
+// of returns the policy of method for a call with options o.
+func (c *clientPolicies) of(method string, o *clientOptions) *methodPolicy {
+	if len(o.keyFields) != len(c.base.keyFields) {
+		// WithClientKeyField given per call: rare, so not cached.
+		return resolve(method, &goPolicy{keyFields: o.keyFields})
+	}
+	if p, ok := c.cache.Load(method); ok {
+		return p.(*methodPolicy)
+	}
+	p, _ := c.cache.LoadOrStore(method, resolve(method, &c.base))
+	return p.(*methodPolicy)
+}
+
+// withKey returns ctx with the call's idempotency key, and whether the call
+// has one. req is the call's request if its key field can carry the key
+// (unary and server-streaming calls), else nil.
+//
+// A key the caller gave (in the outgoing metadata, or with WithKey) is sent
+// as metadata, to any method; a key field the caller filled must hold the
+// same key. Otherwise only methods that take part get a key: in their key
+// field, filled with a fresh UUID4 if empty, or else as metadata.
+func (o *clientOptions) withKey(ctx context.Context, p *methodPolicy, req proto.Message) (context.Context, bool, error) {
 	if o.noKey {
-		return ctx, false
+		return ctx, false, nil
 	}
-	if _, ok := keyFromOutgoing(ctx); ok {
-		return ctx, true
+	fieldKey := p.requestKey(req)
+	if fieldKey != "" {
+		if err := validateKey(fieldKey, "request field "+p.keyFieldName()); err != nil {
+			return ctx, false, err
+		}
 	}
-	key := o.key
-	if key == "" {
-		key = NewKey()
+	given, ok := keyFromOutgoing(ctx)
+	if !ok && o.keySet {
+		given = o.key
 	}
-	return metadata.AppendToOutgoingContext(ctx, KeyHeader, key), true
+	switch {
+	case given != "" || ok:
+		if fieldKey != "" && fieldKey != given {
+			return ctx, false, status.Errorf(codes.InvalidArgument, "idempotency: the call's key and its request field %s differ; give one key, or the same in both", p.keyFieldName())
+		}
+		if ok {
+			return ctx, true, nil
+		}
+		return metadata.AppendToOutgoingContext(ctx, KeyHeader, given), true, nil
+	case p.policy == Skip:
+		return ctx, false, nil
+	case req != nil && p.keyField != nil:
+		if fieldKey == "" && !p.setRequestKey(req, newUUID4()) {
+			return metadata.AppendToOutgoingContext(ctx, KeyHeader, NewKey()), true, nil
+		}
+		return ctx, true, nil
+	default:
+		return metadata.AppendToOutgoingContext(ctx, KeyHeader, NewKey()), true, nil
+	}
 }
 
 func (o *clientOptions) retryable(err error, ctx, attemptCtx context.Context) bool {
@@ -248,31 +318,46 @@ func (o *clientOptions) sleep(ctx context.Context, n int) bool {
 	}
 }
 
-// UnaryClientInterceptor returns an interceptor that gives every call an
-// idempotency key (a fresh random one unless the call has one, or WithKey
-// sets it) and keeps it for every retry of that call: its own
-// (WithMaxAttempts), and grpc-go's retry policy and transparent retries,
-// which happen below it. opts are defaults for every call; per-call options
-// override them.
+// UnaryClientInterceptor returns an interceptor that gives every call of a
+// method that takes part an idempotency key, and keeps it for every retry
+// of that call: its own (WithMaxAttempts), and grpc-go's retry policy and
+// transparent retries, which happen below it. Which methods take part is
+// read from the same descriptors as the server reads: not health checks,
+// reflection or channelz, not methods declared NO_SIDE_EFFECTS or
+// IDEMPOTENT or PARTICIPATION_NONE. The key is a fresh random one unless the
+// call has one (in its outgoing metadata, or WithKey). A method whose
+// request has a key field ([(idempotency.v1.field).key = true], or
+// WithClientKeyField) gets its key there: an empty key field is filled with
+// a random UUID4 in the caller's request, before the first attempt, so that
+// every retry carries it; a key field the caller filled is kept. opts are
+// defaults for every call; per-call options override them.
 //
 // It panics if an option is out of its documented range.
 func UnaryClientInterceptor(opts ...CallOption) grpc.UnaryClientInterceptor {
 	base := newClientOptions(opts)
+	policies := newClientPolicies(base)
 	return func(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, callOpts ...grpc.CallOption) error {
 		o, rest := split(base, callOpts)
 		if err := o.check(); err != nil {
 			return err
 		}
-		ctx, keyed := o.withKey(ctx)
+		p := policies.of(method, &o)
+		if p.err != nil {
+			return status.Errorf(codes.Internal, "idempotency: the idempotency policy of %s cannot be honoured: %v", method, p.err)
+		}
+		pm, _ := req.(proto.Message)
+		ctx, keyed, err := o.withKey(ctx, p, pm)
+		if err != nil {
+			return err
+		}
 		var header metadata.MD
 		if o.replayed != nil {
 			rest = append(rest, grpc.Header(&header))
 		}
 		maxAttempts := o.maxAttempts
-		if !keyed {
+		if !keyed && (!p.safe || o.noKey) {
 			maxAttempts = 1 // without a key, a retry is not safe
 		}
-		var err error
 		attempt := 0
 		for {
 			attempt++
@@ -297,26 +382,37 @@ func UnaryClientInterceptor(opts ...CallOption) grpc.UnaryClientInterceptor {
 	}
 }
 
-// StreamClientInterceptor returns an interceptor that gives every stream an
-// idempotency key, as UnaryClientInterceptor does for unary calls. With
-// WithMaxAttempts, a server-streaming call that fails with a retryable code
-// before its first response is opened again with the same key and request;
-// other streams are not retried, since their requests are not all known when
-// they fail.
+// StreamClientInterceptor returns an interceptor that gives every stream of
+// a method that takes part an idempotency key, as UnaryClientInterceptor
+// does for unary calls. A server-streaming call whose request has a key
+// field gets its key there (the stream is opened when its request is sent);
+// client- and bidirectional-streaming calls carry their key as metadata.
+// With WithMaxAttempts, a server-streaming call that fails with a retryable
+// code before its first response is opened again with the same key and
+// request; other streams are not retried, since their requests are not all
+// known when they fail.
 //
 // It panics if an option is out of its documented range.
 func StreamClientInterceptor(opts ...CallOption) grpc.StreamClientInterceptor {
 	base := newClientOptions(opts)
+	policies := newClientPolicies(base)
 	return func(ctx context.Context, desc *grpc.StreamDesc, cc *grpc.ClientConn, method string, streamer grpc.Streamer, callOpts ...grpc.CallOption) (grpc.ClientStream, error) {
 		o, rest := split(base, callOpts)
 		if err := o.check(); err != nil {
 			return nil, err
 		}
-		ctx, keyed := o.withKey(ctx)
-		cs := &clientStream{o: o, ctx: ctx, desc: desc, cc: cc, method: method, streamer: streamer, opts: rest}
-		cs.retry = keyed && o.maxAttempts > 1 && desc.ServerStreams && !desc.ClientStreams
-		if err := cs.open(); err != nil {
-			cs.report()
+		p := policies.of(method, &o)
+		if p.err != nil {
+			return nil, status.Errorf(codes.Internal, "idempotency: the idempotency policy of %s cannot be honoured: %v", method, p.err)
+		}
+		cs := &clientStream{o: o, p: p, ctx: ctx, desc: desc, cc: cc, method: method, streamer: streamer, opts: rest}
+		if !desc.ClientStreams && p.keyField != nil && !o.noKey {
+			// The key depends on the request: open the stream when it is
+			// sent.
+			cs.pending = true
+			return cs, nil
+		}
+		if err := cs.start(nil); err != nil {
 			return nil, err
 		}
 		return cs, nil
@@ -328,6 +424,7 @@ func StreamClientInterceptor(opts ...CallOption) grpc.StreamClientInterceptor {
 type clientStream struct {
 	grpc.ClientStream
 	o        clientOptions
+	p        *methodPolicy
 	ctx      context.Context
 	desc     *grpc.StreamDesc
 	cc       *grpc.ClientConn
@@ -335,12 +432,33 @@ type clientStream struct {
 	streamer grpc.Streamer
 	opts     []grpc.CallOption
 
+	// pending: the stream opens when its request is sent, because the
+	// request's key field decides its key. startErr is why it did not.
+	pending  bool
+	startErr error
+
 	retry    bool
 	attempt  int
 	request  proto.Message // the one request of a server stream, to resend
 	closed   bool          // CloseSend was called
 	received bool          // a response has arrived: no more retries
 	once     sync.Once
+}
+
+// start gives the stream its key and opens it. req is the request of a
+// server stream whose key field can carry the key, else nil.
+func (s *clientStream) start(req proto.Message) error {
+	ctx, keyed, err := s.o.withKey(s.ctx, s.p, req)
+	if err != nil {
+		return err
+	}
+	s.ctx = ctx
+	s.retry = (keyed || s.p.safe && !s.o.noKey) && s.o.maxAttempts > 1 && s.desc.ServerStreams && !s.desc.ClientStreams
+	if err := s.open(); err != nil {
+		s.report()
+		return err
+	}
+	return nil
 }
 
 func (s *clientStream) open() error {
@@ -358,6 +476,21 @@ func (s *clientStream) open() error {
 }
 
 func (s *clientStream) SendMsg(m any) error {
+	if s.pending {
+		s.pending = false
+		pm, ok := m.(proto.Message)
+		if !ok {
+			s.startErr = status.Errorf(codes.Internal, "idempotency: request type %T is not a protobuf message", m)
+			return s.startErr
+		}
+		if err := s.start(pm); err != nil {
+			s.startErr = err
+			return err
+		}
+	}
+	if s.ClientStream == nil {
+		return s.notStarted()
+	}
 	if s.retry && s.request == nil {
 		if pm, ok := m.(proto.Message); ok {
 			s.request = proto.Clone(pm)
@@ -366,12 +499,57 @@ func (s *clientStream) SendMsg(m any) error {
 	return s.ClientStream.SendMsg(m)
 }
 
+// notStarted is the error of a stream that was never opened: its request
+// was refused before it was sent, or is yet to be sent.
+func (s *clientStream) notStarted() error {
+	if s.startErr != nil {
+		return s.startErr
+	}
+	return status.Error(codes.Internal, "idempotency: the stream opens when its request is sent; send it first")
+}
+
+func (s *clientStream) Context() context.Context {
+	if s.ClientStream == nil {
+		return s.ctx
+	}
+	return s.ClientStream.Context()
+}
+
+func (s *clientStream) Header() (metadata.MD, error) {
+	if s.ClientStream == nil {
+		return nil, s.notStarted()
+	}
+	return s.ClientStream.Header()
+}
+
+func (s *clientStream) Trailer() metadata.MD {
+	if s.ClientStream == nil {
+		return nil
+	}
+	return s.ClientStream.Trailer()
+}
+
 func (s *clientStream) CloseSend() error {
 	s.closed = true
+	if s.pending {
+		// Closed before its request was sent: open it as it is, and let
+		// the server say what it makes of a stream without a request.
+		s.pending = false
+		if err := s.start(nil); err != nil {
+			s.startErr = err
+			return err
+		}
+	}
+	if s.ClientStream == nil {
+		return s.notStarted()
+	}
 	return s.ClientStream.CloseSend()
 }
 
 func (s *clientStream) RecvMsg(m any) error {
+	if s.ClientStream == nil {
+		return s.notStarted()
+	}
 	for {
 		err := s.ClientStream.RecvMsg(m)
 		if err == nil || errors.Is(err, io.EOF) || !s.canRetry(err) {

@@ -92,9 +92,18 @@
 //	var replayed bool
 //	resp, err := client.Charge(ctx, req, idempotency.WithKey(orderID), idempotency.Replayed(&replayed))
 //
+// The client interceptors give keys only to calls of methods that take part,
+// read from the same descriptors as the server: not to health checks,
+// reflection, or methods declared NO_SIDE_EFFECTS, IDEMPOTENT or
+// PARTICIPATION_NONE. A request's empty key field is filled with a random
+// UUID4 (AIP-4235) before the first attempt, in the caller's message; a key
+// field the caller filled is kept. A key the caller gives (WithKey, or the
+// metadata) is sent as it is.
+//
 // Retries are off by default (WithMaxAttempts turns them on); grpc-go's own
 // retry policy and transparent retries run below the interceptor and reuse
-// its key.
+// its key. A call without a key is not retried, unless its method is
+// declared NO_SIDE_EFFECTS or IDEMPOTENT.
 //
 // # Stores
 //

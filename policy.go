@@ -648,3 +648,14 @@ func (p *methodPolicy) requestKey(req proto.Message) string {
 	}
 	return m.Get(fd).String()
 }
+
+// setRequestKey sets the request's key field to key.
+func (p *methodPolicy) setRequestKey(req proto.Message, key string) bool {
+	m := req.ProtoReflect()
+	fd := m.Descriptor().Fields().ByNumber(p.keyField.Number())
+	if fd == nil || fd.Kind() != protoreflect.StringKind || fd.IsList() {
+		return false
+	}
+	m.Set(fd, protoreflect.ValueOfString(key))
+	return true
+}

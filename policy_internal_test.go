@@ -3,6 +3,7 @@ package idempotency
 import (
 	"context"
 	"math/rand/v2"
+	"regexp"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -171,4 +172,16 @@ func TestFingerprintCostsNothingExtra(t *testing.T) {
 		})
 	}
 	assert.Equal(t, allocs(nil), allocs(legacy.filter))
+}
+
+func TestNewUUID4(t *testing.T) {
+	re := regexp.MustCompile(`^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$`)
+	seen := map[string]bool{}
+	for range 100 {
+		u := newUUID4()
+		require.Regexp(t, re, u)
+		require.NoError(t, ValidateKey(u))
+		require.False(t, seen[u])
+		seen[u] = true
+	}
 }
