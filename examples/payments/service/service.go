@@ -23,6 +23,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 
 	paymentsv1 "github.com/grpcidem/idempotency/examples/proto/payments/v1"
 )
@@ -84,13 +85,14 @@ type Service struct {
 
 	runs atomic.Int64 // drives WithFailEvery
 
-	mu    sync.Mutex
-	stats map[string]*Stats // by full method name
+	mu      sync.Mutex
+	stats   map[string]*Stats                     // by full method name
+	charges map[string]*paymentsv1.ChargeResponse // every charge made, by id, for GetCharge
 }
 
 // New returns a Service.
 func New(opts ...Option) *Service {
-	s := &Service{stats: make(map[string]*Stats)}
+	s := &Service{stats: make(map[string]*Stats), charges: make(map[string]*paymentsv1.ChargeResponse)}
 	for _, opt := range opts {
 		opt(s)
 	}
@@ -166,9 +168,38 @@ func (s *Service) executed(ctx context.Context, method string, charges []*paymen
 		m.Executions++
 		m.Charges += int64(len(charges))
 	})
+	s.remember(charges...)
 	if s.hook != nil {
 		s.hook(ctx, method, charges)
 	}
+}
+
+// remember keeps charges for GetCharge. The example keeps every charge it
+// makes in memory; a real service reads its ledger.
+func (s *Service) remember(charges ...*paymentsv1.ChargeResponse) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, c := range charges {
+		s.charges[c.GetChargeId()] = c
+	}
+}
+
+// GetCharge returns a charge this service made, or NotFound. It only
+// reads: its proto declares it NO_SIDE_EFFECTS, so the interceptors give it
+// no key and store nothing for it. It counts as a run of its method, never
+// as an execution, and neither waits nor fails on purpose.
+func (s *Service) GetCharge(_ context.Context, req *paymentsv1.GetChargeRequest) (*paymentsv1.ChargeResponse, error) {
+	s.count(paymentsv1.PaymentService_GetCharge_FullMethodName, func(m *Stats) { m.Runs++ })
+	if req.GetChargeId() == "" {
+		return nil, status.Error(codes.InvalidArgument, "charge_id is empty")
+	}
+	s.mu.Lock()
+	c := s.charges[req.GetChargeId()]
+	s.mu.Unlock()
+	if c == nil {
+		return nil, status.Errorf(codes.NotFound, "no charge %s was made by this server", req.GetChargeId())
+	}
+	return proto.Clone(c).(*paymentsv1.ChargeResponse), nil
 }
 
 // Validate reports whether a charge request can be charged: an account and
@@ -327,6 +358,7 @@ func (s *Service) ChargeInteractive(stream grpc.BidiStreamingServer[paymentsv1.C
 		if err := stream.Send(c); err != nil {
 			return err
 		}
+		s.remember(c) // made once answered, whatever the stream does next
 		charges = append(charges, c)
 	}
 }

@@ -15,6 +15,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 	"google.golang.org/grpc/test/bufconn"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/grpcidem/idempotency/examples/payments/service"
 	paymentsv1 "github.com/grpcidem/idempotency/examples/proto/payments/v1"
@@ -230,4 +231,33 @@ func TestCancelledDuringDelayChargesNothing(t *testing.T) {
 	// watches its context (the delay is an hour).
 	srv.GracefulStop()
 	require.Equal(t, service.Stats{Runs: 1}, svc.Stats())
+}
+
+func TestGetChargeReturnsChargesMade(t *testing.T) {
+	svc := service.New()
+	c := serve(t, svc)
+	ctx := testCtx(t)
+	made, err := c.Charge(ctx, &paymentsv1.ChargeRequest{Account: "acct_1", AmountCents: 100, Currency: "EUR"})
+	require.NoError(t, err)
+	stream, err := c.ChargeInteractive(ctx)
+	require.NoError(t, err)
+	require.NoError(t, stream.Send(&paymentsv1.ChargeRequest{Account: "acct_2", AmountCents: 200}))
+	answered, err := stream.Recv()
+	require.NoError(t, err)
+
+	for _, want := range []*paymentsv1.ChargeResponse{made, answered} {
+		got, err := c.GetCharge(ctx, &paymentsv1.GetChargeRequest{ChargeId: want.GetChargeId()})
+		require.NoError(t, err)
+		require.True(t, proto.Equal(want, got), "an answered charge is made, even while its stream runs")
+	}
+	require.NoError(t, stream.CloseSend())
+	_, err = stream.Recv()
+	require.ErrorIs(t, err, io.EOF)
+
+	_, err = c.GetCharge(ctx, &paymentsv1.GetChargeRequest{ChargeId: "ch_000000000000000000000000"})
+	require.Equal(t, codes.NotFound, status.Code(err))
+	_, err = c.GetCharge(ctx, &paymentsv1.GetChargeRequest{})
+	require.Equal(t, codes.InvalidArgument, status.Code(err))
+	st := svc.StatsOf(paymentsv1.PaymentService_GetCharge_FullMethodName)
+	require.Equal(t, service.Stats{Runs: 4}, st, "reads are runs, never executions")
 }

@@ -38,9 +38,9 @@ type demoConfig struct {
 	dir                   string
 	backoff, maxBackoff   time.Duration
 	timeout               time.Duration
-	// serverOptions are added to the server's idempotency options (tests
-	// use them to break the server on purpose).
-	serverOptions []idempotency.Option
+	// noIdempotency serves without the idempotency interceptors (a test
+	// breaks the server on purpose).
+	noIdempotency bool
 }
 
 // RunDemo is the demo command; see ../../demo.
@@ -188,7 +188,7 @@ func runDemo(ctx context.Context, c demoConfig, stdout io.Writer) (err error) {
 	led := &ledger{runs: make(map[string][][]string)}
 	events := &eventsByMethod{n: make(map[string]map[idempotency.EventKind]int)}
 	svc := service.New(service.WithDelay(c.delay), service.WithFailEvery(c.failEvery), service.WithExecutedHook(led.executed))
-	cfg := ServerConfig{Logger: slog.New(slog.DiscardHandler), RequireKey: true, Observe: events.observe, Options: c.serverOptions}
+	cfg := ServerConfig{Logger: slog.New(slog.DiscardHandler), Observe: events.observe, WithoutIdempotency: c.noIdempotency}
 	server, err := startDemoServer(store, svc, cfg)
 	if err != nil {
 		return err

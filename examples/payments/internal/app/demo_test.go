@@ -7,8 +7,6 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
-
-	"github.com/grpcidem/idempotency"
 )
 
 func smallDemo(t *testing.T) demoConfig {
@@ -25,7 +23,7 @@ func smallDemo(t *testing.T) demoConfig {
 // payments again, and the demo must say so and fail.
 func TestDemoCatchesDuplicateExecutions(t *testing.T) {
 	c := smallDemo(t)
-	c.serverOptions = []idempotency.Option{idempotency.WithPolicy(func(string) idempotency.Policy { return idempotency.Skip })}
+	c.noIdempotency = true
 	var out bytes.Buffer
 	err := runDemo(context.Background(), c, &out)
 	require.ErrorContains(t, err, "found", out.String())

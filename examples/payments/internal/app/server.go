@@ -14,6 +14,8 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/reflection"
 	"google.golang.org/grpc/status"
@@ -24,8 +26,9 @@ import (
 	paymentsv1 "github.com/grpcidem/idempotency/examples/proto/payments/v1"
 )
 
-// PaymentMethods are the full names of the payment RPCs: the ones that
-// take part in idempotency, and require a key by default.
+// PaymentMethods are the full names of the RPCs that charge. payments.proto
+// declares that they require an idempotency key; the server needs no Go
+// option to say so.
 var PaymentMethods = []string{
 	paymentsv1.PaymentService_Charge_FullMethodName,
 	paymentsv1.PaymentService_ChargeInstallments_FullMethodName,
@@ -36,17 +39,20 @@ var PaymentMethods = []string{
 // ServerConfig is what NewServer needs besides the store and the service.
 type ServerConfig struct {
 	Logger *slog.Logger
-	// RequireKey refuses payment calls without an idempotency key.
-	RequireKey bool
 	// Observe, if set, is called for every idempotency event.
 	Observe func(idempotency.Event)
 	// Options are added after the ones NewServer sets, and so win.
 	Options []idempotency.Option
+	// WithoutIdempotency leaves the idempotency interceptors out, for the
+	// test that shows the demo's checks catch payments run twice. (No Go
+	// option can turn a method off that payments.proto declares: the
+	// proto comes first.)
+	WithoutIdempotency bool
 }
 
-// NewServer returns a gRPC server with the payments service, server
-// reflection (for grpcurl and ghz) and this interceptor chain, outermost
-// first:
+// NewServer returns a gRPC server with the payments service, the standard
+// health service, server reflection (for grpcurl and ghz) and this
+// interceptor chain, outermost first:
 //
 //  1. recovery: a panic anywhere below becomes Internal instead of a crash;
 //  2. logging: sees every call's final outcome, replays included;
@@ -60,13 +66,12 @@ func NewServer(store idempotency.Store, svc paymentsv1.PaymentServiceServer, cfg
 	if logger == nil {
 		logger = slog.New(slog.DiscardHandler)
 	}
+	// Which methods take part, and that they require a key, is declared
+	// in payments.proto: GetCharge, health checks and reflection take no
+	// part, so they need no key and leave no record.
 	opts := []idempotency.Option{
-		idempotency.WithMethods(PaymentMethods...),
 		idempotency.WithScope(scopeFromTenant),
 		idempotency.WithLogger(logger),
-	}
-	if cfg.RequireKey {
-		opts = append(opts, idempotency.WithRequiredKey("*"))
 	}
 	if cfg.Observe != nil {
 		opts = append(opts, idempotency.WithObserver(cfg.Observe))
@@ -76,21 +81,15 @@ func NewServer(store idempotency.Store, svc paymentsv1.PaymentServiceServer, cfg
 	if err != nil {
 		return nil, err
 	}
-	srv := grpc.NewServer(
-		grpc.ChainUnaryInterceptor(
-			recoverUnary(logger),
-			logUnary(logger),
-			tenantUnary,
-			idem.UnaryServerInterceptor(),
-		),
-		grpc.ChainStreamInterceptor(
-			recoverStream(logger),
-			logStream(logger),
-			tenantStream,
-			idem.StreamServerInterceptor(),
-		),
-	)
+	unary := []grpc.UnaryServerInterceptor{recoverUnary(logger), logUnary(logger), tenantUnary}
+	stream := []grpc.StreamServerInterceptor{recoverStream(logger), logStream(logger), tenantStream}
+	if !cfg.WithoutIdempotency {
+		unary = append(unary, idem.UnaryServerInterceptor())
+		stream = append(stream, idem.StreamServerInterceptor())
+	}
+	srv := grpc.NewServer(grpc.ChainUnaryInterceptor(unary...), grpc.ChainStreamInterceptor(stream...))
 	paymentsv1.RegisterPaymentServiceServer(srv, svc)
+	healthpb.RegisterHealthServer(srv, health.NewServer()) // SERVING while the server runs
 	reflection.Register(srv)
 	return srv, nil
 }
@@ -225,7 +224,6 @@ func RunServer(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	storeCfg := stores.RegisterFlags(fs, "payments-idem.db")
 	delay := fs.Duration("delay", 0, "how long each execution waits before it charges, so that duplicates overlap with it")
 	failEvery := fs.Int("fail-every", 0, "fail every Nth execution with Unavailable before charging (0: never)")
-	requireKey := fs.Bool("require-key", true, "refuse payment calls without an idempotency-key header")
 	grace := fs.Duration("grace", 10*time.Second, "how long a shutdown waits for running calls before it cuts them off")
 	verbose := fs.Bool("v", false, "log every call and idempotency event")
 	if err := parse(fs, args); err != nil {
@@ -260,8 +258,7 @@ func RunServer(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	svc := service.New(service.WithDelay(*delay), service.WithFailEvery(*failEvery))
 	var events eventCounts
 	srv, err := NewServer(store, svc, ServerConfig{
-		Logger:     logger,
-		RequireKey: *requireKey,
+		Logger: logger,
 		Observe: func(e idempotency.Event) {
 			events.observe(e)
 			logger.Debug("idempotency", "event", e.Kind, "method", e.Method, "scope", e.Scope, "key", e.Key, "code", e.Code, "err", e.Err)

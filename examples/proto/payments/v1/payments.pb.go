@@ -10,6 +10,7 @@
 package paymentsv1
 
 import (
+	_ "github.com/grpcidem/idempotency/proto/idempotency/v1"
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
 	reflect "reflect"
@@ -25,10 +26,14 @@ const (
 )
 
 type ChargeRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Account       string                 `protobuf:"bytes,1,opt,name=account,proto3" json:"account,omitempty"`
-	AmountCents   int64                  `protobuf:"varint,2,opt,name=amount_cents,json=amountCents,proto3" json:"amount_cents,omitempty"`
-	Currency      string                 `protobuf:"bytes,3,opt,name=currency,proto3" json:"currency,omitempty"`
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	Account     string                 `protobuf:"bytes,1,opt,name=account,proto3" json:"account,omitempty"`
+	AmountCents int64                  `protobuf:"varint,2,opt,name=amount_cents,json=amountCents,proto3" json:"amount_cents,omitempty"`
+	Currency    string                 `protobuf:"bytes,3,opt,name=currency,proto3" json:"currency,omitempty"`
+	// The idempotency key of a Charge (AIP-155), used when the call has no
+	// idempotency-key metadata; clients with the interceptor fill an empty one
+	// with a UUID4. Not part of the request's fingerprint.
+	RequestId     string `protobuf:"bytes,4,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -84,6 +89,57 @@ func (x *ChargeRequest) GetCurrency() string {
 	return ""
 }
 
+func (x *ChargeRequest) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
+type GetChargeRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	ChargeId      string                 `protobuf:"bytes,1,opt,name=charge_id,json=chargeId,proto3" json:"charge_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetChargeRequest) Reset() {
+	*x = GetChargeRequest{}
+	mi := &file_payments_v1_payments_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetChargeRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetChargeRequest) ProtoMessage() {}
+
+func (x *GetChargeRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_payments_v1_payments_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetChargeRequest.ProtoReflect.Descriptor instead.
+func (*GetChargeRequest) Descriptor() ([]byte, []int) {
+	return file_payments_v1_payments_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *GetChargeRequest) GetChargeId() string {
+	if x != nil {
+		return x.ChargeId
+	}
+	return ""
+}
+
 type ChargeResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	ChargeId      string                 `protobuf:"bytes,1,opt,name=charge_id,json=chargeId,proto3" json:"charge_id,omitempty"`
@@ -96,7 +152,7 @@ type ChargeResponse struct {
 
 func (x *ChargeResponse) Reset() {
 	*x = ChargeResponse{}
-	mi := &file_payments_v1_payments_proto_msgTypes[1]
+	mi := &file_payments_v1_payments_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -108,7 +164,7 @@ func (x *ChargeResponse) String() string {
 func (*ChargeResponse) ProtoMessage() {}
 
 func (x *ChargeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_payments_v1_payments_proto_msgTypes[1]
+	mi := &file_payments_v1_payments_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -121,7 +177,7 @@ func (x *ChargeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ChargeResponse.ProtoReflect.Descriptor instead.
 func (*ChargeResponse) Descriptor() ([]byte, []int) {
-	return file_payments_v1_payments_proto_rawDescGZIP(), []int{1}
+	return file_payments_v1_payments_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *ChargeResponse) GetChargeId() string {
@@ -164,7 +220,7 @@ type InstallmentsRequest struct {
 
 func (x *InstallmentsRequest) Reset() {
 	*x = InstallmentsRequest{}
-	mi := &file_payments_v1_payments_proto_msgTypes[2]
+	mi := &file_payments_v1_payments_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -176,7 +232,7 @@ func (x *InstallmentsRequest) String() string {
 func (*InstallmentsRequest) ProtoMessage() {}
 
 func (x *InstallmentsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_payments_v1_payments_proto_msgTypes[2]
+	mi := &file_payments_v1_payments_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -189,7 +245,7 @@ func (x *InstallmentsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InstallmentsRequest.ProtoReflect.Descriptor instead.
 func (*InstallmentsRequest) Descriptor() ([]byte, []int) {
-	return file_payments_v1_payments_proto_rawDescGZIP(), []int{2}
+	return file_payments_v1_payments_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *InstallmentsRequest) GetAccount() string {
@@ -229,7 +285,7 @@ type BatchResponse struct {
 
 func (x *BatchResponse) Reset() {
 	*x = BatchResponse{}
-	mi := &file_payments_v1_payments_proto_msgTypes[3]
+	mi := &file_payments_v1_payments_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -241,7 +297,7 @@ func (x *BatchResponse) String() string {
 func (*BatchResponse) ProtoMessage() {}
 
 func (x *BatchResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_payments_v1_payments_proto_msgTypes[3]
+	mi := &file_payments_v1_payments_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -254,7 +310,7 @@ func (x *BatchResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BatchResponse.ProtoReflect.Descriptor instead.
 func (*BatchResponse) Descriptor() ([]byte, []int) {
-	return file_payments_v1_payments_proto_rawDescGZIP(), []int{3}
+	return file_payments_v1_payments_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *BatchResponse) GetCharges() []*ChargeResponse {
@@ -268,11 +324,15 @@ var File_payments_v1_payments_proto protoreflect.FileDescriptor
 
 const file_payments_v1_payments_proto_rawDesc = "" +
 	"\n" +
-	"\x1apayments/v1/payments.proto\x12\vpayments.v1\"h\n" +
+	"\x1apayments/v1/payments.proto\x12\vpayments.v1\x1a\x1cidempotency/v1/options.proto\"\x8f\x01\n" +
 	"\rChargeRequest\x12\x18\n" +
 	"\aaccount\x18\x01 \x01(\tR\aaccount\x12!\n" +
 	"\famount_cents\x18\x02 \x01(\x03R\vamountCents\x12\x1a\n" +
-	"\bcurrency\x18\x03 \x01(\tR\bcurrency\"\x86\x01\n" +
+	"\bcurrency\x18\x03 \x01(\tR\bcurrency\x12%\n" +
+	"\n" +
+	"request_id\x18\x04 \x01(\tB\x06ڲ\x1c\x02\b\x01R\trequestId\"/\n" +
+	"\x10GetChargeRequest\x12\x1b\n" +
+	"\tcharge_id\x18\x01 \x01(\tR\bchargeId\"\x86\x01\n" +
 	"\x0eChargeResponse\x12\x1b\n" +
 	"\tcharge_id\x18\x01 \x01(\tR\bchargeId\x12\x18\n" +
 	"\aaccount\x18\x02 \x01(\tR\aaccount\x12!\n" +
@@ -284,12 +344,13 @@ const file_payments_v1_payments_proto_rawDesc = "" +
 	"\bcurrency\x18\x03 \x01(\tR\bcurrency\x12\x14\n" +
 	"\x05count\x18\x04 \x01(\x05R\x05count\"F\n" +
 	"\rBatchResponse\x125\n" +
-	"\acharges\x18\x01 \x03(\v2\x1b.payments.v1.ChargeResponseR\acharges2\xc5\x02\n" +
-	"\x0ePaymentService\x12A\n" +
-	"\x06Charge\x12\x1a.payments.v1.ChargeRequest\x1a\x1b.payments.v1.ChargeResponse\x12U\n" +
-	"\x12ChargeInstallments\x12 .payments.v1.InstallmentsRequest\x1a\x1b.payments.v1.ChargeResponse0\x01\x12G\n" +
-	"\vChargeBatch\x12\x1a.payments.v1.ChargeRequest\x1a\x1a.payments.v1.BatchResponse(\x01\x12P\n" +
-	"\x11ChargeInteractive\x12\x1a.payments.v1.ChargeRequest\x1a\x1b.payments.v1.ChargeResponse(\x010\x01BGZEgithub.com/grpcidem/idempotency/examples/proto/payments/v1;paymentsv1b\x06proto3"
+	"\acharges\x18\x01 \x03(\v2\x1b.payments.v1.ChargeResponseR\acharges2\xb3\x03\n" +
+	"\x0ePaymentService\x12I\n" +
+	"\x06Charge\x12\x1a.payments.v1.ChargeRequest\x1a\x1b.payments.v1.ChargeResponse\"\x06ڲ\x1c\x02\b\x01\x12]\n" +
+	"\x12ChargeInstallments\x12 .payments.v1.InstallmentsRequest\x1a\x1b.payments.v1.ChargeResponse\"\x06ڲ\x1c\x02\b\x010\x01\x12O\n" +
+	"\vChargeBatch\x12\x1a.payments.v1.ChargeRequest\x1a\x1a.payments.v1.BatchResponse\"\x06ڲ\x1c\x02\b\x01(\x01\x12X\n" +
+	"\x11ChargeInteractive\x12\x1a.payments.v1.ChargeRequest\x1a\x1b.payments.v1.ChargeResponse\"\x06ڲ\x1c\x02\b\x01(\x010\x01\x12L\n" +
+	"\tGetCharge\x12\x1d.payments.v1.GetChargeRequest\x1a\x1b.payments.v1.ChargeResponse\"\x03\x90\x02\x01BGZEgithub.com/grpcidem/idempotency/examples/proto/payments/v1;paymentsv1b\x06proto3"
 
 var (
 	file_payments_v1_payments_proto_rawDescOnce sync.Once
@@ -303,25 +364,28 @@ func file_payments_v1_payments_proto_rawDescGZIP() []byte {
 	return file_payments_v1_payments_proto_rawDescData
 }
 
-var file_payments_v1_payments_proto_msgTypes = make([]protoimpl.MessageInfo, 4)
+var file_payments_v1_payments_proto_msgTypes = make([]protoimpl.MessageInfo, 5)
 var file_payments_v1_payments_proto_goTypes = []any{
 	(*ChargeRequest)(nil),       // 0: payments.v1.ChargeRequest
-	(*ChargeResponse)(nil),      // 1: payments.v1.ChargeResponse
-	(*InstallmentsRequest)(nil), // 2: payments.v1.InstallmentsRequest
-	(*BatchResponse)(nil),       // 3: payments.v1.BatchResponse
+	(*GetChargeRequest)(nil),    // 1: payments.v1.GetChargeRequest
+	(*ChargeResponse)(nil),      // 2: payments.v1.ChargeResponse
+	(*InstallmentsRequest)(nil), // 3: payments.v1.InstallmentsRequest
+	(*BatchResponse)(nil),       // 4: payments.v1.BatchResponse
 }
 var file_payments_v1_payments_proto_depIdxs = []int32{
-	1, // 0: payments.v1.BatchResponse.charges:type_name -> payments.v1.ChargeResponse
+	2, // 0: payments.v1.BatchResponse.charges:type_name -> payments.v1.ChargeResponse
 	0, // 1: payments.v1.PaymentService.Charge:input_type -> payments.v1.ChargeRequest
-	2, // 2: payments.v1.PaymentService.ChargeInstallments:input_type -> payments.v1.InstallmentsRequest
+	3, // 2: payments.v1.PaymentService.ChargeInstallments:input_type -> payments.v1.InstallmentsRequest
 	0, // 3: payments.v1.PaymentService.ChargeBatch:input_type -> payments.v1.ChargeRequest
 	0, // 4: payments.v1.PaymentService.ChargeInteractive:input_type -> payments.v1.ChargeRequest
-	1, // 5: payments.v1.PaymentService.Charge:output_type -> payments.v1.ChargeResponse
-	1, // 6: payments.v1.PaymentService.ChargeInstallments:output_type -> payments.v1.ChargeResponse
-	3, // 7: payments.v1.PaymentService.ChargeBatch:output_type -> payments.v1.BatchResponse
-	1, // 8: payments.v1.PaymentService.ChargeInteractive:output_type -> payments.v1.ChargeResponse
-	5, // [5:9] is the sub-list for method output_type
-	1, // [1:5] is the sub-list for method input_type
+	1, // 5: payments.v1.PaymentService.GetCharge:input_type -> payments.v1.GetChargeRequest
+	2, // 6: payments.v1.PaymentService.Charge:output_type -> payments.v1.ChargeResponse
+	2, // 7: payments.v1.PaymentService.ChargeInstallments:output_type -> payments.v1.ChargeResponse
+	4, // 8: payments.v1.PaymentService.ChargeBatch:output_type -> payments.v1.BatchResponse
+	2, // 9: payments.v1.PaymentService.ChargeInteractive:output_type -> payments.v1.ChargeResponse
+	2, // 10: payments.v1.PaymentService.GetCharge:output_type -> payments.v1.ChargeResponse
+	6, // [6:11] is the sub-list for method output_type
+	1, // [1:6] is the sub-list for method input_type
 	1, // [1:1] is the sub-list for extension type_name
 	1, // [1:1] is the sub-list for extension extendee
 	0, // [0:1] is the sub-list for field type_name
@@ -338,7 +402,7 @@ func file_payments_v1_payments_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_payments_v1_payments_proto_rawDesc), len(file_payments_v1_payments_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   4,
+			NumMessages:   5,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

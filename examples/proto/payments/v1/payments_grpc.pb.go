@@ -26,6 +26,7 @@ const (
 	PaymentService_ChargeInstallments_FullMethodName = "/payments.v1.PaymentService/ChargeInstallments"
 	PaymentService_ChargeBatch_FullMethodName        = "/payments.v1.PaymentService/ChargeBatch"
 	PaymentService_ChargeInteractive_FullMethodName  = "/payments.v1.PaymentService/ChargeInteractive"
+	PaymentService_GetCharge_FullMethodName          = "/payments.v1.PaymentService/GetCharge"
 )
 
 // PaymentServiceClient is the client API for PaymentService service.
@@ -34,15 +35,24 @@ const (
 //
 // PaymentService charges accounts. Each execution makes a fresh charge_id, so a
 // charge_id seen twice proves that the second answer was a replay.
+//
+// Its idempotency policy is declared here, and the server and the client
+// interceptors read it from the generated descriptors: every charging method
+// requires an idempotency key, and GetCharge, which only reads, takes no part.
 type PaymentServiceClient interface {
-	// Charge makes one charge.
+	// Charge makes one charge. Its key is the idempotency-key metadata or
+	// request_id.
 	Charge(ctx context.Context, in *ChargeRequest, opts ...grpc.CallOption) (*ChargeResponse, error)
 	// ChargeInstallments splits amount_cents into count charges, streamed back.
 	ChargeInstallments(ctx context.Context, in *InstallmentsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[ChargeResponse], error)
 	// ChargeBatch charges every streamed request and answers with all charges.
+	// A client stream's key is in its metadata.
 	ChargeBatch(ctx context.Context, opts ...grpc.CallOption) (grpc.ClientStreamingClient[ChargeRequest, BatchResponse], error)
 	// ChargeInteractive answers each streamed request with its charge.
 	ChargeInteractive(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[ChargeRequest, ChargeResponse], error)
+	// GetCharge returns a charge this server made; NotFound otherwise. It has
+	// no side effects, so it needs no key and leaves no record.
+	GetCharge(ctx context.Context, in *GetChargeRequest, opts ...grpc.CallOption) (*ChargeResponse, error)
 }
 
 type paymentServiceClient struct {
@@ -108,21 +118,40 @@ func (c *paymentServiceClient) ChargeInteractive(ctx context.Context, opts ...gr
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type PaymentService_ChargeInteractiveClient = grpc.BidiStreamingClient[ChargeRequest, ChargeResponse]
 
+func (c *paymentServiceClient) GetCharge(ctx context.Context, in *GetChargeRequest, opts ...grpc.CallOption) (*ChargeResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ChargeResponse)
+	err := c.cc.Invoke(ctx, PaymentService_GetCharge_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // PaymentServiceServer is the server API for PaymentService service.
 // All implementations must embed UnimplementedPaymentServiceServer
 // for forward compatibility.
 //
 // PaymentService charges accounts. Each execution makes a fresh charge_id, so a
 // charge_id seen twice proves that the second answer was a replay.
+//
+// Its idempotency policy is declared here, and the server and the client
+// interceptors read it from the generated descriptors: every charging method
+// requires an idempotency key, and GetCharge, which only reads, takes no part.
 type PaymentServiceServer interface {
-	// Charge makes one charge.
+	// Charge makes one charge. Its key is the idempotency-key metadata or
+	// request_id.
 	Charge(context.Context, *ChargeRequest) (*ChargeResponse, error)
 	// ChargeInstallments splits amount_cents into count charges, streamed back.
 	ChargeInstallments(*InstallmentsRequest, grpc.ServerStreamingServer[ChargeResponse]) error
 	// ChargeBatch charges every streamed request and answers with all charges.
+	// A client stream's key is in its metadata.
 	ChargeBatch(grpc.ClientStreamingServer[ChargeRequest, BatchResponse]) error
 	// ChargeInteractive answers each streamed request with its charge.
 	ChargeInteractive(grpc.BidiStreamingServer[ChargeRequest, ChargeResponse]) error
+	// GetCharge returns a charge this server made; NotFound otherwise. It has
+	// no side effects, so it needs no key and leaves no record.
+	GetCharge(context.Context, *GetChargeRequest) (*ChargeResponse, error)
 	mustEmbedUnimplementedPaymentServiceServer()
 }
 
@@ -144,6 +173,9 @@ func (UnimplementedPaymentServiceServer) ChargeBatch(grpc.ClientStreamingServer[
 }
 func (UnimplementedPaymentServiceServer) ChargeInteractive(grpc.BidiStreamingServer[ChargeRequest, ChargeResponse]) error {
 	return status.Error(codes.Unimplemented, "method ChargeInteractive not implemented")
+}
+func (UnimplementedPaymentServiceServer) GetCharge(context.Context, *GetChargeRequest) (*ChargeResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetCharge not implemented")
 }
 func (UnimplementedPaymentServiceServer) mustEmbedUnimplementedPaymentServiceServer() {}
 func (UnimplementedPaymentServiceServer) testEmbeddedByValue()                        {}
@@ -209,6 +241,24 @@ func _PaymentService_ChargeInteractive_Handler(srv interface{}, stream grpc.Serv
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type PaymentService_ChargeInteractiveServer = grpc.BidiStreamingServer[ChargeRequest, ChargeResponse]
 
+func _PaymentService_GetCharge_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetChargeRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(PaymentServiceServer).GetCharge(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: PaymentService_GetCharge_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(PaymentServiceServer).GetCharge(ctx, req.(*GetChargeRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // PaymentService_ServiceDesc is the grpc.ServiceDesc for PaymentService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -219,6 +269,10 @@ var PaymentService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "Charge",
 			Handler:    _PaymentService_Charge_Handler,
+		},
+		{
+			MethodName: "GetCharge",
+			Handler:    _PaymentService_GetCharge_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{
