@@ -229,11 +229,7 @@ func (c *clientPolicies) of(method string, o *clientOptions) *methodPolicy {
 		// WithClientKeyField given per call: rare, so not cached.
 		return resolve(method, &goPolicy{keyFields: o.keyFields})
 	}
-	if p, ok := c.cache.Load(method); ok {
-		return p.(*methodPolicy)
-	}
-	p, _ := c.cache.LoadOrStore(method, resolve(method, &c.base))
-	return p.(*methodPolicy)
+	return cachedPolicy(&c.cache, method, &c.base)
 }
 
 // withKey returns ctx with the call's idempotency key, and whether the call

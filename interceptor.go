@@ -83,11 +83,7 @@ type call struct {
 
 // policy returns how method takes part, resolved on its first call.
 func (s *Server) policy(method string) *methodPolicy {
-	if p, ok := s.policies.Load(method); ok {
-		return p.(*methodPolicy)
-	}
-	p, _ := s.policies.LoadOrStore(method, resolve(method, &s.o.methods))
-	return p.(*methodPolicy)
+	return cachedPolicy(&s.policies, method, &s.o.methods)
 }
 
 // policyError is the answer to a call of a method whose declared policy

@@ -49,6 +49,11 @@ type methodPolicy struct {
 	// safe: the proto declares the method NO_SIDE_EFFECTS or IDEMPOTENT,
 	// so a client may retry it without a key.
 	safe bool
+	// declared: the method is in the protobuf registry. Only such policies
+	// are cached: method names the registry does not know come from the
+	// caller (an UnknownServiceHandler sees any name), and caching them
+	// would let callers grow the cache without bound.
+	declared bool
 	// err: the method takes part, but its key field or its fingerprint
 	// exclusions cannot be honoured. Its calls fail with Internal rather
 	// than run unguarded, on both sides.
@@ -129,7 +134,7 @@ func infrastructure(fullMethod string) bool {
 // global registry and from g.
 func resolve(fullMethod string, g *goPolicy) *methodPolicy {
 	d := declaredPolicy(fullMethod)
-	p := &methodPolicy{safe: d.safe, retention: d.retention}
+	p := &methodPolicy{safe: d.safe, retention: d.retention, declared: d.md != nil}
 	switch d.participation {
 	case idempotencyv1.Participation_PARTICIPATION_KEY_REQUIRED:
 		p.policy = Required
@@ -194,17 +199,32 @@ type declared struct {
 var declaredCache sync.Map // full method name -> *declared
 
 // declaredPolicy returns what the global registry's descriptors say about
-// fullMethod. A method that is not in the registry declares nothing.
+// fullMethod. A method that is not in the registry declares nothing, and is
+// not cached (see methodPolicy.declared).
 func declaredPolicy(fullMethod string) *declared {
 	if d, ok := declaredCache.Load(fullMethod); ok {
 		return d.(*declared)
 	}
-	d := &declared{}
-	if md, err := findMethod(protoregistry.GlobalFiles, fullMethod); err == nil {
-		d = declare(md)
+	md, err := findMethod(protoregistry.GlobalFiles, fullMethod)
+	if err != nil {
+		return &declared{}
 	}
-	v, _ := declaredCache.LoadOrStore(fullMethod, d)
+	v, _ := declaredCache.LoadOrStore(fullMethod, declare(md))
 	return v.(*declared)
+}
+
+// cachedPolicy returns the policy of fullMethod from cache, resolving and
+// caching it on its first call.
+func cachedPolicy(cache *sync.Map, fullMethod string, g *goPolicy) *methodPolicy {
+	if p, ok := cache.Load(fullMethod); ok {
+		return p.(*methodPolicy)
+	}
+	p := resolve(fullMethod, g)
+	if !p.declared {
+		return p
+	}
+	v, _ := cache.LoadOrStore(fullMethod, p)
+	return v.(*methodPolicy)
 }
 
 // declare reads a method's idempotency options, idempotency_level and the

@@ -2,6 +2,7 @@ package idempotency
 
 import (
 	"context"
+	"fmt"
 	"math/rand/v2"
 	"regexp"
 	"testing"
@@ -184,4 +185,24 @@ func TestNewUUID4(t *testing.T) {
 		require.False(t, seen[u])
 		seen[u] = true
 	}
+}
+
+// Method names the registry does not know come from callers (a server with
+// an UnknownServiceHandler sees any name): their policies are resolved per
+// call, never cached, so callers cannot grow the caches.
+func TestUnknownMethodsAreNotCached(t *testing.T) {
+	s, err := NewServer(&nopStore{}, WithLogger(nil))
+	require.NoError(t, err)
+	for i := range 3 {
+		name := fmt.Sprintf("/attacker.v%d.Service/Method", i)
+		assert.Equal(t, Optional, s.policy(name).policy)
+		_, cached := s.policies.Load(name)
+		assert.False(t, cached)
+		_, cached = declaredCache.Load(name)
+		assert.False(t, cached)
+	}
+	known := testpb.PolicyService_Transfer_FullMethodName
+	assert.Equal(t, Required, s.policy(known).policy)
+	_, cached := s.policies.Load(known)
+	assert.True(t, cached)
 }

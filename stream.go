@@ -18,11 +18,13 @@ import (
 // StreamServerInterceptor returns the interceptor for streaming calls, with
 // the same rules as the unary one:
 //
-//   - server streaming: the request is read first and fingerprinted; every
-//     sent message is recorded in order, and a duplicate gets the same
-//     messages, then the same status.
-//   - client streaming: the fingerprint covers every request message, in
-//     order; a duplicate's messages are read and fingerprinted first, then
+//   - server streaming: the request is read first and fingerprinted (and,
+//     if the request has a key field, the key comes from it when the
+//     metadata has none); every sent message is recorded in order, and a
+//     duplicate gets the same messages, then the same status.
+//   - client streaming: the key comes from the metadata only, since the
+//     requests are not read before the key is reserved; the fingerprint
+//     covers every request message, in order; a duplicate's messages are read and fingerprinted first, then
 //     the stored outcome is returned, or FailedPrecondition if they differ.
 //   - bidirectional: as client streaming, but a duplicate gets the stored
 //     messages while its own are read, so a client that waits for each
