@@ -128,27 +128,7 @@ func (m *mortalStore) Renew(ctx context.Context, key string, claim idempotency.C
 type replica struct {
 	store  *mortalStore
 	client testpb.PaymentServiceClient
-
-	mu     sync.Mutex
-	events []idempotency.Event
-}
-
-func (r *replica) observe(e idempotency.Event) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	r.events = append(r.events, e)
-}
-
-func (r *replica) eventsOf(kind idempotency.EventKind) []idempotency.Event {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	var out []idempotency.Event
-	for _, e := range r.events {
-		if e.Kind == kind {
-			out = append(out, e)
-		}
-	}
-	return out
+	eventLog
 }
 
 // newReplicas starts n replicas on loopback sharing one Redis prefix, with
@@ -302,7 +282,7 @@ func TestReplicasWaiterGetsReplay(t *testing.T) {
 	assert.True(t, proto.Equal(first.resp, dup.resp))
 	assert.Equal(t, []string{"0"}, dup.header.Get("charged-by"))
 	assert.Equal(t, 1, b.count("gated"))
-	assert.Len(t, rs[1].eventsOf(idempotency.EventReplayed), 1)
+	assert.Len(t, rs[1].of(idempotency.EventReplayed), 1)
 }
 
 // A replica dies mid-handler: its renewals stop, its lease runs out in
@@ -336,7 +316,7 @@ func TestReplicaDiesMidHandler(t *testing.T) {
 	assert.False(t, z.replayed)
 	assert.Equal(t, []string{"0"}, z.header.Get("charged-by"))
 	var fenced bool
-	for _, e := range rs[0].eventsOf(idempotency.EventStoreError) {
+	for _, e := range rs[0].of(idempotency.EventStoreError) {
 		fenced = fenced || errors.Is(e.Err, idempotency.ErrNotOwner)
 	}
 	assert.True(t, fenced, "replica 0's Complete was not refused with ErrNotOwner")
