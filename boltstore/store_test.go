@@ -1,4 +1,4 @@
-package idempotency_test
+package boltstore_test
 
 import (
 	"context"
@@ -14,13 +14,35 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	"github.com/grpcidem/idempotency"
+	bolt "go.etcd.io/bbolt"
 
+	"github.com/grpcidem/idempotency"
 	"github.com/grpcidem/idempotency/boltstore"
 )
 
+// openStore opens a store on path that the test closes, and checks the
+// file's consistency afterwards, as bbolt's own tests do.
+func openStore(t *testing.T, path string, opts ...boltstore.Option) *boltstore.Store {
+	t.Helper()
+	s, err := boltstore.Open(path, opts...)
+	require.NoError(t, err)
+	t.Cleanup(func() {
+		s.Close()
+		db, err := bolt.Open(path, 0o600, &bolt.Options{ReadOnly: true, Timeout: 5 * time.Second})
+		require.NoError(t, err)
+		defer db.Close()
+		require.NoError(t, db.View(func(tx *bolt.Tx) error {
+			for err := range tx.Check() {
+				t.Errorf("bbolt consistency check of %s: %v", path, err)
+			}
+			return nil
+		}))
+	})
+	return s
+}
+
 func TestBoltGroupCommit(t *testing.T) {
-	s := openBolt(t, filepath.Join(t.TempDir(), "idem.db"))
+	s := openStore(t, filepath.Join(t.TempDir(), "idem.db"))
 	ctx := context.Background()
 	complete := func(key string) {
 		e, err := s.Reserve(ctx, key, idempotency.Claim{Token: "t-" + key, Lease: time.Minute})
@@ -75,7 +97,7 @@ func TestBoltSecondProcessFailsFast(t *testing.T) {
 		t.Fatalf("second process: want ErrLocked, got %v", err)
 	}
 	path := filepath.Join(t.TempDir(), "idem.db")
-	openBolt(t, path)
+	openStore(t, path)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, os.Args[0], "-test.run=^TestBoltSecondProcessFailsFast$", "-test.count=1")
@@ -88,7 +110,7 @@ func TestBoltSecondProcessFailsFast(t *testing.T) {
 }
 
 func TestBoltForgetAndRecords(t *testing.T) {
-	s := openBolt(t, filepath.Join(t.TempDir(), "idem.db"))
+	s := openStore(t, filepath.Join(t.TempDir(), "idem.db"))
 	ctx := context.Background()
 	for _, k := range []string{"b", "a", "c"} {
 		_, err := s.Reserve(ctx, k, idempotency.Claim{Token: "t", Lease: time.Minute})
