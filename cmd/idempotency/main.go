@@ -558,7 +558,7 @@ func printLine(out io.Writer, storeKey string, e idempotency.Entry) {
 		rec.CreatedAt.AsTime().Format(time.RFC3339), e.Expires.UTC().Format(time.RFC3339))
 }
 
-// check runs CheckBolt on the file at path and prints its report: exit 0 if
+// check runs boltstore.Check on the file at path and prints its report: exit 0 if
 // the file is sound, 1 if it is damaged or could not be checked.
 func check(c *command, path string, stdout, stderr io.Writer) int {
 	r, err := boltstore.Check(path, boltstore.WithLockTimeout(time.Second))
@@ -584,7 +584,7 @@ func check(c *command, path string, stdout, stderr io.Writer) int {
 	return 1
 }
 
-// salvage runs SalvageBolt from src to the new file dst, prints what was
+// salvage runs boltstore.Salvage from src to the new file dst, prints what was
 // copied and what was not, and checks dst.
 func salvage(cmd *command, src, dst string, stdout, stderr io.Writer) int {
 	r, err := boltstore.Salvage(src, dst)
