@@ -7,9 +7,12 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"google.golang.org/protobuf/reflect/protoreflect"
+	"google.golang.org/protobuf/reflect/protoregistry"
 	"hash/maphash"
 	mrand "math/rand/v2"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -36,6 +39,12 @@ type Server struct {
 	o        *options
 	decoded  *decodedRecords
 	policies sync.Map // full method name -> *methodPolicy
+
+	// streams is set once StreamServerInterceptor has been asked for;
+	// until then, each service a unary call reaches is checked once for
+	// streaming methods that would run unguarded (checked).
+	streams atomic.Bool
+	checked sync.Map // service name -> struct{}
 }
 
 // NewServer returns a Server that keeps its records in store. It returns an
@@ -72,6 +81,41 @@ func (s *Server) ServerOptions() []grpc.ServerOption {
 // requires one ((idempotency.v1.method) PARTICIPATION_KEY_REQUIRED, or
 // WithRequiredKey).
 func (s *Server) UnaryServerInterceptor() grpc.UnaryServerInterceptor { return s.unary }
+
+// checkStreamsGuarded logs, once per service, an error when the service of a
+// unary call has streaming methods that take part while this Server's stream
+// interceptor was never installed: their retries would run the handler again,
+// silently.
+func (s *Server) checkStreamsGuarded(fullMethod string) {
+	svc, _, ok := strings.Cut(strings.TrimPrefix(fullMethod, "/"), "/")
+	if !ok {
+		return
+	}
+	if _, seen := s.checked.LoadOrStore(svc, struct{}{}); seen {
+		return
+	}
+	d, err := protoregistry.GlobalFiles.FindDescriptorByName(protoreflect.FullName(svc))
+	if err != nil {
+		return
+	}
+	sd, ok := d.(protoreflect.ServiceDescriptor)
+	if !ok {
+		return
+	}
+	for i := 0; i < sd.Methods().Len(); i++ {
+		md := sd.Methods().Get(i)
+		if !md.IsStreamingClient() && !md.IsStreamingServer() {
+			continue
+		}
+		name := "/" + svc + "/" + string(md.Name())
+		if s.streams.Load() || s.policy(name).policy == Skip {
+			continue
+		}
+		s.o.logger.Error("idempotency: a streaming method takes part, but this Server's StreamServerInterceptor is not installed: "+
+			"retries of its calls run the handler again; install both interceptors (Server.ServerOptions)", "method", name)
+		return
+	}
+}
 
 // call is one keyed call, from the key's validation to its outcome.
 type call struct {
@@ -569,6 +613,9 @@ func (c *call) retry(ctx context.Context, what string, op func(context.Context) 
 }
 
 func (s *Server) unary(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
+	if !s.streams.Load() {
+		s.checkStreamsGuarded(info.FullMethod)
+	}
 	p := s.policy(info.FullMethod)
 	switch {
 	case p.serverErr() != nil:

@@ -1,7 +1,10 @@
 package idempotency_test
 
 import (
+	"bytes"
 	"context"
+	"google.golang.org/grpc"
+	"log/slog"
 	"math"
 	"path/filepath"
 	"strings"
@@ -146,4 +149,31 @@ func TestStoresRefuseKeysTooLong(t *testing.T) {
 		_, err := s.Reserve(context.Background(), strings.Repeat("k", idempotency.MaxStoreKeyLength+1), idempotency.Claim{Token: "t", Lease: time.Minute})
 		assert.ErrorIs(t, err, idempotency.ErrKeyTooLong)
 	})
+}
+
+// TestUnguardedStreamsAreLogged: a Server whose stream interceptor was never
+// installed says so, once, at the first unary call to a service that has
+// streaming methods taking part (their retries would run twice, silently).
+func TestUnguardedStreamsAreLogged(t *testing.T) {
+	for _, both := range []bool{false, true} {
+		var logs bytes.Buffer
+		idem, err := idempotency.NewServer(memstore.New(), idempotency.WithLogger(slog.New(slog.NewTextHandler(&logs, nil))))
+		require.NoError(t, err)
+		opts := []grpc.ServerOption{grpc.UnaryInterceptor(idem.UnaryServerInterceptor())}
+		if both {
+			opts = idem.ServerOptions()
+		}
+		e := newEnv(t, memstore.New(), envConfig{serverOpt: opts})
+		for range 2 {
+			_, err := e.client.Charge(withKey(testCtx(t), idempotency.NewKey()), &testpb.ChargeRequest{Account: "a", AmountCents: 1, Currency: "EUR"})
+			require.NoError(t, err)
+		}
+		n := strings.Count(logs.String(), "StreamServerInterceptor is not installed")
+		if both {
+			assert.Zero(t, n, "both interceptors are installed: %s", logs.String())
+		} else {
+			assert.Equal(t, 1, n, "one error, naming a streaming method: %s", logs.String())
+			assert.Contains(t, logs.String(), "method=/idempotency.testing.v1.PaymentService/ChargeInstallments")
+		}
+	}
 }

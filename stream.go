@@ -40,7 +40,10 @@ import (
 // A stream whose requests were cut short (a receive failed before the
 // handler read their end), or whose send failed while its client was still
 // there, stores nothing and releases its key.
-func (s *Server) StreamServerInterceptor() grpc.StreamServerInterceptor { return s.stream }
+func (s *Server) StreamServerInterceptor() grpc.StreamServerInterceptor {
+	s.streams.Store(true)
+	return s.stream
+}
 
 func (s *Server) stream(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
 	ctx := ss.Context()
