@@ -250,7 +250,12 @@ func (o *clientOptions) withKey(ctx context.Context, p *methodPolicy, req proto.
 			return ctx, false, err
 		}
 	}
-	given, ok := keyFromOutgoing(ctx)
+	given, ok, err := keyFromOutgoing(ctx)
+	if err != nil {
+		// A key the server would refuse is refused here, before
+		// anything is sent.
+		return ctx, false, err
+	}
 	if !ok && o.keySet {
 		given = o.key
 	}

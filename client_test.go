@@ -11,6 +11,7 @@ import (
 	"github.com/stretchr/testify/require"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
 	"github.com/grpcidem/idempotency"
@@ -156,4 +157,21 @@ func TestClientRefusesMisuse(t *testing.T) {
 	assert.Zero(t, e.svc.execs.Load(), "a refused call reached the server")
 	assert.Panics(t, func() { idempotency.UnaryClientInterceptor(idempotency.WithBackoff(time.Second, math.MaxInt64)) })
 	assert.Panics(t, func() { idempotency.StreamClientInterceptor(idempotency.WithPerAttemptTimeout(2 * time.Hour)) })
+}
+
+// TestClientRefusesBadMetadataKey: a key the caller put in the outgoing
+// metadata itself is held to the contract too, before anything is sent.
+func TestClientRefusesBadMetadataKey(t *testing.T) {
+	e := clientEnv(t)
+	req := &testpb.ChargeRequest{Account: "a", AmountCents: 1, Currency: "EUR"}
+	for _, md := range [][]string{
+		{idempotency.KeyHeader, "café"},
+		{idempotency.KeyHeader, strings.Repeat("k", 256)},
+		{idempotency.KeyHeader, "a", idempotency.KeyHeader, "b"},
+	} {
+		ctx := metadata.AppendToOutgoingContext(testCtx(t), md...)
+		_, err := e.client.Charge(ctx, req)
+		require.Equal(t, codes.InvalidArgument, status.Code(err), "%v", err)
+	}
+	assert.Zero(t, e.svc.execs.Load(), "a refused call reached the server")
 }

@@ -97,14 +97,23 @@ func IsReplayed(header metadata.MD) bool {
 	return len(v) > 0 && v[0] == "true"
 }
 
-// keyFromOutgoing returns the idempotency key already set on an outgoing call.
-func keyFromOutgoing(ctx context.Context) (string, bool) {
+// keyFromOutgoing returns the idempotency key already set on an outgoing
+// call, and an InvalidArgument error for one the server would refuse.
+func keyFromOutgoing(ctx context.Context) (string, bool, error) {
 	md, ok := metadata.FromOutgoingContext(ctx)
 	if !ok {
-		return "", false
+		return "", false, nil
 	}
-	if v := md.Get(KeyHeader); len(v) > 0 {
-		return v[0], true
+	v := md.Get(KeyHeader)
+	switch len(v) {
+	case 0:
+		return "", false, nil
+	case 1:
+		if err := ValidateKey(v[0]); err != nil {
+			return "", true, err
+		}
+		return v[0], true, nil
+	default:
+		return "", true, status.Errorf(codes.InvalidArgument, "%s metadata has %d values; send exactly one", KeyHeader, len(v))
 	}
-	return "", false
 }
