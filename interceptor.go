@@ -91,6 +91,9 @@ func (s *Server) checkStreamsGuarded(fullMethod string) {
 	if !ok {
 		return
 	}
+	if _, seen := s.checked.Load(svc); seen {
+		return // the common case: no allocation
+	}
 	if _, seen := s.checked.LoadOrStore(svc, struct{}{}); seen {
 		return
 	}
