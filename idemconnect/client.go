@@ -264,11 +264,13 @@ type clientStream struct {
 	conn connect.StreamingClientConn
 }
 
-func (c *clientStream) Header() (metadata.MD, error) { return mdFromHeader(c.conn.ResponseHeader()), nil }
-func (c *clientStream) Trailer() metadata.MD         { return mdFromHeader(c.conn.ResponseTrailer()) }
-func (c *clientStream) CloseSend() error             { return c.wrap(c.conn.CloseRequest()) }
-func (c *clientStream) Context() context.Context     { return c.ctx }
-func (c *clientStream) SendMsg(m any) error          { return c.wrap(c.conn.Send(m)) }
+func (c *clientStream) Header() (metadata.MD, error) {
+	return mdFromHeader(c.conn.ResponseHeader()), nil
+}
+func (c *clientStream) Trailer() metadata.MD     { return mdFromHeader(c.conn.ResponseTrailer()) }
+func (c *clientStream) CloseSend() error         { return c.wrap(c.conn.CloseRequest()) }
+func (c *clientStream) Context() context.Context { return c.ctx }
+func (c *clientStream) SendMsg(m any) error      { return c.wrap(c.conn.Send(m)) }
 
 func (c *clientStream) RecvMsg(m any) error {
 	err := c.conn.Receive(m)
