@@ -3,6 +3,7 @@ module github.com/grpcidem/idempotency/examples
 go 1.26.0
 
 require (
+	connectrpc.com/connect v1.21.1
 	github.com/grpcidem/idempotency v0.0.0
 	github.com/grpcidem/idempotency/pgstore v0.0.0
 	github.com/grpcidem/idempotency/redisstore v0.0.0
