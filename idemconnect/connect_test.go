@@ -83,6 +83,16 @@ func (p connectPayments) Charge(ctx context.Context, req *connect.Request[testpb
 		ce.Meta().Set("X-Decline-Reason", "insufficient funds")
 		return nil, ce
 	}
+	if req.Msg.Account == "grpc-style" {
+		// A gRPC service served as a connect handler sets metadata the
+		// grpc-go way.
+		if err := grpc.SetHeader(ctx, metadata.Pairs("x-style", "grpc")); err != nil {
+			return nil, err
+		}
+		if err := grpc.SetTrailer(ctx, metadata.Pairs("x-style-trailer", "grpc")); err != nil {
+			return nil, err
+		}
+	}
 	resp := connect.NewResponse(&testpb.ChargeResponse{ChargeId: id, Account: req.Msg.Account, AmountCents: req.Msg.AmountCents, Currency: req.Msg.Currency})
 	resp.Header().Set("X-Charge-Id", id)
 	resp.Header().Set("X-Receipt-Bin", connect.EncodeBinaryHeader([]byte{0, 1, 2, 0xff}))
@@ -222,6 +232,29 @@ func TestUnaryOverEveryProtocol(t *testing.T) {
 				assert.Equal(t, 1, l.count(key))
 			})
 		}
+	}
+}
+
+// TestGRPCStyleMetadata: a handler that sets metadata with grpc.SetHeader
+// and grpc.SetTrailer (a gRPC service served through connect) has it sent on
+// the first execution and replayed.
+func TestGRPCStyleMetadata(t *testing.T) {
+	l := newLedger()
+	hs := serveConnect(t, newServer(t, memstore.New()), l, nil)
+	for _, p := range protocols {
+		t.Run(p.name, func(t *testing.T) {
+			client := testpbconnect.NewPaymentServiceClient(hs.Client(), hs.URL, p.opt)
+			for i := range 2 {
+				req := connect.NewRequest(&testpb.ChargeRequest{Account: "grpc-style", AmountCents: 1})
+				req.Header().Set("Idempotency-Key", "style-"+p.name)
+				resp, err := client.Charge(context.Background(), req)
+				require.NoError(t, err)
+				assert.Equal(t, i == 1, idemconnect.IsReplayed(resp.Header()))
+				assert.Equal(t, "grpc", resp.Header().Get("X-Style"), "attempt %d", i)
+				assert.Equal(t, "grpc", resp.Trailer().Get("X-Style-Trailer"), "attempt %d", i)
+			}
+			assert.Equal(t, 1, l.count("style-"+p.name))
+		})
 	}
 }
 

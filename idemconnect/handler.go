@@ -67,8 +67,7 @@ func (h *handlerInterceptor) WrapUnary(next connect.UnaryFunc) connect.UnaryFunc
 			if info != nil {
 				before = info.ResponseHeader().Clone()
 			}
-			t.setHandlerRunning(true)
-			defer t.setHandlerRunning(false)
+			t.ran = true
 			first, herr = next(hctx, req)
 			// Tell the engine what the handler set, for the record: its
 			// response's headers and trailers, what it set through its
@@ -87,12 +86,14 @@ func (h *handlerInterceptor) WrapUnary(next connect.UnaryFunc) connect.UnaryFunc
 			if errors.As(herr, &ce) {
 				trailer = merge(trailer, ce.Meta())
 			}
+			t.setRecordOnly(true)
 			if len(header) > 0 {
 				_ = grpc.SetHeader(hctx, mdFromHeader(header))
 			}
 			if len(trailer) > 0 {
 				_ = grpc.SetTrailer(hctx, mdFromHeader(trailer))
 			}
+			t.setRecordOnly(false)
 			if herr != nil {
 				statErr = statusError(herr)
 				return nil, statErr
@@ -105,29 +106,44 @@ func (h *handlerInterceptor) WrapUnary(next connect.UnaryFunc) connect.UnaryFunc
 		resp, err := h.unary(ctx, req.Any(), &grpc.UnaryServerInfo{FullMethod: req.Spec().Procedure}, handler)
 		if t.ran {
 			// The first execution: its own response and error, as they
-			// were, unless the engine replaced its outcome.
+			// were, unless the engine replaced its outcome; with what the
+			// handler set through grpc.SetHeader and grpc.SetTrailer, if
+			// it used them (a gRPC service served as a connect handler).
+			header, trailer := t.taken()
 			if err == nil {
+				addHeader(first.Header(), header)
+				addHeader(first.Trailer(), trailer)
 				return first, nil
 			}
-			if err == statErr {
-				return nil, herr
+			if info != nil {
+				addHeader(info.ResponseHeader(), header)
 			}
-			return nil, connectError(err, nil)
+			if err == statErr {
+				var ce *connect.Error
+				if len(trailer) == 0 {
+					return nil, herr
+				} else if errors.As(herr, &ce) {
+					addHeader(ce.Meta(), trailer)
+					return nil, herr
+				}
+			}
+			return nil, connectError(err, trailer)
 		}
 		// A replay, a refusal, or a call the engine did not keep.
+		header, trailer := t.taken()
 		if err != nil {
 			if info != nil {
-				addHeader(info.ResponseHeader(), t.header)
+				addHeader(info.ResponseHeader(), header)
 			}
-			return nil, connectError(err, t.trailer)
+			return nil, connectError(err, trailer)
 		}
 		m, ok := resp.(proto.Message)
 		if !ok {
 			return nil, connect.NewError(connect.CodeInternal, errors.New("idempotency: the replayed response is not a protobuf message"))
 		}
 		out := connect.NewResponse(&replayed{m})
-		addHeader(out.Header(), t.header)
-		addHeader(out.Trailer(), t.trailer)
+		addHeader(out.Header(), header)
+		addHeader(out.Trailer(), trailer)
 		return out, nil
 	}
 }
@@ -137,31 +153,38 @@ func (h *handlerInterceptor) WrapUnary(next connect.UnaryFunc) connect.UnaryFunc
 type replayed struct{ proto.Message }
 
 // unaryTransport is the grpc.ServerTransportStream the engine sees for a
-// unary connect call. What the engine sets (a replay's header and trailer)
-// is kept for the connect response; what the handler set is recorded by the
-// engine on its way here and travels with the handler's own response.
+// unary connect call. What is set through it (a replay's header and trailer
+// from the engine, or what a handler sets with grpc.SetHeader and
+// grpc.SetTrailer) is kept for the connect response; what the adapter hands
+// the engine for the record (recordOnly) already travels with the handler's
+// own response.
 type unaryTransport struct {
 	method string
+	ran    bool // the handler ran: a first execution (or fail-open)
 
 	mu              sync.Mutex
-	running, ran    bool
+	recordOnly      bool
 	header, trailer metadata.MD
 }
 
-func (t *unaryTransport) setHandlerRunning(on bool) {
+func (t *unaryTransport) setRecordOnly(on bool) {
 	t.mu.Lock()
-	t.running = on
-	if on {
-		t.ran = true
-	}
+	t.recordOnly = on
 	t.mu.Unlock()
+}
+
+// taken returns what was set to be sent.
+func (t *unaryTransport) taken() (header, trailer metadata.MD) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.header, t.trailer
 }
 
 func (t *unaryTransport) Method() string { return t.method }
 
 func (t *unaryTransport) SetHeader(md metadata.MD) error {
 	t.mu.Lock()
-	if !t.running {
+	if !t.recordOnly {
 		t.header = metadata.Join(t.header, md)
 	}
 	t.mu.Unlock()
@@ -172,7 +195,7 @@ func (t *unaryTransport) SendHeader(md metadata.MD) error { return t.SetHeader(m
 
 func (t *unaryTransport) SetTrailer(md metadata.MD) error {
 	t.mu.Lock()
-	if !t.running {
+	if !t.recordOnly {
 		t.trailer = metadata.Join(t.trailer, md)
 	}
 	t.mu.Unlock()
