@@ -123,7 +123,7 @@ type eventsByMethod struct {
 	n  map[string]map[idempotency.EventKind]int
 }
 
-func (e *eventsByMethod) observe(ev idempotency.Event) {
+func (e *eventsByMethod) observe(_ context.Context, ev idempotency.Event) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if e.n[ev.Method] == nil {

@@ -40,7 +40,7 @@ var PaymentMethods = []string{
 type ServerConfig struct {
 	Logger *slog.Logger
 	// Observe, if set, is called for every idempotency event.
-	Observe func(idempotency.Event)
+	Observe func(context.Context, idempotency.Event)
 	// Options are added after the ones NewServer sets, and so win.
 	Options []idempotency.Option
 	// WithoutIdempotency leaves the idempotency interceptors out, for the
@@ -199,7 +199,7 @@ type eventCounts struct {
 	replayed, mismatch, conflict, storeError, tooLarge, failOpen atomic.Int64
 }
 
-func (c *eventCounts) observe(e idempotency.Event) {
+func (c *eventCounts) observe(_ context.Context, e idempotency.Event) {
 	switch e.Kind {
 	case idempotency.EventReplayed:
 		c.replayed.Add(1)
@@ -259,8 +259,8 @@ func RunServer(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	var events eventCounts
 	srv, err := NewServer(store, svc, ServerConfig{
 		Logger: logger,
-		Observe: func(e idempotency.Event) {
-			events.observe(e)
+		Observe: func(ctx context.Context, e idempotency.Event) {
+			events.observe(ctx, e)
 			logger.Debug("idempotency", "event", e.Kind, "method", e.Method, "scope", e.Scope, "key", e.Key, "code", e.Code, "err", e.Err)
 		},
 	})
