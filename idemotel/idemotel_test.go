@@ -305,3 +305,20 @@ func TestStoreFailuresAndKeys(t *testing.T) {
 	assert.ElementsMatch(t, []string{"idempotency.store_error", "idempotency.fail_open"}, events)
 	assert.Equal(t, 3, keys, "WithKeys puts the key on every call's span")
 }
+
+// BenchmarkObserve measures what Telemetry adds to a call: one replay event,
+// with metrics on an SDK MeterProvider and a recording span.
+//
+//	go test -run '^$' -bench Observe -benchmem ./idemotel
+func BenchmarkObserve(b *testing.B) {
+	mp := sdkmetric.NewMeterProvider(sdkmetric.WithReader(sdkmetric.NewManualReader()))
+	tp := sdktrace.NewTracerProvider(sdktrace.WithSpanProcessor(tracetest.NewSpanRecorder()))
+	tel := idemotel.New(idemotel.WithMeterProvider(mp), idemotel.WithTracerProvider(tp))
+	ctx, span := tp.Tracer("bench").Start(context.Background(), "call")
+	defer span.End()
+	e := idempotency.Event{Kind: idempotency.EventReplayed, Method: "/" + chargeMethod, Code: codes.OK, Duration: time.Millisecond}
+	b.ReportAllocs()
+	for b.Loop() {
+		tel.Observe(ctx, e)
+	}
+}
