@@ -3,6 +3,7 @@ package idempotency
 import (
 	"context"
 	"errors"
+	"fmt"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -132,7 +133,9 @@ func (s *Server) checkHealth(ctx context.Context) (passed bool, err error) {
 	// The store passed a check that began after the last error a call
 	// saw: the store has recovered since.
 	h.clear(&seq)
-	_, last := h.watch()
+	h.mu.Lock()
+	last := h.err
+	h.mu.Unlock()
 	if last != nil {
 		return true, unhealthy(last)
 	}
@@ -143,7 +146,7 @@ func unhealthy(err error) error {
 	if errors.Is(err, ErrStoreUnhealthy) {
 		return err
 	}
-	return errors.Join(ErrStoreUnhealthy, err)
+	return fmt.Errorf("%w: %w", ErrStoreUnhealthy, err)
 }
 
 // WatchHealth calls report with the Server's health (as Health returns it)
