@@ -38,8 +38,12 @@ type health struct {
 	changed chan struct{} // closed, and replaced, when err turns nil or non-nil
 }
 
-// storeFailedHealth records a store error seen by a call.
+// storeFailedHealth records a store error seen by a call. An error about
+// the call's own key says nothing of the store.
 func (s *Server) storeFailedHealth(err error) {
+	if errors.Is(err, ErrKeyTooLong) {
+		return
+	}
 	h := &s.health
 	h.mu.Lock()
 	defer h.mu.Unlock()
