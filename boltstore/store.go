@@ -57,6 +57,8 @@ type Store struct {
 	// executions are refused meanwhile.
 	failed  atomic.Pointer[writeFailure]
 	probing atomic.Bool
+
+	onCommit func(records int, took time.Duration) // WithCommitObserver
 }
 
 // writeFailure is why the file cannot take writes, and since when.
@@ -91,6 +93,7 @@ type config struct {
 	bucket       string
 	boltOptions  *bolt.Options
 	logger       *slog.Logger
+	onCommit     func(records int, took time.Duration)
 }
 
 // Defaults of the bbolt store.
@@ -172,6 +175,15 @@ func WithLogger(l *slog.Logger) Option {
 			c.logger = l
 		}
 	}
+}
+
+// WithCommitObserver sets a function called after each group commit with
+// how many records it wrote and how long it took, fsync included (a commit
+// that failed counts too). It is called on the store's commit loop, before
+// the writers of the commit are woken: keep it fast. idemotel.BoltCommits
+// turns it into histograms; Stats gives the totals without it.
+func WithCommitObserver(observe func(records int, took time.Duration)) Option {
+	return func(c *config) { c.onCommit = observe }
 }
 
 func newConfig(opts []Option) config {
@@ -256,6 +268,7 @@ func newStore(db *bolt.DB, c config, file *boltFile) (*Store, error) {
 		sweepEvery: c.sweepEvery,
 		sweepBatch: c.sweepBatch,
 		logger:     c.logger,
+		onCommit:   c.onCommit,
 	}
 	s.table.Init()
 	if c.cacheRecords > 0 {
@@ -344,6 +357,19 @@ func (src source) Acquirable() error {
 	}
 	return nil
 }
+
+// Health implements idempotency.HealthChecker: it returns an error that
+// wraps ErrUnwritable while the file cannot take writes (from the commit
+// that failed until a commit or the background probe succeeds), and
+// idempotency.ErrClosed once the store is closed. It does no I/O.
+func (s *Store) Health(context.Context) error {
+	if s.closed.Load() {
+		return idempotency.ErrClosed
+	}
+	return source{s}.Acquirable()
+}
+
+var _ idempotency.HealthChecker = (*Store)(nil)
 
 // source finds the store's records for its lease table.
 type source struct{ s *Store }
@@ -542,6 +568,9 @@ func (s *Store) commit(batch []*boltWrite) {
 	s.commits.Add(1)
 	s.written.Add(uint64(len(batch)))
 	s.commitNanos.Add(uint64(time.Since(start)))
+	if s.onCommit != nil {
+		s.onCommit(len(batch), time.Since(start))
+	}
 	s.wrote(err)
 	for i, w := range batch {
 		if err != nil {

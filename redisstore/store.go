@@ -447,6 +447,23 @@ func (s *Store) Wait(ctx context.Context, key string, seen idempotency.Entry) er
 // It does not close the Redis client passed to New, and leaves every key in
 // Redis as it is: other replicas go on using them. Calls made after Close
 // return ErrClosed.
+// Health implements idempotency.HealthChecker: it pings Redis (every
+// master, on a Redis Cluster), and returns idempotency.ErrClosed once the
+// store is closed.
+func (s *Store) Health(ctx context.Context) error {
+	if s.closed.Load() {
+		return idempotency.ErrClosed
+	}
+	if cc, ok := s.client.(*redis.ClusterClient); ok {
+		return cc.ForEachMaster(ctx, func(ctx context.Context, c *redis.Client) error {
+			return c.Ping(ctx).Err()
+		})
+	}
+	return s.client.Ping(ctx).Err()
+}
+
+var _ idempotency.HealthChecker = (*Store)(nil)
+
 func (s *Store) Close() error {
 	if s.closed.Swap(true) {
 		return nil

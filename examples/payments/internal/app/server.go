@@ -16,7 +16,6 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/reflection"
@@ -42,7 +41,7 @@ var PaymentMethods = []string{
 type ServerConfig struct {
 	Logger *slog.Logger
 	// Observe, if set, is called for every idempotency event.
-	Observe func(idempotency.Event)
+	Observe func(context.Context, idempotency.Event)
 	// Options are added after the ones NewServer sets, and so win.
 	Options []idempotency.Option
 	// WithoutIdempotency leaves the idempotency interceptors out, for the
@@ -50,6 +49,9 @@ type ServerConfig struct {
 	// option can turn a method off that payments.proto declares: the
 	// proto comes first.)
 	WithoutIdempotency bool
+	// Context ends the server's background work (the health service's
+	// watch of the store); nil: it runs until the process exits.
+	Context context.Context
 }
 
 // NewServer returns a gRPC server with the payments service, the standard
@@ -100,7 +102,7 @@ func NewServers(store idempotency.Store, svc paymentsv1.PaymentServiceServer, cf
 	}
 	srv := grpc.NewServer(grpc.ChainUnaryInterceptor(unary...), grpc.ChainStreamInterceptor(stream...))
 	paymentsv1.RegisterPaymentServiceServer(srv, svc)
-	healthpb.RegisterHealthServer(srv, health.NewServer()) // SERVING while the server runs
+	healthpb.RegisterHealthServer(srv, healthService(cfg.Context, idem, logger)) // NOT_SERVING while the store cannot serve
 	reflection.Register(srv)
 	return srv, NewConnectHandler(idem, svc, logger), nil
 }
@@ -210,7 +212,7 @@ type eventCounts struct {
 	replayed, mismatch, conflict, storeError, tooLarge, failOpen atomic.Int64
 }
 
-func (c *eventCounts) observe(e idempotency.Event) {
+func (c *eventCounts) observe(_ context.Context, e idempotency.Event) {
 	switch e.Kind {
 	case idempotency.EventReplayed:
 		c.replayed.Add(1)
@@ -238,6 +240,7 @@ func RunServer(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	failEvery := fs.Int("fail-every", 0, "fail every Nth execution with Unavailable before charging (0: never)")
 	grace := fs.Duration("grace", 10*time.Second, "how long a shutdown waits for running calls before it cuts them off")
 	verbose := fs.Bool("v", false, "log every call and idempotency event")
+	metricsAddr := fs.String("metrics", "", "serve the idempotency metrics as Prometheus text at http://ADDR/metrics (default: off)")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
@@ -253,6 +256,11 @@ func RunServer(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	}
 	logger := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
 
+	metrics, err := startMetrics(*metricsAddr, storeCfg, stdout)
+	if err != nil {
+		return err
+	}
+	defer metrics.close()
 	store, err := stores.Open(ctx, *storeCfg)
 	if err != nil {
 		return fmt.Errorf("open the %s store: %w", storeCfg.Kind, err)
@@ -271,10 +279,12 @@ func RunServer(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	var events eventCounts
 	srv, connectHandler, err := NewServers(store, svc, ServerConfig{
 		Logger: logger,
-		Observe: func(e idempotency.Event) {
-			events.observe(e)
+		Observe: func(ctx context.Context, e idempotency.Event) {
+			events.observe(ctx, e)
 			logger.Debug("idempotency", "event", e.Kind, "method", e.Method, "scope", e.Scope, "key", e.Key, "code", e.Code, "err", e.Err)
 		},
+		Options: metrics.options(),
+		Context: ctx,
 	})
 	if err != nil {
 		return err
