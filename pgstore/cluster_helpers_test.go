@@ -44,6 +44,7 @@ type pgPair struct {
 	uid, gid int
 	mu       sync.Mutex
 	running  map[string]bool // data directory -> its server may be running
+	link     *delayProxy     // the replication link, when delayed
 }
 
 // clusterUnavailable skips the test with msg, or fails it under CI=true,
@@ -83,7 +84,11 @@ const pairDirPattern = "pgstore-failover-"
 // Settings: shared_buffers=16MB and max_connections=40 keep startup small;
 // fsync stays on (the default) on both servers, so the commits measured
 // are durable ones.
-func startPair(t testing.TB, synchronous bool) *pgPair {
+//
+// A replicationDelay above zero puts a delayProxy on the replication link:
+// every byte from the primary reaches the standby that much later (and its
+// acknowledgements go back as late), as over a network.
+func startPair(t testing.TB, synchronous bool, replicationDelay time.Duration) *pgPair {
 	t.Helper()
 	bin, err := pgBinDir()
 	if err != nil {
@@ -141,6 +146,25 @@ func startPair(t testing.TB, synchronous bool) *pgPair {
 	}
 	p.run("pg_basebackup", "-h", "127.0.0.1", "-p", strconv.Itoa(primaryPort), "-U", "postgres",
 		"-D", standby, "-R", "-X", "stream", "-c", "fast", "--no-sync")
+	upstream := primaryPort
+	if replicationDelay > 0 {
+		p.link = newDelayProxyTo(t, fmt.Sprintf("127.0.0.1:%d", primaryPort))
+		p.link.setDelay(replicationDelay)
+		upstream = p.link.ln.Addr().(*net.TCPAddr).Port
+	}
+	// pg_basebackup -R wrote standby.signal, and primary_conninfo in
+	// postgresql.auto.conf, which this line overrides.
+	autoConf, err := os.OpenFile(filepath.Join(standby, "postgresql.auto.conf"), os.O_APPEND|os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = fmt.Fprintf(autoConf, "primary_conninfo = 'host=127.0.0.1 port=%d user=postgres sslmode=disable'\n", upstream)
+	if cerr := autoConf.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
 	p.appendConf(standby, map[string]string{
 		"port": strconv.Itoa(standbyPort),
 		// The walreceiver's application_name, which
@@ -307,9 +331,15 @@ func (p *pgPair) connect(ctx context.Context, port int, db string) *pgx.Conn {
 
 // crashPrimary stops the primary at once (pg_ctl stop -m immediate): its
 // backends are killed without a checkpoint, as in a crash, and the
-// connections to it drop.
+// connections to it drop. The WAL it had sent still reaches the standby, as
+// the kernel delivers what the dead processes wrote to their sockets. With
+// a delayed replication link, the link is cut first, and what was on it is
+// lost: the primary's host died, or was cut off, with its data in flight.
 func (p *pgPair) crashPrimary() {
 	p.t.Helper()
+	if p.link != nil {
+		p.link.close()
+	}
 	p.run("pg_ctl", "stop", "-D", p.data("primary"), "-m", "immediate", "-w", "-t", "30")
 	p.mu.Lock()
 	p.running[p.data("primary")] = false

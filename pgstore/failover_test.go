@@ -85,27 +85,38 @@ func (r failoverResult) String() string {
 // received them are lost with the primary: the run measures how many (see
 // the README's "Topologies and failover").
 func TestFailover(t *testing.T) {
-	t.Run("synchronous", func(t *testing.T) {
-		r := failoverRun(t, true)
-		t.Logf("synchronous standby: %v", r)
-		if r.lost != 0 || r.twice != 0 {
-			t.Fatalf("with a synchronous standby: %d answered keys lost, %d keys executed twice; want 0 and 0", r.lost, r.twice)
-		}
-	})
-	t.Run("asynchronous", func(t *testing.T) {
-		r := failoverRun(t, false)
-		t.Logf("asynchronous standby (the window, measured, not asserted): %v", r)
-	})
+	for _, tc := range []struct {
+		name        string
+		synchronous bool
+		delay       time.Duration // of the replication link, each way
+	}{
+		{"synchronous", true, 0},
+		{"synchronous_5ms", true, 5 * time.Millisecond},
+		{"asynchronous", false, 0},
+		{"asynchronous_5ms", false, 5 * time.Millisecond},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := failoverRun(t, tc.synchronous, tc.delay)
+			if !tc.synchronous {
+				t.Logf("asynchronous standby, replication delay %v (the window, measured, not asserted): %v", tc.delay, r)
+				return
+			}
+			t.Logf("synchronous standby, replication delay %v: %v", tc.delay, r)
+			if r.lost != 0 || r.twice != 0 {
+				t.Fatalf("with a synchronous standby: %d answered keys lost, %d keys executed twice; want 0 and 0", r.lost, r.twice)
+			}
+		})
+	}
 }
 
-func failoverRun(t *testing.T, synchronous bool) failoverResult {
+func failoverRun(t *testing.T, synchronous bool, replicationDelay time.Duration) failoverResult {
 	const (
 		callers = 8
 		lease   = 2 * time.Second // a key left pending by the failover runs again soon, so its replay finds out
 		warmup  = 300             // answered calls before the crash
 		after   = 300             // answered calls after the store is back
 	)
-	pair := startPair(t, synchronous)
+	pair := startPair(t, synchronous, replicationDelay)
 	cfg, err := pgxpool.ParseConfig(failoverDSN)
 	if err != nil {
 		t.Fatal(err)
