@@ -335,15 +335,24 @@ func (p *pgPair) connect(ctx context.Context, port int, db string) *pgx.Conn {
 // the kernel delivers what the dead processes wrote to their sockets. With
 // a delayed replication link, the link is cut first, and what was on it is
 // lost: the primary's host died, or was cut off, with its data in flight.
-func (p *pgPair) crashPrimary() {
+//
+// It returns how long the primary still ran after its link was cut (zero
+// without a delayed link): the answers it gave meanwhile are lost to the
+// standby too.
+func (p *pgPair) crashPrimary() (cutOff time.Duration) {
 	p.t.Helper()
+	start := time.Now()
 	if p.link != nil {
 		p.link.close()
 	}
 	p.run("pg_ctl", "stop", "-D", p.data("primary"), "-m", "immediate", "-w", "-t", "30")
+	if p.link != nil {
+		cutOff = time.Since(start)
+	}
 	p.mu.Lock()
 	p.running[p.data("primary")] = false
 	p.mu.Unlock()
+	return cutOff
 }
 
 // promote makes the standby a primary (pg_ctl promote), and returns once it

@@ -143,13 +143,73 @@ func failoverRun(t *testing.T, synchronous bool, replicationDelay time.Duration)
 	quiet := idempotency.WithLogger(slog.New(slog.NewTextHandler(io.Discard, nil)))
 	plain := &faultPayments{store: store}
 	tx := &faultPayments{store: store, tx: true, biz: newBusiness(t, pool)}
-	clients := map[*faultPayments]func(ctx context.Context, k string, opts ...grpc.CallOption) callResult{}
-	for _, svc := range []*faultPayments{plain, tx} {
+	type caller func(ctx context.Context, k string, opts ...grpc.CallOption) callResult
+	clients := map[*faultPayments]caller{}
+	// Servers whose leases last a minute, like the recheck interval: a
+	// duplicate waiting on them is woken in time only by a notification
+	// (or the listening connection's reconnection).
+	longClients := map[*faultPayments]caller{}
+	client := func(svc *faultPayments, lease time.Duration) caller {
 		c := bufService(t, store, svc, idempotency.WithLease(lease), quiet)
-		clients[svc] = func(ctx context.Context, k string, opts ...grpc.CallOption) callResult {
+		return func(ctx context.Context, k string, opts ...grpc.CallOption) callResult {
 			return charge(ctx, c, k, opts...)
 		}
 	}
+	for _, svc := range []*faultPayments{plain, tx} {
+		clients[svc], longClients[svc] = client(svc, lease), client(svc, time.Minute)
+	}
+
+	// Calls whose handlers run across the failover: each holds its key
+	// from before the crash until the standby is promoted, with a
+	// duplicate waiting for it meanwhile. Both must be answered with one
+	// execution's answer; in transactional mode the first execution's
+	// transaction dies with the primary, so the caller's retry, or the
+	// duplicate, runs it again, and it commits once.
+	promotedCh := make(chan struct{})
+	spans := map[string]*faultPayments{}
+	for i := range 4 {
+		svc := plain
+		if i%2 == 1 {
+			svc = tx
+		}
+		spans[idempotency.NewKey()] = svc
+	}
+	var spanEntered sync.WaitGroup
+	spanEntered.Add(len(spans))
+	for _, svc := range []*faultPayments{plain, tx} {
+		svc.setHook(func(ctx context.Context, key string) error {
+			if spans[key] == svc && svc.runsOf(key) == 1 {
+				spanEntered.Done()
+				select {
+				case <-promotedCh:
+				case <-ctx.Done():
+				}
+			}
+			return nil
+		})
+	}
+	type spanResult struct {
+		k           string
+		first, dupe callResult
+	}
+	spanResults := make(chan spanResult, len(spans))
+	for k, svc := range spans {
+		go func() {
+			// Retries through the failover; the wait for a running
+			// key is bounded by the context.
+			sctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+			defer cancel()
+			retries := idempotency.WithMaxAttempts(100)
+			first := make(chan callResult, 1)
+			go func() { first <- longClients[svc](sctx, k, retries) }()
+			for svc.runsOf(k) == 0 {
+				time.Sleep(time.Millisecond)
+			}
+			dupe := longClients[svc](sctx, k, retries)
+			spanResults <- spanResult{k, <-first, dupe}
+		}()
+	}
+	spanEntered.Wait()
 
 	var (
 		mu       sync.Mutex
@@ -222,11 +282,12 @@ func failoverRun(t *testing.T, synchronous bool, replicationDelay time.Duration)
 		}
 	}
 	waitFor("warm-up", 30*time.Second, func() bool { return ok.Load() >= warmup })
-	pair.crashPrimary()
+	cutOff := pair.crashPrimary()
 	crashAt = time.Now()
 	crashed.Store(true)
 	pair.promote()
 	promoted := time.Since(crashAt)
+	close(promotedCh)
 	backAt.Store(ok.Load())
 	waitFor("answers after the failover", 30*time.Second, func() bool {
 		return firstOK.Load() != 0 && ok.Load() >= backAt.Load()+after
@@ -237,6 +298,9 @@ func failoverRun(t *testing.T, synchronous bool, replicationDelay time.Duration)
 
 	res := failoverResult{calls: int(calls.Load()), answered: len(answered), refused: len(refused),
 		outage: time.Unix(0, firstOK.Load()).Sub(crashAt)}
+	if cutOff > 0 {
+		t.Logf("the primary ran for %v after its replication link was cut", cutOff.Round(time.Millisecond))
+	}
 	t.Logf("primary crashed, standby promoted after %v; failed calls by code: %v", promoted.Round(time.Millisecond), failed)
 	if res.refused == 0 {
 		t.Fatal("no call failed: the crash missed the load")
@@ -304,9 +368,37 @@ func failoverRun(t *testing.T, synchronous bool, replicationDelay time.Duration)
 		t.Fatalf("%d transactional keys have no business row after their call and its replay or retry", noEffect)
 	}
 
+	// The calls that ran across the failover, and their duplicates.
+	for range spans {
+		var r spanResult
+		select {
+		case r = <-spanResults:
+		case <-time.After(40 * time.Second):
+			t.Fatal("a call running across the failover, or its waiting duplicate, did not end")
+		}
+		svc := spans[r.k]
+		if r.first.err != nil || r.dupe.err != nil || r.first.resp.ChargeId != r.dupe.resp.ChargeId {
+			t.Fatalf("key %s, running across the failover: the call %v, its duplicate %v (charges %s and %s): want one answer for both",
+				r.k, r.first.err, r.dupe.err, r.first.resp.GetChargeId(), r.dupe.resp.GetChargeId())
+		}
+		mode := "plain"
+		if svc == tx {
+			mode = "transactional"
+		}
+		t.Logf("%s call across the failover: %d attempts (replayed %v), its duplicate %d (replayed %v); the handler ran %d times",
+			mode, r.first.attempts, r.first.replayed, r.dupe.attempts, r.dupe.replayed, svc.runsOf(r.k))
+		switch {
+		case svc == plain && plain.runsOf(r.k) != 1:
+			t.Fatalf("key %s, running across the failover: the handler ran %d times", r.k, plain.runsOf(r.k))
+		case svc == tx && tx.biz.rows(t, r.k) != 1:
+			t.Fatalf("key %s, running across the failover in transactional mode: %d business rows, want 1", r.k, tx.biz.rows(t, r.k))
+		}
+	}
+
 	// The listening connection follows the failover: a duplicate waiting
 	// for a running call is woken by the notification of its Complete,
-	// sent and heard through the new primary, well before its recheck.
+	// sent and heard through the new primary, well before its recheck
+	// and its lease (a minute each).
 	waitFor("the listening connection restored", 15*time.Second, func() bool {
 		return logs.count("listening connection restored") > 0
 	})
@@ -320,10 +412,10 @@ func failoverRun(t *testing.T, synchronous bool, replicationDelay time.Duration)
 		return nil
 	})
 	first := make(chan callResult, 1)
-	go func() { first <- clients[plain](ctx, k) }()
+	go func() { first <- longClients[plain](ctx, k) }()
 	<-entered
 	dup := make(chan callResult, 1)
-	go func() { dup <- clients[plain](ctx, k) }()
+	go func() { dup <- longClients[plain](ctx, k) }()
 	time.Sleep(200 * time.Millisecond) // the duplicate is waiting
 	close(release)
 	r1 := <-first
@@ -333,8 +425,8 @@ func failoverRun(t *testing.T, synchronous bool, replicationDelay time.Duration)
 		if r1.err != nil || r2.err != nil || !r2.replayed || r2.resp.ChargeId != r1.resp.ChargeId {
 			t.Fatalf("after the failover, a call %v and its waiting duplicate %v (replayed %v)", r1.err, r2.err, r2.replayed)
 		}
-	case <-time.After(10 * time.Second):
-		t.Fatalf("a duplicate waiting after the failover was not woken within 10s of the first call's answer (recheck 1m)")
+	case <-time.After(5 * time.Second):
+		t.Fatalf("a duplicate waiting after the failover was not woken within 5s of the first call's answer (lease and recheck 1m)")
 	}
 	t.Logf("waiting duplicate woken %v after the first call's answer", time.Since(start).Round(time.Millisecond))
 	return res
