@@ -61,11 +61,12 @@ type failoverResult struct {
 	lost                     int // answered keys whose replay ran the handler again
 	twice                    int // keys whose effect happened twice
 	outage                   time.Duration
+	rate                     float64 // answered calls per second before the crash
 }
 
 func (r failoverResult) String() string {
-	return fmt.Sprintf("%d calls, %d answered, %d failed; outage %v; answered keys lost %d, keys executed twice %d",
-		r.calls, r.answered, r.refused, r.outage.Round(time.Millisecond), r.lost, r.twice)
+	return fmt.Sprintf("%d calls, %d answered, %d failed; %.0f answers/s before the crash, outage %v; answered keys lost %d, keys executed twice %d",
+		r.calls, r.answered, r.refused, r.rate, r.outage.Round(time.Millisecond), r.lost, r.twice)
 }
 
 // TestFailover runs the store on a primary and a streaming standby, on the
@@ -226,6 +227,7 @@ func failoverRun(t *testing.T, synchronous bool, replicationDelay time.Duration)
 		stop     = make(chan struct{})
 	)
 	var wg sync.WaitGroup
+	loadStart := time.Now()
 	for i := range callers {
 		svc := plain
 		if i%2 == 1 {
@@ -282,6 +284,7 @@ func failoverRun(t *testing.T, synchronous bool, replicationDelay time.Duration)
 		}
 	}
 	waitFor("warm-up", 30*time.Second, func() bool { return ok.Load() >= warmup })
+	rate := float64(ok.Load()) / time.Since(loadStart).Seconds()
 	cutOff := pair.crashPrimary()
 	crashAt = time.Now()
 	crashed.Store(true)
@@ -296,7 +299,7 @@ func failoverRun(t *testing.T, synchronous bool, replicationDelay time.Duration)
 	wg.Wait()
 	stopped = true
 
-	res := failoverResult{calls: int(calls.Load()), answered: len(answered), refused: len(refused),
+	res := failoverResult{calls: int(calls.Load()), answered: len(answered), refused: len(refused), rate: rate,
 		outage: time.Unix(0, firstOK.Load()).Sub(crashAt)}
 	if cutOff > 0 {
 		t.Logf("the primary ran for %v after its replication link was cut", cutOff.Round(time.Millisecond))
