@@ -86,38 +86,64 @@ func (r failoverResult) String() string {
 // received them are lost with the primary: the run measures how many (see
 // the README's "Topologies and failover").
 func TestFailover(t *testing.T) {
-	for _, tc := range []struct {
-		name        string
-		synchronous bool
-		delay       time.Duration // of the replication link, each way
-	}{
-		{"synchronous", true, 0},
-		{"synchronous_5ms", true, 5 * time.Millisecond},
-		{"asynchronous", false, 0},
-		{"asynchronous_5ms", false, 5 * time.Millisecond},
+	for _, tc := range []failoverCase{
+		{name: "synchronous", synchronous: true},
+		{name: "synchronous_5ms", synchronous: true, delay: 5 * time.Millisecond},
+		// A failover manager takes seconds to promote: a Complete in
+		// flight is retried for the store timeout (10 s by default),
+		// long enough to land on the new primary.
+		{name: "synchronous_slow_promotion", synchronous: true, promoteAfter: 2 * time.Second},
+		// With a store timeout shorter than the failover, the calls in
+		// flight are answered with their records unsaved, and run again.
+		{name: "synchronous_slow_promotion_1s_store_timeout", synchronous: true, promoteAfter: 2 * time.Second,
+			storeTimeout: time.Second, measure: true},
+		{name: "asynchronous", measure: true},
+		{name: "asynchronous_5ms", delay: 5 * time.Millisecond, measure: true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			r := failoverRun(t, tc.synchronous, tc.delay)
-			if !tc.synchronous {
-				t.Logf("asynchronous standby, replication delay %v (the window, measured, not asserted): %v", tc.delay, r)
+			r := failoverRun(t, tc)
+			if tc.measure {
+				t.Logf("%v (the window, measured, not asserted): %v", tc, r)
 				return
 			}
-			t.Logf("synchronous standby, replication delay %v: %v", tc.delay, r)
+			t.Logf("%v: %v", tc, r)
 			if r.lost != 0 || r.twice != 0 {
-				t.Fatalf("with a synchronous standby: %d answered keys lost, %d keys executed twice; want 0 and 0", r.lost, r.twice)
+				t.Fatalf("%v: %d answered keys lost, %d keys executed twice; want 0 and 0", tc, r.lost, r.twice)
 			}
 		})
 	}
 }
 
-func failoverRun(t *testing.T, synchronous bool, replicationDelay time.Duration) failoverResult {
+type failoverCase struct {
+	name         string
+	synchronous  bool          // a synchronous standby, else an asynchronous one
+	delay        time.Duration // of the replication link, each way
+	promoteAfter time.Duration // from the primary's crash to the promotion
+	storeTimeout time.Duration // the servers' WithStoreTimeout; zero: the default
+	measure      bool          // report lost and twice, but do not require them to be 0
+}
+
+func (c failoverCase) String() string {
+	kind := "asynchronous"
+	if c.synchronous {
+		kind = "synchronous"
+	}
+	storeTimeout := c.storeTimeout
+	if storeTimeout == 0 {
+		storeTimeout = idempotency.DefaultStoreTimeout
+	}
+	return fmt.Sprintf("%s standby, replication delay %v, promoted %v after the crash, store timeout %v",
+		kind, c.delay, c.promoteAfter, storeTimeout)
+}
+
+func failoverRun(t *testing.T, tc failoverCase) failoverResult {
 	const (
 		callers = 8
 		lease   = 2 * time.Second // a key left pending by the failover runs again soon, so its replay finds out
 		warmup  = 300             // answered calls before the crash
 		after   = 300             // answered calls after the store is back
 	)
-	pair := startPair(t, synchronous, replicationDelay)
+	pair := startPair(t, tc.synchronous, tc.delay)
 	cfg, err := pgxpool.ParseConfig(failoverDSN)
 	if err != nil {
 		t.Fatal(err)
@@ -141,7 +167,10 @@ func failoverRun(t *testing.T, synchronous bool, replicationDelay time.Duration)
 	if err := store.Migrate(ctx); err != nil {
 		t.Fatal(err)
 	}
-	quiet := idempotency.WithLogger(slog.New(slog.NewTextHandler(io.Discard, nil)))
+	serverOpts := []idempotency.Option{idempotency.WithLogger(slog.New(slog.NewTextHandler(io.Discard, nil)))}
+	if tc.storeTimeout > 0 {
+		serverOpts = append(serverOpts, idempotency.WithStoreTimeout(tc.storeTimeout))
+	}
 	plain := &faultPayments{store: store}
 	tx := &faultPayments{store: store, tx: true, biz: newBusiness(t, pool)}
 	type caller func(ctx context.Context, k string, opts ...grpc.CallOption) callResult
@@ -151,7 +180,7 @@ func failoverRun(t *testing.T, synchronous bool, replicationDelay time.Duration)
 	// (or the listening connection's reconnection).
 	longClients := map[*faultPayments]caller{}
 	client := func(svc *faultPayments, lease time.Duration) caller {
-		c := bufService(t, store, svc, idempotency.WithLease(lease), quiet)
+		c := bufService(t, store, svc, append([]idempotency.Option{idempotency.WithLease(lease)}, serverOpts...)...)
 		return func(ctx context.Context, k string, opts ...grpc.CallOption) callResult {
 			return charge(ctx, c, k, opts...)
 		}
@@ -265,6 +294,9 @@ func failoverRun(t *testing.T, synchronous bool, replicationDelay time.Duration)
 					failed[status.Code(r.err)]++
 				}
 				mu.Unlock()
+				if r.err != nil {
+					time.Sleep(10 * time.Millisecond) // while no server takes writes
+				}
 			}
 		})
 	}
@@ -288,6 +320,7 @@ func failoverRun(t *testing.T, synchronous bool, replicationDelay time.Duration)
 	cutOff := pair.crashPrimary()
 	crashAt = time.Now()
 	crashed.Store(true)
+	time.Sleep(tc.promoteAfter)
 	pair.promote()
 	promoted := time.Since(crashAt)
 	close(promotedCh)
