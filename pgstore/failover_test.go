@@ -78,13 +78,18 @@ func (r failoverResult) String() string {
 // Then every key is called again: an answered key must replay its answer
 // without running the handler (else it is lost), a failed call's retry must
 // run once, and no key's effect may happen twice (plain mode: the handler
-// ran twice; transactional mode: two business rows). A waiter must then be
-// woken by a notification through the new primary.
+// ran twice; transactional mode: two business rows). Calls whose handlers
+// run across the failover, and their waiting duplicates, must get one
+// answer; and a waiter must then be woken by a notification through the
+// new primary.
 //
 // With a synchronous standby (synchronous_commit=on) nothing may be lost or
-// run twice. With an asynchronous one, commits answered before the standby
-// received them are lost with the primary: the run measures how many (see
-// the README's "Topologies and failover").
+// run twice, with the promotion at once or seconds later, within the store
+// timeout. With an asynchronous one, commits answered before the standby
+// received them are lost with the primary, and with a store timeout shorter
+// than the failover, records of calls in flight are not saved: those runs
+// measure how many keys it costs (see the README's "Topologies and
+// failover").
 func TestFailover(t *testing.T) {
 	for _, tc := range []failoverCase{
 		{name: "synchronous", synchronous: true},
