@@ -209,12 +209,11 @@ func failoverRun(t *testing.T, tc failoverCase) failoverResult {
 		}
 		spans[idempotency.NewKey()] = svc
 	}
-	var spanEntered sync.WaitGroup
-	spanEntered.Add(len(spans))
+	spanEntered := make(chan struct{}, len(spans))
 	for _, svc := range []*faultPayments{plain, tx} {
 		svc.setHook(func(ctx context.Context, key string) error {
 			if spans[key] == svc && svc.runsOf(key) == 1 {
-				spanEntered.Done()
+				spanEntered <- struct{}{}
 				select {
 				case <-promotedCh:
 				case <-ctx.Done():
@@ -237,14 +236,22 @@ func failoverRun(t *testing.T, tc failoverCase) failoverResult {
 			retries := idempotency.WithMaxAttempts(100)
 			first := make(chan callResult, 1)
 			go func() { first <- longClients[svc](sctx, k, retries) }()
-			for svc.runsOf(k) == 0 {
+			for svc.runsOf(k) == 0 && sctx.Err() == nil {
 				time.Sleep(time.Millisecond)
 			}
 			dupe := longClients[svc](sctx, k, retries)
 			spanResults <- spanResult{k, <-first, dupe}
 		}()
 	}
-	spanEntered.Wait()
+	for range spans {
+		select {
+		case <-spanEntered:
+		case r := <-spanResults:
+			t.Fatalf("a call meant to run across the failover ended before it: %v, its duplicate %v", r.first.err, r.dupe.err)
+		case <-time.After(30 * time.Second):
+			t.Fatal("the calls meant to run across the failover did not start")
+		}
+	}
 
 	var (
 		mu       sync.Mutex
