@@ -86,7 +86,7 @@ type options struct {
 // flagDefs defines each flag on a flag set; a command has the ones it names.
 var flagDefs = map[string]func(fs *flag.FlagSet, o *options){
 	"db": func(fs *flag.FlagSet, o *options) {
-		fs.StringVar(&o.db, "db", "", "the store's bbolt `FILE` (required), such as the payments example's payments-idem.db")
+		fs.StringVar(&o.db, "db", "", "the store's bbolt `FILE` (required, or -addr where a command takes it), such as the payments example's payments-idem.db")
 	},
 	"scope": func(fs *flag.FlagSet, o *options) {
 		fs.StringVar(&o.scope, "scope", "", "the `SCOPE` of KEY: the one the server's WithScope gave the call (the payments example: its tenant, \"public\" by default)")
