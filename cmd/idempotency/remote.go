@@ -93,6 +93,8 @@ func remoteError(o *options, err error) string {
 		return fmt.Sprintf("%s: %s (%s); is it the admin listener of a running server (the payments example's -admin address)? A server that is not on loopback may need -insecure, or TLS", o.addr, msg, st.Code())
 	case codes.Unauthenticated, codes.PermissionDenied:
 		return fmt.Sprintf("%s refused the call: %s (%s); pass the admin token with -token or $%s", o.addr, msg, st.Code(), tokenEnv)
+	case codes.NotFound:
+		return fmt.Sprintf("%s; 'list -addr %s' shows the keys of every scope", msg, o.addr)
 	case codes.Unimplemented:
 		return fmt.Sprintf("%s: %s; the server does not serve idempotency.v1.Admin on this address", o.addr, msg)
 	}
