@@ -38,7 +38,9 @@ const indexSuffix = "_expires_at_idx"
 //	expires_at   timestamptz  pending: end of the lease; completed: end of retention
 //
 // A row whose expires_at has passed acts as absent to every operation, swept
-// or not. Every time is the database's clock (now()), never a replica's.
+// or not. The index on expires_at serves the sweeper; the primary key's
+// serves the admin service's listing (Store.ListKeys), a range of keys in
+// key order. Every time is the database's clock (now()), never a replica's.
 func Schema(table string) (string, error) {
 	t, err := parseTable(table)
 	if err != nil {

@@ -241,6 +241,7 @@ func RunServer(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	grace := fs.Duration("grace", 10*time.Second, "how long a shutdown waits for running calls before it cuts them off")
 	verbose := fs.Bool("v", false, "log every call and idempotency event")
 	metricsAddr := fs.String("metrics", "", "serve the idempotency metrics as Prometheus text at http://ADDR/metrics (default: off)")
+	admin := adminFlags(fs)
 	if err := parse(fs, args); err != nil {
 		return err
 	}
@@ -289,6 +290,11 @@ func RunServer(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	if err != nil {
 		return err
 	}
+	stopAdmin, err := startAdmin(admin, store.Store, stdout, logger)
+	if err != nil {
+		return err
+	}
+	defer stopAdmin()
 	fmt.Fprintf(stdout, "payments server listening on %s (store: %s)\n", lis.Addr(), store.Description)
 	var hs *http.Server
 	if *httpAddr != "" {
