@@ -58,19 +58,23 @@ var failoverAcks = redisstore.WithReplicaAcks(1, 500*time.Millisecond)
 
 // failoverFigures is what one run counted.
 type failoverFigures struct {
-	answered int           // keys whose caller got OK
-	attempts int           // calls the callers made, retries included
-	failed   int           // of which failed (Unavailable, deadline...)
-	lost     int           // answered keys with no record afterwards
-	twice    int           // keys whose handler ran more than once
-	before   int           // keys answered in the second before the fault
-	promoted time.Duration // from the fault to a new master of the slots
-	outage   time.Duration // from the fault to a healthy cluster again
+	answered int // keys whose caller got OK
+	attempts int // calls the callers made, retries included
+	failed   int // of which failed (Unavailable, deadline...)
+	lost     int // answered keys with no record afterwards
+	twice    int // keys whose handler ran more than once
+	// twiceLive counts those that ran twice before the replays: a
+	// duplicate ran while the first execution held a lease lost in the
+	// failover.
+	twiceLive int
+	before    int           // keys answered in the first second, before the fault
+	promoted  time.Duration // from the fault to a new master of the slots
+	outage    time.Duration // from the fault to a healthy cluster again
 }
 
 func (f failoverFigures) String() string {
-	return fmt.Sprintf("answered=%d lost=%d twice=%d attempts=%d failed-attempts=%d answered-in-the-second-before=%d promoted-after=%v healthy-after=%v",
-		f.answered, f.lost, f.twice, f.attempts, f.failed, f.before, f.promoted.Round(10*time.Millisecond), f.outage.Round(10*time.Millisecond))
+	return fmt.Sprintf("answered=%d lost=%d twice=%d (live %d) attempts=%d failed-attempts=%d answered-in-the-first-second=%d promoted-after=%v healthy-after=%v",
+		f.answered, f.lost, f.twice, f.twiceLive, f.attempts, f.failed, f.before, f.promoted.Round(10*time.Millisecond), f.outage.Round(10*time.Millisecond))
 }
 
 // executions counts, in the test process, how often the handler ran per key.
@@ -99,7 +103,7 @@ func (e *executions) twice() int {
 
 // countingPayments is the handler: it counts its runs per key (the account
 // is the key), and takes 5 ms, or 4 s for amounts ending in 0, long enough
-// for its lease (10 s) to be renewed during the failover.
+// for its lease (10 s) to be renewed, after the failover.
 type countingPayments struct {
 	testpb.UnimplementedPaymentServiceServer
 	runs *executions
@@ -133,10 +137,6 @@ func runFailover(t *testing.T, base int, fault string, opts ...redisstore.Option
 		clients = append(clients, serveReplica(t, st, &countingPayments{runs: runs}))
 	}
 
-	// Callers: each sends first executions one after another, and retries a
-	// failed one with the same key, alternating replicas, until it is
-	// answered. The last two send only slow calls.
-	const callers, slowCallers = 10, 2
 	var (
 		stop     atomic.Bool
 		attempts atomic.Int64
@@ -145,33 +145,48 @@ func runFailover(t *testing.T, base int, fault string, opts ...redisstore.Option
 		answered = map[string]int64{} // key -> amount
 		wg       sync.WaitGroup
 	)
+	// call sends a first execution, and retries it with the same key,
+	// alternating replicas, until it is answered.
+	call := func(key string, amount int64) {
+		giveUp := time.Now().Add(45 * time.Second)
+		for a := 0; time.Now().Before(giveUp); a++ {
+			ctx, cancel := context.WithTimeout(context.Background(), 6*time.Second)
+			r := chargeAmount(ctx, clients[a%len(clients)], key, amount)
+			cancel()
+			attempts.Add(1)
+			if r.err == nil {
+				mu.Lock()
+				answered[key] = amount
+				mu.Unlock()
+				return
+			}
+			failed.Add(1)
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+	// Callers send short first executions one after another.
+	const callers = 8
 	for c := range callers {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			for i := 0; !stop.Load(); i++ {
-				key := fmt.Sprintf("c%d-%d", c, i)
-				giveUp := time.Now().Add(45 * time.Second)
-				for a := 0; time.Now().Before(giveUp); a++ {
-					ctx, cancel := context.WithTimeout(context.Background(), 6*time.Second)
-					amount := int64(c*1000 + 1)
-					if c >= callers-slowCallers {
-						amount = int64(c * 1000)
-					}
-					r := chargeAmount(ctx, clients[(i+a)%len(clients)], key, amount)
-					cancel()
-					attempts.Add(1)
-					if r.err == nil {
-						mu.Lock()
-						answered[key] = amount
-						mu.Unlock()
-						break
-					}
-					failed.Add(1)
-					time.Sleep(20 * time.Millisecond)
-				}
+				call(fmt.Sprintf("c%d-%d", c, i), 1)
 			}
 		}()
+	}
+	// Probes are slow first executions (4 s) that start as the fault does,
+	// and get a duplicate once the cluster has recovered, while they still
+	// run: a lease lost in the failover lets the duplicate run too.
+	const probes = 24
+	probe := func() {
+		for p := range probes {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				call(fmt.Sprintf("probe-%d", p), 10)
+			}()
+		}
 	}
 
 	time.Sleep(time.Second)
@@ -183,6 +198,7 @@ func runFailover(t *testing.T, base int, fault string, opts ...redisstore.Option
 	switch fault {
 	case "failover":
 		m, r := cl.pair(cl.ports[0])
+		probe()
 		_, err := cl.do(r, "cluster", "failover")
 		require.NoError(t, err)
 		cl.waitFor(20*time.Second, "the replica to take over", func() bool { return cl.role(r) == "master" && cl.role(m) == "slave" })
@@ -193,7 +209,10 @@ func runFailover(t *testing.T, base int, fault string, opts ...redisstore.Option
 			cl.signal(r, syscall.SIGSTOP)
 			_, err := cl.do(m, "client", "kill", "type", "replica")
 			require.NoError(t, err)
+			probe()
 			time.Sleep(failoverLag)
+		} else {
+			probe()
 		}
 		cl.kill(m)
 		if fault == "kill-lagging" {
@@ -207,6 +226,13 @@ func runFailover(t *testing.T, base int, fault string, opts ...redisstore.Option
 	}
 	cl.waitHealthy(30 * time.Second)
 	outage := time.Since(start)
+	for p := range probes {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			call(fmt.Sprintf("probe-%d", p), 10)
+		}()
+	}
 	time.Sleep(time.Second)
 	stop.Store(true)
 	wg.Wait()
@@ -225,7 +251,7 @@ func runFailover(t *testing.T, base int, fault string, opts ...redisstore.Option
 			f.lost++
 		}
 	}
-	t.Logf("before the replays: %v", f)
+	f.twiceLive = runs.twice()
 	var replays sync.WaitGroup
 	sem := make(chan struct{}, 16)
 	for key, amount := range answered {
