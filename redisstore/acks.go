@@ -87,43 +87,81 @@ var errTooFewAcks = errors.New("too few replicas acknowledged the write")
 // run runs script on the master of key rk, then WAIT on the same connection.
 // It returns the script's reply and how many replicas acknowledged
 // everything the connection wrote; a WAIT that failed counts none.
+//
+// On a cluster, a failed script makes the client reload its slot map, since
+// a MOVED or a master that is gone means the slots have moved (a failover);
+// after a MOVED, which the script did not run under, it is run again on the
+// node the MOVED names once the slot map does too.
 func (a *replicaAcks) run(ctx context.Context, script *redis.Script, rk string, args ...any) (*redis.Cmd, int64, error) {
-	node := a.single
-	if a.cluster != nil {
-		var err error
-		if node, err = a.cluster.MasterForKey(ctx, rk); err != nil {
+	for redirects := 0; ; redirects++ {
+		node := a.single
+		if a.cluster != nil {
+			var err error
+			if node, err = a.cluster.MasterForKey(ctx, rk); err != nil {
+				return nil, 0, err
+			}
+		}
+		cmd, wait := a.pipeline(ctx, node, script, rk, args)
+		err := cmd.Err()
+		if err == nil {
+			acked, werr := wait.Int64()
+			if werr != nil {
+				acked = 0
+			}
+			return cmd, acked, nil
+		}
+		if a.cluster == nil {
+			return nil, 0, err
+		}
+		a.cluster.ReloadState(ctx)
+		addr, moved := redis.IsMovedError(err)
+		if !moved || redirects == maxRedirects || !a.awaitMaster(ctx, rk, addr) {
 			return nil, 0, err
 		}
 	}
+}
+
+// maxRedirects is how many MOVED replies run follows.
+const maxRedirects = 2
+
+// pipeline sends the script and WAIT in one pipeline on node.
+func (a *replicaAcks) pipeline(ctx context.Context, node *redis.Client, script *redis.Script, rk string, args []any) (cmd, wait *redis.Cmd) {
 	keys := []string{rk}
-	var cmd *redis.Cmd
-	var wait *redis.Cmd
-	pipeline := func(eval func(context.Context, redis.Scripter, []string, ...any) *redis.Cmd) error {
-		_, err := node.Pipelined(ctx, func(p redis.Pipeliner) error {
+	send := func(eval func(context.Context, redis.Scripter, []string, ...any) *redis.Cmd) {
+		// A failed pipeline fails its commands: their own errors say it all.
+		_, _ = node.Pipelined(ctx, func(p redis.Pipeliner) error {
 			cmd = eval(ctx, p, keys, args...)
 			wait = p.Do(ctx, "WAIT", a.n, a.ms)
 			return nil
 		})
-		return err
 	}
-	// A failed pipeline fails its commands: their own errors say it all.
-	_ = pipeline(script.EvalSha)
+	send(script.EvalSha)
 	if redis.HasErrorPrefix(cmd.Err(), "NOSCRIPT") {
-		_ = pipeline(script.Eval)
+		send(script.Eval)
 	}
-	if err := cmd.Err(); err != nil {
-		if a.cluster != nil {
-			// MOVED, or a master that is gone: the slots have moved (a
-			// failover), so the next attempt must find the new master.
-			a.cluster.ReloadState(ctx)
+	return cmd, wait
+}
+
+// awaitMaster waits, for a second at most, until the cluster client's slot
+// map names addr as the master of key rk.
+func (a *replicaAcks) awaitMaster(ctx context.Context, rk, addr string) bool {
+	deadline := time.Now().Add(time.Second)
+	for {
+		if node, err := a.cluster.MasterForKey(ctx, rk); err == nil && node.Options().Addr == addr {
+			return true
 		}
-		return nil, 0, err
+		if time.Now().After(deadline) {
+			return false
+		}
+		t := time.NewTimer(20 * time.Millisecond)
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			t.Stop()
+			return false
+		}
+		a.cluster.ReloadState(ctx)
 	}
-	acked, werr := wait.Int64()
-	if werr != nil {
-		acked = 0
-	}
-	return cmd, acked, nil
 }
 
 // check turns a WAIT's count into an error when it is short.
