@@ -34,7 +34,9 @@ import (
 // Replays and waits write nothing and never wait for replicas. n must be at
 // least 1; the client passed to New must be a *redis.Client (which a sentinel
 // failover client is) or a *redis.ClusterClient, since WAIT has to follow the
-// write on the same connection.
+// write on the same connection. On a cluster these writes go through the
+// node clients (ClusterClient.MasterForKey), so they are seen by hooks added
+// with ClusterClient.OnNewNode, not by those added with AddHook.
 //
 // WAIT makes a write survive the failover to a replica that acknowledged it;
 // it does not make it durable on disk. (WAITAOF, Redis 7.2 and later, would
