@@ -362,6 +362,10 @@ func TestReplicaAcksFollowTheReplica(t *testing.T) {
 
 	cl.signal(replica, syscall.SIGCONT)
 	stopped = false
+	// A master that lost its scripts (a promoted replica never had them)
+	// gets them again.
+	_, err = master.ScriptFlush(ctx).Result()
+	require.NoError(t, err)
 	require.NoError(t, st.Complete(ctx, "k", "a", []byte("rec"), time.Hour))
 	e, err = st.Reserve(ctx, k2, claim("b"))
 	require.NoError(t, err)
