@@ -45,6 +45,7 @@ const DefaultRecheckInterval = time.Second
 // one prefix): that is how replicas share their records.
 type Store struct {
 	client  redis.UniversalClient
+	scripts redis.Scripter // what runs the scripts: client (a benchmark tries others)
 	prefix  string
 	recheck time.Duration
 	hub     *hub
@@ -110,7 +111,7 @@ func New(client redis.UniversalClient, opts ...Option) (*Store, error) {
 	if o.healthCheck <= 0 {
 		o.healthCheck = 30 * time.Second
 	}
-	s := &Store{client: client, prefix: o.prefix, recheck: o.recheck}
+	s := &Store{client: client, scripts: client, prefix: o.prefix, recheck: o.recheck}
 	s.hub = newHub(client, o.healthCheck)
 	return s, nil
 }
@@ -198,7 +199,7 @@ func (s *Store) Reserve(ctx context.Context, key string, claim idempotency.Claim
 	pending := pendingValue(owner(claim.Token), claim.Fingerprint)
 
 	start := time.Now()
-	res, err := reserveScript.Run(ctx, s.client, []string{s.redisKey(key)}, pending, lease).Slice()
+	res, err := reserveScript.Run(ctx, s.scripts, []string{s.redisKey(key)}, pending, lease).Slice()
 	if err != nil {
 		return idempotency.Entry{}, fmt.Errorf("redisstore: reserve: %w", err)
 	}
@@ -223,7 +224,7 @@ func (s *Store) Lookup(ctx context.Context, key string) (idempotency.Entry, erro
 	if s.closed.Load() {
 		return idempotency.Entry{}, idempotency.ErrClosed
 	}
-	res, err := lookupScript.Run(ctx, s.client, []string{s.redisKey(key)}).Slice()
+	res, err := lookupScript.Run(ctx, s.scripts, []string{s.redisKey(key)}).Slice()
 	if err != nil {
 		return idempotency.Entry{}, fmt.Errorf("redisstore: lookup: %w", err)
 	}
@@ -327,7 +328,7 @@ func (s *Store) Renew(ctx context.Context, key string, claim idempotency.Claim) 
 		return err
 	}
 	ow := owner(claim.Token)
-	n, err := renewScript.Run(ctx, s.client, []string{s.redisKey(key)}, ow, ms, pendingValue(ow, claim.Fingerprint)).Int()
+	n, err := renewScript.Run(ctx, s.scripts, []string{s.redisKey(key)}, ow, ms, pendingValue(ow, claim.Fingerprint)).Int()
 	if err != nil {
 		return fmt.Errorf("redisstore: renew: %w", err)
 	}
@@ -356,7 +357,7 @@ func (s *Store) Complete(ctx context.Context, key, token string, record []byte, 
 	value = append(value, 'C')
 	value = append(value, ow...)
 	value = append(value, record...)
-	n, err := completeScript.Run(ctx, s.client, []string{s.redisKey(key)}, ow, value, ms, token).Int()
+	n, err := completeScript.Run(ctx, s.scripts, []string{s.redisKey(key)}, ow, value, ms, token).Int()
 	if err != nil {
 		return fmt.Errorf("redisstore: complete: %w", err)
 	}
@@ -371,7 +372,7 @@ func (s *Store) Release(ctx context.Context, key, token string) error {
 	if s.closed.Load() {
 		return idempotency.ErrClosed
 	}
-	n, err := releaseScript.Run(ctx, s.client, []string{s.redisKey(key)}, owner(token), token).Int()
+	n, err := releaseScript.Run(ctx, s.scripts, []string{s.redisKey(key)}, owner(token), token).Int()
 	if err != nil {
 		return fmt.Errorf("redisstore: release: %w", err)
 	}
@@ -425,7 +426,7 @@ func (s *Store) Wait(ctx context.Context, key string, seen idempotency.Entry) er
 			return idempotency.ErrClosed
 		}
 		ready = nil // confirmed, or no longer waited for
-		res, err := watchScript.Run(ctx, s.client, []string{rk}, ow).Slice()
+		res, err := watchScript.Run(ctx, s.scripts, []string{rk}, ow).Slice()
 		if err != nil {
 			if ctx.Err() != nil {
 				return ctx.Err()
