@@ -32,9 +32,10 @@ type lazyCtx struct {
 	ended  bool            // cancelled before it was built
 }
 
-// detach makes c context.WithTimeout(context.WithoutCancel(parent), d).
-func (c *lazyCtx) detach(parent context.Context, d time.Duration) {
-	c.parent, c.detached, c.deadline = parent, true, time.Now().Add(d)
+// detach makes c context.WithTimeout(context.WithoutCancel(parent), d), as
+// made at now (the caller's time.Now, taken a moment before).
+func (c *lazyCtx) detach(parent context.Context, now time.Time, d time.Duration) {
+	c.parent, c.detached, c.deadline = parent, true, now.Add(d)
 }
 
 // child makes c context.WithCancelCause(ContextWithExecution(parent, exec)).

@@ -20,7 +20,7 @@ func TestLazyDetachedContext(t *testing.T) {
 	cancelParent(errors.New("the caller gave up"))
 
 	var c lazyCtx
-	c.detach(parent, 50*time.Millisecond)
+	c.detach(parent, time.Now(), 50*time.Millisecond)
 	if err := c.Err(); err != nil {
 		t.Fatalf("Err = %v before the deadline, with its parent cancelled", err)
 	}
@@ -47,7 +47,7 @@ func TestLazyDetachedContext(t *testing.T) {
 
 	// Unbuilt, its deadline shows in Err all the same.
 	var late lazyCtx
-	late.detach(context.Background(), time.Millisecond)
+	late.detach(context.Background(), time.Now(), time.Millisecond)
 	time.Sleep(5 * time.Millisecond)
 	if !errors.Is(late.Err(), context.DeadlineExceeded) {
 		t.Fatalf("unbuilt Err = %v, want DeadlineExceeded", late.Err())
@@ -56,7 +56,7 @@ func TestLazyDetachedContext(t *testing.T) {
 
 	// Ended before it was built: Canceled, and Done is closed.
 	var ended lazyCtx
-	ended.detach(context.Background(), time.Hour)
+	ended.detach(context.Background(), time.Now(), time.Hour)
 	ended.end(nil)
 	if !errors.Is(ended.Err(), context.Canceled) {
 		t.Fatalf("ended Err = %v", ended.Err())
@@ -157,7 +157,7 @@ func TestLeaseTimers(t *testing.T) {
 	keepers := make([]*leaseKeeper, 3)
 	for i := range keepers {
 		c := &call{s: s, skey: strconv.Itoa(i)}
-		keepers[i] = c.keepLease(context.Background(), &firstRun{})
+		keepers[i] = c.keepLease(context.Background(), &firstRun{}, time.Now())
 	}
 	keepers[1].stop()
 	s.leases.mu.Lock()

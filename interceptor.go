@@ -271,7 +271,7 @@ func (c *call) reserve(ctx context.Context, fp []byte) (reservation, error) {
 			}
 			return reservation{}, c.waitEnded(ctx, start)
 		}
-		e, err := c.storeReserve(ctx, claim)
+		e, err := c.storeReserve(ctx, claim, start)
 		if err != nil {
 			return c.storeFailed(ctx, "reserve", err)
 		}
@@ -334,13 +334,14 @@ func (c *call) reserve(ctx context.Context, fp []byte) (reservation, error) {
 // key in the store all the same, and then nobody would release it until its
 // lease ran out. If it fails, the key is released under the call's token in
 // the background, in case it did take the key before failing.
-func (c *call) storeReserve(ctx context.Context, claim Claim) (Entry, error) {
+func (c *call) storeReserve(ctx context.Context, claim Claim, start time.Time) (Entry, error) {
 	rctx := &c.rctx
 	if c.reserved {
 		rctx = new(lazyCtx) // a store may still hold the first one
+		start = time.Now()
 	}
 	c.reserved = true
-	rctx.detach(ctx, c.s.o.storeTimeout)
+	rctx.detach(ctx, start, c.s.o.storeTimeout)
 	e, err := c.s.store.Reserve(rctx, c.skey, claim)
 	rctx.end(nil)
 	if err != nil {
@@ -439,13 +440,13 @@ type leaseKeeper struct {
 }
 
 // keepLease starts renewing f's lease; ctx is the handler's context.
-func (c *call) keepLease(ctx context.Context, f *firstRun) *leaseKeeper {
+func (c *call) keepLease(ctx context.Context, f *firstRun, now time.Time) *leaseKeeper {
 	l := &f.lease
 	l.c, l.ctx, l.f = c, ctx, f
 	l.every = c.s.o.lease / 3
 	l.retryIn = min(l.every, renewRetryMin)
 	l.mu.Lock()
-	l.next = time.Now().Add(l.every)
+	l.next = now.Add(l.every)
 	c.s.leases.add(l)
 	l.mu.Unlock()
 	return l
@@ -519,8 +520,8 @@ func (f *firstRun) handlerContext(ctx context.Context) context.Context {
 // unknown: run releases the key, so that a retry can run again, and lets the
 // panic go on to the recovery interceptor outside, with its stack intact.
 func (c *call) run(ctx context.Context, f *firstRun, handler func()) time.Duration {
-	lease := c.keepLease(ctx, f)
 	start := time.Now()
+	lease := c.keepLease(ctx, f, start)
 	returned := false
 	defer func() {
 		lease.stop()
@@ -552,13 +553,13 @@ var errHandlerPanicked = errors.New("the handler panicked")
 func (c *call) finish(ctx context.Context, f *firstRun, cacheable bool, overflow error, ran time.Duration) error {
 	o := c.s.o
 	exec, rec := &f.exec, &f.rec
-	f.sctx.detach(ctx, o.storeTimeout)
+	now := time.Now()
+	f.sctx.detach(ctx, now, o.storeTimeout)
 	sctx := &f.sctx
 	defer sctx.end(nil)
 	code := codes.Code(rec.GetStatus().GetCode())
 	var data []byte
 	if cacheable {
-		now := time.Now()
 		rec.Method = c.method
 		rec.CreatedAt = setTimestamp(&f.created, now)
 		rec.ExpiresAt = setTimestamp(&f.expires, now.Add(c.retention))
