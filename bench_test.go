@@ -307,7 +307,7 @@ func runtimeProcs() int { return runtime.GOMAXPROCS(0) }
 //   - one-value: one 200-byte value in one bucket, as an earlier version of
 //     this benchmark wrote: fewer pages than a record and its expiry entry;
 //   - store: BoltStore's Reserve and Complete of that record, called in
-//     process: the same commit, plus the hand-off to the commit loop.
+//     process: the same commit, through the store's group commit.
 //
 // A first execution over gRPC should cost a bare call plus same-record.
 //
