@@ -119,5 +119,15 @@
 // the leases of running first executions; its interface documents each
 // method's contract. Refuse what CheckStoreKey and CheckDuration refuse, and
 // run the conformance suite in package storetest against it: one line in a
-// test.
+// test. A store that can tell cheaply whether it can serve implements
+// HealthChecker.
+//
+// # Operating
+//
+// Every observer set by WithObserver gets every Event with the call's
+// context; github.com/grpcidem/idempotency/idemotel, a module of its own,
+// turns them into OpenTelemetry metrics and span attributes. Server.Health
+// and Server.WatchHealth say whether the store can serve, for the standard
+// gRPC health service: NOT_SERVING while the Server would refuse first
+// executions with Unavailable (never with WithFailOpen).
 package idempotency

@@ -3,6 +3,7 @@ module github.com/grpcidem/idempotency
 go 1.26.0
 
 require (
+	connectrpc.com/connect v1.21.1
 	github.com/stretchr/testify v1.12.1
 	go.etcd.io/bbolt v1.5.0
 	go.uber.org/goleak v1.3.0

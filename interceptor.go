@@ -48,6 +48,8 @@ type Server struct {
 	// streaming methods that would run unguarded (checked).
 	streams atomic.Bool
 	checked sync.Map // service name -> struct{}
+
+	health health // what calls have seen of the store (Health)
 }
 
 // NewServer returns a Server that keeps its records in store. It returns an
@@ -236,6 +238,9 @@ type reservation struct {
 	first *firstRun
 	rec   *Record
 	start time.Time // when the call began to reserve, for event durations
+	// waited is set on a replay of a record whose first execution was
+	// still running when the call arrived.
+	waited bool
 }
 
 // firstRun is the state of one first execution, made in one allocation when
@@ -297,7 +302,7 @@ func (c *call) reserve(ctx context.Context, fp []byte) (reservation, error) {
 			if err := c.match(ctx, rec.Method, rec.Fingerprint, fp); err != nil {
 				return reservation{}, err
 			}
-			r := reservation{rec: rec, start: start}
+			r := reservation{rec: rec, start: start, waited: waitCtx != nil}
 			if fp != nil {
 				// Otherwise the requests are compared, and the replay
 				// reported, once they have been read.
@@ -346,6 +351,8 @@ func (c *call) storeReserve(ctx context.Context, claim Claim, start time.Time) (
 	rctx.end(nil)
 	if err != nil {
 		go c.release(ctx, claim.Token)
+	} else {
+		c.s.storeServed()
 	}
 	return e, err
 }
@@ -365,12 +372,13 @@ func (c *call) waitEnded(ctx context.Context, start time.Time) error {
 	if errors.Is(ctx.Err(), context.Canceled) {
 		return status.FromContextError(ctx.Err()).Err()
 	}
-	c.event(ctx, Event{Kind: EventConflict, Code: codes.Aborted, Duration: time.Since(start)})
+	c.event(ctx, Event{Kind: EventConflict, Code: codes.Aborted, Duration: time.Since(start), Waited: true})
 	return status.Errorf(codes.Aborted, "a call with this %s is still in progress after %v; retry later with the same key to get its outcome", KeyHeader, time.Since(start).Round(time.Millisecond))
 }
 
 func (c *call) storeFailed(ctx context.Context, op string, err error) (reservation, error) {
 	o := c.s.o
+	c.s.storeFailedHealth(err)
 	if o.failOpen {
 		o.logger.Warn("idempotency: store failed; running the call without idempotency (fail-open)", "op", op, "method", c.method, "key", c.key, "err", err)
 		c.event(ctx, Event{Kind: EventFailOpen, Err: err})
@@ -398,7 +406,7 @@ func (c *call) replayed(ctx context.Context, r reservation) {
 	if r.rec.Omitted != "" {
 		code = codes.FailedPrecondition
 	}
-	c.event(ctx, Event{Kind: EventReplayed, Code: code, Duration: time.Since(r.start)})
+	c.event(ctx, Event{Kind: EventReplayed, Code: code, Duration: time.Since(r.start), Waited: r.waited})
 }
 
 func (c *call) mismatch(ctx context.Context, otherMethod string) error {
@@ -410,11 +418,13 @@ func (c *call) mismatch(ctx context.Context, otherMethod string) error {
 }
 
 func (c *call) event(ctx context.Context, e Event) {
-	if c.s.o.observer == nil {
+	if len(c.s.o.observers) == 0 {
 		return
 	}
 	e.Method, e.Scope, e.Key = c.method, c.scope, c.key
-	c.s.o.observer(e)
+	for _, observe := range c.s.o.observers {
+		observe(ctx, e)
+	}
 }
 
 // leaseKeeper renews the lease of a running first execution every third of
@@ -559,6 +569,7 @@ func (c *call) finish(ctx context.Context, f *firstRun, cacheable bool, overflow
 	defer sctx.end(nil)
 	code := codes.Code(rec.GetStatus().GetCode())
 	var data []byte
+	var tooLarge int // the size of a record over the limit
 	if cacheable {
 		rec.Method = c.method
 		rec.CreatedAt = setTimestamp(&f.created, now)
@@ -568,11 +579,12 @@ func (c *call) finish(ctx context.Context, f *firstRun, cacheable bool, overflow
 			if data, err = proto.Marshal(rec); err != nil {
 				overflow = err
 			} else if len(data) > o.maxRecordSize {
+				tooLarge = len(data)
 				overflow = fmt.Errorf("record of %d bytes exceeds the limit of %d (WithMaxRecordSize)", len(data), o.maxRecordSize)
 			}
 		}
 		if overflow != nil {
-			c.event(ctx, Event{Kind: EventRecordTooLarge, Code: code, Err: overflow})
+			c.event(ctx, Event{Kind: EventRecordTooLarge, Code: code, Err: overflow, Size: tooLarge})
 			if o.rerunOversized {
 				o.logger.Warn("idempotency: outcome too large to store; key released, so a retry runs again (WithRerunOversized)", "method", c.method, "key", c.key, "err", overflow)
 				cacheable = false
@@ -590,6 +602,7 @@ func (c *call) finish(ctx context.Context, f *firstRun, cacheable bool, overflow
 		})
 		switch {
 		case err == nil:
+			c.s.storeServed()
 		case errors.Is(err, ErrRolledBack):
 			// Nothing happened, so nothing may hold the retry back. The
 			// key is ours unless the lease was lost, when this fails
@@ -607,6 +620,7 @@ func (c *call) finish(ctx context.Context, f *firstRun, cacheable bool, overflow
 			// until its lease runs out.
 			o.logger.Error("idempotency: outcome not stored after retrying; the caller gets it, and the key stays held until its lease runs out",
 				"method", c.method, "key", c.key, "lease", o.lease, "err", err)
+			c.s.storeFailedHealth(err)
 			c.event(ctx, Event{Kind: EventStoreError, Code: code, Err: err})
 		}
 	}
@@ -619,7 +633,12 @@ func (c *call) finish(ctx context.Context, f *firstRun, cacheable bool, overflow
 			c.event(ctx, Event{Kind: EventStoreError, Code: code, Err: rerr})
 		}
 	}
-	c.event(ctx, Event{Kind: EventExecuted, Code: code, Stored: cacheable && err == nil, Duration: ran})
+	stored := cacheable && err == nil
+	size := 0
+	if stored {
+		size = len(data)
+	}
+	c.event(ctx, Event{Kind: EventExecuted, Code: code, Stored: stored, Duration: ran, Size: size})
 	if errors.Is(err, ErrRolledBack) {
 		return status.Errorf(codes.Aborted, "the call's transaction was rolled back, so it had no effect (%v); retry with the same %s", err, KeyHeader)
 	}

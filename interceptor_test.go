@@ -415,7 +415,7 @@ func TestCallerCancelsMidHandler(t *testing.T) {
 func TestStoreDownFailClosedAndOpen(t *testing.T) {
 	var events []idempotency.Event
 	var mu sync.Mutex
-	observe := idempotency.WithObserver(func(ev idempotency.Event) {
+	observe := idempotency.WithObserver(func(_ context.Context, ev idempotency.Event) {
 		mu.Lock()
 		events = append(events, ev)
 		mu.Unlock()
@@ -444,7 +444,7 @@ func TestObserverSeesEveryOutcome(t *testing.T) {
 	var mu sync.Mutex
 	kinds := map[idempotency.EventKind]int{}
 	e := newEnv(t, memstore.New(), envConfig{server: []idempotency.Option{
-		idempotency.WithObserver(func(ev idempotency.Event) {
+		idempotency.WithObserver(func(_ context.Context, ev idempotency.Event) {
 			mu.Lock()
 			kinds[ev.Kind]++
 			mu.Unlock()
@@ -505,7 +505,7 @@ func TestHandlerPanicReleasesKey(t *testing.T) {
 		var executed []idempotency.Event
 		var mu sync.Mutex
 		e := newEnv(t, store, envConfig{
-			server: []idempotency.Option{idempotency.WithObserver(func(ev idempotency.Event) {
+			server: []idempotency.Option{idempotency.WithObserver(func(_ context.Context, ev idempotency.Event) {
 				if ev.Kind == idempotency.EventExecuted {
 					mu.Lock()
 					executed = append(executed, ev)

@@ -1,9 +1,10 @@
 package idempotency
 
 import (
-	"google.golang.org/grpc/codes"
 	"strconv"
 	"time"
+
+	"google.golang.org/grpc/codes"
 )
 
 // EventKind says what happened to a keyed call.
@@ -53,7 +54,8 @@ func (k EventKind) String() string {
 	return "EventKind(" + strconv.Itoa(int(k)) + ")"
 }
 
-// An Event is reported to the observer set by WithObserver.
+// An Event is reported to every observer set by WithObserver, with the
+// context of the call it happened to (its span, deadline and values).
 type Event struct {
 	Kind EventKind
 	// Method is the full gRPC method name.
@@ -65,8 +67,17 @@ type Event struct {
 	// Stored is true for an EventExecuted whose outcome was stored.
 	Stored bool
 	// Duration is how long the handler ran (EventExecuted) or how long the
-	// duplicate waited (EventReplayed, EventConflict).
+	// duplicate took to be answered (EventReplayed, EventConflict),
+	// waiting for a running first execution included.
 	Duration time.Duration
+	// Waited is true for an EventReplayed or EventConflict of a duplicate
+	// that found its key's first execution still running and waited for it.
+	Waited bool
+	// Size is the size in bytes of the record stored for an EventExecuted
+	// (0 when none was stored), and of the record that was too large for
+	// an EventRecordTooLarge when it is known (0 for a stream cut off by
+	// its message or byte bound).
+	Size int
 	// Err is the failure behind EventStoreError, EventFailOpen and
 	// EventRecordTooLarge, and is set on an EventExecuted whose handler
 	// panicked (its key was released).

@@ -46,7 +46,7 @@ type options struct {
 	rerunOversized bool
 	storeTimeout   time.Duration
 	logger         *slog.Logger
-	observer       func(Event)
+	observers      []func(context.Context, Event)
 	errs           []error // options set out of their range
 }
 
@@ -447,8 +447,15 @@ func WithLogger(l *slog.Logger) Option {
 	}
 }
 
-// WithObserver sets a function called for every Event, synchronously, on the
-// call's goroutine: keep it fast. Hang metrics on it.
-func WithObserver(observe func(Event)) Option {
-	return func(o *options) { o.observer = observe }
+// WithObserver adds a function called for every Event, synchronously, on the
+// call's goroutine, with the call's context (its span, its values): keep it
+// fast. Hang metrics and traces on it (package idemotel does). Observers
+// added by several WithObserver options each get every event, in the order
+// the options were given. A nil function is ignored.
+func WithObserver(observe func(ctx context.Context, e Event)) Option {
+	return func(o *options) {
+		if observe != nil {
+			o.observers = append(o.observers, observe)
+		}
+	}
 }

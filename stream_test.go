@@ -301,7 +301,7 @@ func TestStreamInputMismatch(t *testing.T) {
 		for kind, call := range run {
 			t.Run(kind, func(t *testing.T) {
 				var mismatches, replays atomic.Int64
-				e := newEnv(t, newStore(t), envConfig{server: []idempotency.Option{idempotency.WithObserver(func(ev idempotency.Event) {
+				e := newEnv(t, newStore(t), envConfig{server: []idempotency.Option{idempotency.WithObserver(func(_ context.Context, ev idempotency.Event) {
 					switch ev.Kind {
 					case idempotency.EventMismatch:
 						mismatches.Add(1)
@@ -384,7 +384,7 @@ type events struct {
 func newEvents() *events { return &events{executed: make(chan idempotency.Event, 100)} }
 
 func (ev *events) option() idempotency.Option {
-	return idempotency.WithObserver(func(e idempotency.Event) {
+	return idempotency.WithObserver(func(_ context.Context, e idempotency.Event) {
 		ev.mu.Lock()
 		ev.all = append(ev.all, e)
 		ev.mu.Unlock()

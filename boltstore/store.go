@@ -66,6 +66,8 @@ type Store struct {
 	// executions are refused meanwhile.
 	failed  atomic.Pointer[writeFailure]
 	probing atomic.Bool
+
+	onCommit func(records int, took time.Duration) // WithCommitObserver
 }
 
 // writeFailure is why the file cannot take writes, and since when.
@@ -100,6 +102,7 @@ type config struct {
 	bucket       string
 	boltOptions  *bolt.Options
 	logger       *slog.Logger
+	onCommit     func(records int, took time.Duration)
 }
 
 // Defaults of the bbolt store.
@@ -183,6 +186,15 @@ func WithLogger(l *slog.Logger) Option {
 	}
 }
 
+// WithCommitObserver sets a function called after each group commit with
+// how many records it wrote and how long it took, fsync included (a commit
+// that failed counts too). It is called on the store's commit loop, before
+// the writers of the commit are woken: keep it fast. idemotel.BoltCommits
+// turns it into histograms; Stats gives the totals without it.
+func WithCommitObserver(observe func(records int, took time.Duration)) Option {
+	return func(c *config) { c.onCommit = observe }
+}
+
 func newConfig(opts []Option) config {
 	c := config{
 		cacheRecords: DefaultCacheRecords,
@@ -264,6 +276,7 @@ func newStore(db *bolt.DB, c config, file *boltFile) (*Store, error) {
 		sweepEvery: c.sweepEvery,
 		sweepBatch: c.sweepBatch,
 		logger:     c.logger,
+		onCommit:   c.onCommit,
 	}
 	s.table.Init()
 	if c.cacheRecords > 0 {
@@ -352,6 +365,19 @@ func (src source) Acquirable() error {
 	}
 	return nil
 }
+
+// Health implements idempotency.HealthChecker: it returns an error that
+// wraps ErrUnwritable while the file cannot take writes (from the commit
+// that failed until a commit or the background probe succeeds), and
+// idempotency.ErrClosed once the store is closed. It does no I/O.
+func (s *Store) Health(context.Context) error {
+	if s.closed.Load() {
+		return idempotency.ErrClosed
+	}
+	return source{s}.Acquirable()
+}
+
+var _ idempotency.HealthChecker = (*Store)(nil)
 
 // source finds the store's records for its lease table.
 type source struct{ s *Store }
@@ -555,6 +581,9 @@ func (s *Store) commit(batch []*boltWrite) {
 	s.commits.Add(1)
 	s.written.Add(uint64(len(batch)))
 	s.commitNanos.Add(uint64(time.Since(start)))
+	if s.onCommit != nil {
+		s.onCommit(len(batch), time.Since(start))
+	}
 	s.wrote(err)
 	for i, w := range batch {
 		if err != nil {
@@ -692,39 +721,124 @@ func (s *Store) Records(fn func(key string, e idempotency.Entry) bool) error {
 	})
 }
 
-// ErrInProgress is returned by Forget for a key whose first execution is
-// still running.
-var ErrInProgress = errors.New("idempotency: the key's first execution is still running")
+// ErrInProgress is returned (wrapped) by Forget and ForgetKey for a key
+// whose first execution is still running. It is idempotency.ErrInProgress.
+var ErrInProgress = idempotency.ErrInProgress
 
 // Forget deletes the record of key, so that the next call with its key runs
 // the handler again, and reports whether there was one. It is for operators
 // who must undo a stored outcome (the handler's effect was reversed by hand,
 // say); it refuses a key whose first execution is running (ErrInProgress).
+// It is ForgetKey without force.
 func (s *Store) Forget(key string) (bool, error) {
+	e, err := s.ForgetKey(context.Background(), key, false)
+	return e.State == idempotency.Completed, err
+}
+
+var _ idempotency.Inspector = (*Store)(nil)
+
+// ForgetKey implements idempotency.Inspector. Deleting a record is one
+// commit; an expired record not yet swept is deleted too, and reported as
+// absent.
+func (s *Store) ForgetKey(ctx context.Context, key string, force bool) (idempotency.Entry, error) {
 	if s.closed.Load() {
-		return false, idempotency.ErrClosed
+		return idempotency.Entry{}, idempotency.ErrClosed
 	}
-	sh := s.table.Shard(key)
-	sh.Mu.Lock()
-	defer sh.Mu.Unlock()
-	if sh.Live(key, time.Now()) != nil {
-		return false, ErrInProgress
-	}
-	delete(sh.Extra.M, key)
-	found := false
-	err := s.update(func(tx *bolt.Tx) error {
-		records, expiry := tx.Bucket(s.records), tx.Bucket(s.expiry)
-		v := records.Get([]byte(key))
-		if len(v) < expiryLen {
-			return nil
+	return s.table.Forget(key, force, func(sh *inproc.Shard[inproc.Records]) (idempotency.Entry, error) {
+		delete(sh.Extra.M, key)
+		e := idempotency.Entry{State: idempotency.Absent}
+		now := time.Now()
+		err := s.update(func(tx *bolt.Tx) error {
+			records, expiry := tx.Bucket(s.records), tx.Bucket(s.expiry)
+			v := records.Get([]byte(key))
+			if len(v) < expiryLen {
+				return nil
+			}
+			if exp := time.Unix(0, int64(binary.BigEndian.Uint64(v))); now.Before(exp) {
+				e = idempotency.Entry{State: idempotency.Completed, Record: bytes.Clone(v[expiryLen:]), Expires: exp}
+			}
+			if err := expiry.Delete(expiryKey(v[:expiryLen], []byte(key))); err != nil {
+				return err
+			}
+			return records.Delete([]byte(key))
+		})
+		if err != nil {
+			return idempotency.Entry{}, fmt.Errorf("idempotency: bbolt forget: %w", err)
 		}
-		found = true
-		if err := expiry.Delete(expiryKey(v[:expiryLen], []byte(key))); err != nil {
-			return err
-		}
-		return records.Delete([]byte(key))
+		return e, nil
 	})
-	return found, err
+}
+
+// ListKeys implements idempotency.Inspector: pending and completed keys, in
+// store-key order, the records read from one snapshot of the file.
+func (s *Store) ListKeys(ctx context.Context, prefix, pageToken string, limit int) ([]idempotency.ListedKey, string, error) {
+	if s.closed.Load() {
+		return nil, "", idempotency.ErrClosed
+	}
+	if err := inproc.CheckList(limit); err != nil {
+		return nil, "", err
+	}
+	after, err := inproc.ParsePageToken(pageToken)
+	if err != nil {
+		return nil, "", err
+	}
+	now := time.Now()
+	// Leases first, then the file: a key that completes in between has
+	// its record in the file before its lease ends, so it is seen either
+	// way.
+	keys := s.table.ListPending(prefix, after, limit, now)
+	err = s.view(func(tx *bolt.Tx) error {
+		c := tx.Bucket(s.records).Cursor()
+		seek := []byte(prefix)
+		if after > prefix {
+			seek = []byte(after)
+		}
+		n := 0
+		for k, v := c.Seek(seek); k != nil && n < limit && bytes.HasPrefix(k, []byte(prefix)); k, v = c.Next() {
+			if string(k) <= after || len(v) < expiryLen {
+				continue
+			}
+			exp := time.Unix(0, int64(binary.BigEndian.Uint64(v)))
+			if !now.Before(exp) {
+				continue
+			}
+			keys = append(keys, idempotency.ListedKey{Key: string(k),
+				Entry: idempotency.Entry{State: idempotency.Completed, Record: bytes.Clone(v[expiryLen:]), Expires: exp}})
+			n++
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, "", fmt.Errorf("idempotency: bbolt list: %w", err)
+	}
+	keys = inproc.SortListed(keys, limit)
+	return keys, inproc.PageToken(keys, limit), nil
+}
+
+// Summary implements idempotency.Inspector. Records counts the records in
+// the file, expired ones not yet swept included (so it is Approximate);
+// Bytes is the size of the file. Extra holds the group-commit figures of
+// Stats: commits, records_committed and commit_time_ns.
+func (s *Store) Summary(ctx context.Context) (idempotency.StoreSummary, error) {
+	if s.closed.Load() {
+		return idempotency.StoreSummary{}, idempotency.ErrClosed
+	}
+	sum := idempotency.StoreSummary{Store: "bbolt", Pending: s.table.CountPending(), Approximate: true}
+	err := s.view(func(tx *bolt.Tx) error {
+		sum.Records = int64(tx.Bucket(s.records).Stats().KeyN)
+		sum.Bytes = tx.Size()
+		return nil
+	})
+	if err != nil {
+		return idempotency.StoreSummary{}, fmt.Errorf("idempotency: bbolt stats: %w", err)
+	}
+	st := s.Stats()
+	sum.Extra = map[string]int64{
+		"commits":           int64(st.Commits),
+		"records_committed": int64(st.Records),
+		"commit_time_ns":    int64(st.CommitTime),
+	}
+	return sum, nil
 }
 
 func (s *Store) sweepLoop() {

@@ -169,3 +169,71 @@ func (s *Store) Close() error {
 	}
 	return nil
 }
+
+var _ idempotency.Inspector = (*Store)(nil)
+
+// ListKeys implements idempotency.Inspector: pending and completed keys, in
+// store-key order. Each page looks at every key of the store, which is
+// bounded by WithMaxRecords.
+func (s *Store) ListKeys(ctx context.Context, prefix, pageToken string, limit int) ([]idempotency.ListedKey, string, error) {
+	if s.closed.Load() {
+		return nil, "", idempotency.ErrClosed
+	}
+	if err := inproc.CheckList(limit); err != nil {
+		return nil, "", err
+	}
+	after, err := inproc.ParsePageToken(pageToken)
+	if err != nil {
+		return nil, "", err
+	}
+	now := time.Now()
+	var keys []idempotency.ListedKey
+	for i := range s.table.Shards {
+		sh := &s.table.Shards[i]
+		sh.Mu.Lock()
+		// Under one lock, so that a key completing meanwhile is seen
+		// either way: pending, or completed.
+		keys = sh.ListPending(keys, prefix, after, now)
+		keys = sh.Extra.ListRecords(keys, prefix, after, now)
+		sh.Mu.Unlock()
+	}
+	keys = inproc.SortListed(keys, limit)
+	return keys, inproc.PageToken(keys, limit), nil
+}
+
+// ForgetKey implements idempotency.Inspector.
+func (s *Store) ForgetKey(ctx context.Context, key string, force bool) (idempotency.Entry, error) {
+	if s.closed.Load() {
+		return idempotency.Entry{}, idempotency.ErrClosed
+	}
+	return s.table.Forget(key, force, func(sh *inproc.Shard[inproc.Records]) (idempotency.Entry, error) {
+		rec := sh.Extra.Get(key, time.Now())
+		if rec == nil {
+			return idempotency.Entry{State: idempotency.Absent}, nil
+		}
+		delete(sh.Extra.M, key)
+		return rec.Entry(), nil
+	})
+}
+
+// Summary implements idempotency.Inspector: exact counts of live records and
+// pending keys, and Bytes, the records' bytes.
+func (s *Store) Summary(ctx context.Context) (idempotency.StoreSummary, error) {
+	if s.closed.Load() {
+		return idempotency.StoreSummary{}, idempotency.ErrClosed
+	}
+	sum := idempotency.StoreSummary{Store: "memory", Pending: s.table.CountPending()}
+	now := time.Now()
+	for i := range s.table.Shards {
+		sh := &s.table.Shards[i]
+		sh.Mu.Lock()
+		for _, rec := range sh.Extra.M {
+			if now.Before(rec.Expires) {
+				sum.Records++
+				sum.Bytes += int64(len(rec.Data))
+			}
+		}
+		sh.Mu.Unlock()
+	}
+	return sum, nil
+}

@@ -34,14 +34,23 @@ func newDelayProxy(t testing.TB) *delayProxy {
 	if err != nil {
 		t.Fatal(err)
 	}
+	target := net.JoinHostPort(cfg.ConnConfig.Host, strconv.Itoa(int(cfg.ConnConfig.Port)))
+	if cfg.ConnConfig.Host != "" && cfg.ConnConfig.Host[0] == '/' {
+		target = cfg.ConnConfig.Host + "/.s.PGSQL." + strconv.Itoa(int(cfg.ConnConfig.Port))
+	}
+	return newDelayProxyTo(t, target)
+}
+
+// newDelayProxyTo listens on a loopback port and forwards to target, a TCP
+// address or a Unix socket's path. It is closed, with every connection
+// through it, when the test ends.
+func newDelayProxyTo(t testing.TB, target string) *delayProxy {
+	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	p := &delayProxy{ln: ln, target: net.JoinHostPort(cfg.ConnConfig.Host, strconv.Itoa(int(cfg.ConnConfig.Port))), conns: map[net.Conn]struct{}{}}
-	if cfg.ConnConfig.Host != "" && cfg.ConnConfig.Host[0] == '/' {
-		p.target = cfg.ConnConfig.Host + "/.s.PGSQL." + strconv.Itoa(int(cfg.ConnConfig.Port))
-	}
+	p := &delayProxy{ln: ln, target: target, conns: map[net.Conn]struct{}{}}
 	p.wg.Add(1)
 	go p.accept()
 	t.Cleanup(p.close)

@@ -41,7 +41,9 @@ const indexSuffix = "_expires_at_idx"
 // A Store of this version needs the waiters column: after an upgrade, run
 // Migrate (or Schema's SQL) again, which adds it to an existing table.
 // A row whose expires_at has passed acts as absent to every operation, swept
-// or not. Every time is the database's clock (now()), never a replica's.
+// or not. The index on expires_at serves the sweeper; the primary key's
+// serves the admin service's listing (Store.ListKeys), a range of keys in
+// key order. Every time is the database's clock (now()), never a replica's.
 func Schema(table string) (string, error) {
 	t, err := parseTable(table)
 	if err != nil {

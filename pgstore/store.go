@@ -574,6 +574,17 @@ func (s *Store) Wait(ctx context.Context, key string, seen idempotency.Entry) er
 // notifications still due, and wakes every waiter with idempotency.ErrClosed.
 // It does not close the pool, which belongs to the caller: close the Store
 // first. A second Close returns nil.
+// Health implements idempotency.HealthChecker: it pings PostgreSQL through
+// the pool, and returns idempotency.ErrClosed once the store is closed.
+func (s *Store) Health(ctx context.Context) error {
+	if s.closed.Load() {
+		return idempotency.ErrClosed
+	}
+	return s.pool.Ping(ctx)
+}
+
+var _ idempotency.HealthChecker = (*Store)(nil)
+
 func (s *Store) Close() error {
 	if s.closed.Swap(true) {
 		return nil

@@ -53,7 +53,7 @@ func TestClusterConformance(t *testing.T) {
 		}
 		t.Cleanup(func() { _ = s.Close() })
 		return s
-	}, storetest.SharedBackend(), storetest.ClockTolerance(clockTolerance))
+	}, storetest.SharedBackend(), storetest.ClockTolerance(clockTolerance), storetest.UnorderedListing())
 }
 
 func TestClusterSpreadsKeysAndWakesAcrossNodes(t *testing.T) {

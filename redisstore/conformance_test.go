@@ -28,5 +28,5 @@ func TestConformance(t *testing.T) {
 		}
 		t.Cleanup(func() { _ = s.Close() })
 		return s
-	}, storetest.SharedBackend(), storetest.ClockTolerance(clockTolerance))
+	}, storetest.SharedBackend(), storetest.ClockTolerance(clockTolerance), storetest.UnorderedListing())
 }

@@ -65,7 +65,7 @@ type eventLog struct {
 	events []idempotency.Event
 }
 
-func (l *eventLog) observe(e idempotency.Event) {
+func (l *eventLog) observe(_ context.Context, e idempotency.Event) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	l.events = append(l.events, e)

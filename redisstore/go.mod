@@ -3,6 +3,7 @@ module github.com/grpcidem/idempotency/redisstore
 go 1.26.0
 
 require (
+	connectrpc.com/connect v1.21.1
 	github.com/grpcidem/idempotency v0.0.0
 	github.com/redis/go-redis/v9 v9.23.0
 	github.com/stretchr/testify v1.12.1

@@ -47,8 +47,10 @@ return {2, v, redis.call('PTTL', KEYS[1])}
 
 // completeScript: KEYS[1] the key, which is also its channel; ARGV[1] the
 // owner field, ARGV[2] the completed value, ARGV[3] the retention in
-// milliseconds, ARGV[4] the token. It returns 1 when the record is stored (or
-// was, by this owner, byte for byte), 0 when another owner holds the key.
+// milliseconds, ARGV[4] the token, and ARGV[5], if given, asks that a record
+// already stored by this owner be written again (with its TTL kept), so that
+// a WAIT after the script covers it. It returns 1 when the record is stored
+// (or was, by this owner, byte for byte), 0 when another owner holds the key.
 var completeScript = redis.NewScript(`
 local head = redis.call('GETRANGE', KEYS[1], 0, 1 + #ARGV[1])
 local wake = false
@@ -56,6 +58,9 @@ if head ~= '' then
   local tag = string.sub(head, 1, 1)
   if tag == 'C' and string.sub(head, 2, 1 + #ARGV[1]) == ARGV[1] then
     if redis.call('GET', KEYS[1]) == ARGV[2] then
+      if ARGV[5] then
+        redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
+      end
       return 1
     end
     return 0

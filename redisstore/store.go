@@ -49,6 +49,7 @@ type Store struct {
 	prefix  string
 	recheck time.Duration
 	hub     *hub
+	acks    *replicaAcks // nil unless WithReplicaAcks
 	closed  atomic.Bool
 }
 
@@ -61,6 +62,8 @@ type options struct {
 	prefix      string
 	recheck     time.Duration
 	healthCheck time.Duration
+	acks        int
+	acksTimeout time.Duration
 }
 
 // WithPrefix sets the prefix of the Store's Redis keys and pub/sub channels
@@ -112,6 +115,13 @@ func New(client redis.UniversalClient, opts ...Option) (*Store, error) {
 		o.healthCheck = 30 * time.Second
 	}
 	s := &Store{client: client, scripts: client, prefix: o.prefix, recheck: o.recheck}
+	if o.acks != 0 || o.acksTimeout != 0 {
+		a, err := newReplicaAcks(client, o.acks, o.acksTimeout)
+		if err != nil {
+			return nil, err
+		}
+		s.acks = a
+	}
 	s.hub = newHub(client, o.healthCheck)
 	return s, nil
 }
@@ -198,8 +208,14 @@ func (s *Store) Reserve(ctx context.Context, key string, claim idempotency.Claim
 	}
 	pending := pendingValue(owner(claim.Token), claim.Fingerprint)
 
+	rk := s.redisKey(key)
 	start := time.Now()
-	res, err := reserveScript.Run(ctx, s.scripts, []string{s.redisKey(key)}, pending, lease).Slice()
+	var res []any
+	if s.acks == nil {
+		res, err = reserveScript.Run(ctx, s.scripts, []string{rk}, pending, lease).Slice()
+	} else {
+		res, err = s.acks.reserve(ctx, rk, pending, lease)
+	}
 	if err != nil {
 		return idempotency.Entry{}, fmt.Errorf("redisstore: reserve: %w", err)
 	}
@@ -214,6 +230,14 @@ func (s *Store) Reserve(ctx context.Context, key string, claim idempotency.Claim
 		// Our own claim, written by an earlier attempt of this very call
 		// whose answer was lost and which go-redis retried.
 		ttl := time.Until(e.LeaseExpires)
+		if s.acks != nil {
+			// That attempt's write is not known to be on the replicas:
+			// renew it, and wait for them, on one connection.
+			if err := s.acks.renew(ctx, rk, owner(claim.Token), lease, pending); err != nil {
+				return idempotency.Entry{}, fmt.Errorf("redisstore: reserve: %w", err)
+			}
+			ttl = claim.Lease
+		}
 		return idempotency.Entry{State: idempotency.Acquired, Token: claim.Token, LeaseExpires: start.Add(ttl)}, nil
 	}
 	return e, nil
@@ -328,6 +352,13 @@ func (s *Store) Renew(ctx context.Context, key string, claim idempotency.Claim) 
 		return err
 	}
 	ow := owner(claim.Token)
+	if s.acks != nil {
+		err := s.acks.renew(ctx, s.redisKey(key), ow, ms, pendingValue(ow, claim.Fingerprint))
+		if err != nil && !errors.Is(err, idempotency.ErrNotOwner) {
+			return fmt.Errorf("redisstore: renew: %w", err)
+		}
+		return err
+	}
 	n, err := renewScript.Run(ctx, s.scripts, []string{s.redisKey(key)}, ow, ms, pendingValue(ow, claim.Fingerprint)).Int()
 	if err != nil {
 		return fmt.Errorf("redisstore: renew: %w", err)
@@ -340,7 +371,8 @@ func (s *Store) Renew(ctx context.Context, key string, claim idempotency.Claim) 
 
 // Complete implements idempotency.Store in one round trip. Completing again
 // with the same token and the same record succeeds without change, so that a
-// retried command is harmless.
+// retried command is harmless. With WithReplicaAcks it succeeds only once
+// the record is on that many replicas.
 func (s *Store) Complete(ctx context.Context, key, token string, record []byte, retention time.Duration) error {
 	if s.closed.Load() {
 		return idempotency.ErrClosed
@@ -357,7 +389,12 @@ func (s *Store) Complete(ctx context.Context, key, token string, record []byte, 
 	value = append(value, 'C')
 	value = append(value, ow...)
 	value = append(value, record...)
-	n, err := completeScript.Run(ctx, s.scripts, []string{s.redisKey(key)}, ow, value, ms, token).Int()
+	var n int
+	if s.acks == nil {
+		n, err = completeScript.Run(ctx, s.scripts, []string{s.redisKey(key)}, ow, value, ms, token).Int()
+	} else {
+		n, err = s.acks.complete(ctx, s.redisKey(key), ow, value, ms, token)
+	}
 	if err != nil {
 		return fmt.Errorf("redisstore: complete: %w", err)
 	}
@@ -448,6 +485,23 @@ func (s *Store) Wait(ctx context.Context, key string, seen idempotency.Entry) er
 // It does not close the Redis client passed to New, and leaves every key in
 // Redis as it is: other replicas go on using them. Calls made after Close
 // return ErrClosed.
+// Health implements idempotency.HealthChecker: it pings Redis (every
+// master, on a Redis Cluster), and returns idempotency.ErrClosed once the
+// store is closed.
+func (s *Store) Health(ctx context.Context) error {
+	if s.closed.Load() {
+		return idempotency.ErrClosed
+	}
+	if cc, ok := s.client.(*redis.ClusterClient); ok {
+		return cc.ForEachMaster(ctx, func(ctx context.Context, c *redis.Client) error {
+			return c.Ping(ctx).Err()
+		})
+	}
+	return s.client.Ping(ctx).Err()
+}
+
+var _ idempotency.HealthChecker = (*Store)(nil)
+
 func (s *Store) Close() error {
 	if s.closed.Swap(true) {
 		return nil

@@ -22,4 +22,11 @@
 // and retentions are a few hundred milliseconds; TimeScale stretches them for
 // a backend whose clock is coarse, and ClockTolerance widens how far the
 // times a store reports may stray from the suite's clock.
+//
+// A store that implements the optional idempotency.Inspector (for the admin
+// service) is checked for it too: listing by prefix in pages, binary-safe and
+// in store-key order (pass UnorderedListing if the store documents another
+// order), forgetting a pending key only when forced, forgetting a record so
+// that the next Reserve acquires, and its Summary. For other stores those
+// subtests skip.
 package storetest

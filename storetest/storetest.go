@@ -52,6 +52,7 @@ func HeldLeases() Option {
 type config struct {
 	held      bool
 	shared    bool
+	unordered bool
 	scale     float64
 	tolerance time.Duration
 }
@@ -96,10 +97,11 @@ func Run(t *testing.T, newStore func(t *testing.T) idempotency.Store, opts ...Op
 }
 
 var cases = []struct {
-	name   string
-	shared bool
-	held   bool
-	run    func(*testing.T, *suite)
+	name    string
+	shared  bool
+	held    bool
+	inspect bool // skipped for stores that do not implement idempotency.Inspector
+	run     func(*testing.T, *suite)
 }{
 	{name: "Reserve/Absent", run: testReserveAbsent},
 	{name: "Reserve/Pending", run: testReservePending},
@@ -137,6 +139,10 @@ var cases = []struct {
 	{name: "Data/BinaryValues", run: testDataBinaryValues},
 	{name: "Data/ReturnedSlicesAreCallers", run: testDataReturnedSlices},
 	{name: "Close/ErrClosed", run: testCloseErrClosed},
+	{name: "Inspector/List", inspect: true, run: testInspectList},
+	{name: "Inspector/ForgetPending", inspect: true, run: testInspectForgetPending},
+	{name: "Inspector/ForgetCompleted", inspect: true, run: testInspectForgetCompleted},
+	{name: "Inspector/Summary", inspect: true, run: testInspectSummary},
 	{name: "Shared/SeeEachOther", shared: true, run: testSharedSeeEachOther},
 	{name: "Shared/WaitComplete", shared: true, run: testSharedWaitComplete},
 	{name: "Shared/WaitRelease", shared: true, run: testSharedWaitRelease},

@@ -1,10 +1,16 @@
-// Command idempotency inspects and edits the records of a bbolt idempotency
-// store: what a support engineer needs when a customer asks why a payment was
-// (or was not) charged again.
+// Command idempotency inspects and edits the records of an idempotency store:
+// what a support engineer needs when a customer asks why a payment was (or
+// was not) charged again. It works on the bbolt file of a stopped server
+// (-db FILE), or talks to the admin service (idempotency.v1.Admin) of a
+// running server, whatever its store (-addr HOST:PORT).
 //
-//	idempotency list    -db FILE [-limit N]                  one line per live record
-//	idempotency show    -db FILE [-scope SCOPE] [-json] KEY  one record in full
-//	idempotency forget  -db FILE [-scope SCOPE] KEY          delete a record: the next call with KEY runs again
+//	idempotency list    -db FILE|-addr HOST:PORT [-scope SCOPE [-prefix PREFIX]] [-limit N]
+//	                                                         one line per live record
+//	idempotency show    -db FILE|-addr HOST:PORT [-scope SCOPE] [-json] KEY
+//	                                                         one record in full
+//	idempotency forget  -db FILE|-addr HOST:PORT [-scope SCOPE] [-force] KEY
+//	                                                         delete a record: the next call with KEY runs again
+//	idempotency stats   -db FILE|-addr HOST:PORT             what the store holds
 //	idempotency sweep   -db FILE                             delete expired records now
 //	idempotency check   -db FILE                             check the file for damage (exit 1 if damaged)
 //	idempotency salvage -db FILE -out NEW                    copy the readable records of a damaged file to NEW
@@ -16,12 +22,19 @@
 //
 //	idempotency list -db payments-idem.db
 //	idempotency show -db payments-idem.db -scope public order-1001
+//	idempotency forget -addr 127.0.0.1:8081 -scope public order-1001
+//
+// With -addr, the bearer token for the admin service comes from -token or
+// $IDEMPOTENCY_ADMIN_TOKEN; a loopback address is reached without TLS,
+// another with TLS unless -insecure is given.
 //
 // Exit status: 0 on success, 1 when the command failed (no such record, a
-// damaged or busy file), 2 for a usage error.
+// damaged or busy file, a server that refused or could not be reached), 2
+// for a usage error.
 //
-// A bbolt file serves one process: stop the server first, or work on a copy.
-// docs/bbolt-recovery.md says how to recover a damaged file.
+// A bbolt file serves one process: stop the server first, or work on a copy,
+// or use -addr. docs/bbolt-recovery.md says how to recover a damaged file;
+// docs/admin.md describes the admin service.
 package main
 
 import (
@@ -63,12 +76,17 @@ type options struct {
 	limit          int
 	json           bool
 	key            string
+	// For a running server's admin service.
+	addr, token     string
+	insecure, force bool
+	prefix          string
+	scopeSet        bool // -scope was given (list: one scope, not all)
 }
 
 // flagDefs defines each flag on a flag set; a command has the ones it names.
 var flagDefs = map[string]func(fs *flag.FlagSet, o *options){
 	"db": func(fs *flag.FlagSet, o *options) {
-		fs.StringVar(&o.db, "db", "", "the store's bbolt `FILE` (required), such as the payments example's payments-idem.db")
+		fs.StringVar(&o.db, "db", "", "the store's bbolt `FILE` (required, or -addr where a command takes it), such as the payments example's payments-idem.db")
 	},
 	"scope": func(fs *flag.FlagSet, o *options) {
 		fs.StringVar(&o.scope, "scope", "", "the `SCOPE` of KEY: the one the server's WithScope gave the call (the payments example: its tenant, \"public\" by default)")
@@ -82,7 +100,25 @@ var flagDefs = map[string]func(fs *flag.FlagSet, o *options){
 	"json": func(fs *flag.FlagSet, o *options) {
 		fs.BoolVar(&o.json, "json", false, "print the record as one JSON object, for scripts")
 	},
+	"addr": func(fs *flag.FlagSet, o *options) {
+		fs.StringVar(&o.addr, "addr", "", "talk to the admin service of a running server at `HOST:PORT` instead of opening a file (the payments example: its -admin address)")
+	},
+	"token": func(fs *flag.FlagSet, o *options) {
+		fs.StringVar(&o.token, "token", "", "with -addr: send `TOKEN` as \"authorization: Bearer TOKEN\" (default: $"+tokenEnv+")")
+	},
+	"insecure": func(fs *flag.FlagSet, o *options) {
+		fs.BoolVar(&o.insecure, "insecure", false, "with -addr: connect without TLS, also to an address that is not loopback (loopback addresses never use TLS)")
+	},
+	"force": func(fs *flag.FlagSet, o *options) {
+		fs.BoolVar(&o.force, "force", false, "forget KEY also while its first execution runs: its lease ends, and the next call runs beside it")
+	},
+	"prefix": func(fs *flag.FlagSet, o *options) {
+		fs.StringVar(&o.prefix, "prefix", "", "with -scope: only keys that start with `PREFIX`")
+	},
 }
+
+// onlineFlags are the flags of a command that can talk to a running server.
+var onlineFlags = []string{"addr", "token", "insecure"}
 
 // command is one of the tool's commands.
 type command struct {
@@ -97,17 +133,27 @@ type command struct {
 }
 
 var commands = []*command{{
-	name: "list", flags: []string{"db", "limit"},
-	synopsis: "-db FILE [-limit N]",
+	name: "list", flags: append([]string{"db", "scope", "prefix", "limit"}, onlineFlags...),
+	synopsis: "-db FILE|-addr HOST:PORT [-scope SCOPE [-prefix PREFIX]] [-limit N]",
 	short:    "one line per live record",
 	long: `List prints one line per live (unexpired) record, in store-key order: its
 scope, key, method, status code, number of responses, and when it was created
 and expires; then how many live records the file holds: all of them are
-counted, also when -limit prints fewer ("3 of 11 records shown").`,
-	examples: []string{"idempotency list -db payments-idem.db -limit 20"},
+counted, also when -limit prints fewer ("3 of 11 records shown"). With
+-scope, only the records of that scope, and with -prefix only those whose
+key starts with PREFIX.
+
+With -addr, list asks a running server's admin service, whatever its store,
+and also lists the keys whose first execution is running ("running", with
+their owner and when their lease ends). It stops after -limit keys and then
+says whether more remain. A Redis store lists in its own order.`,
+	examples: []string{
+		"idempotency list -db payments-idem.db -limit 20",
+		"idempotency list -addr 127.0.0.1:8081 -scope public -prefix order-",
+	},
 }, {
-	name: "show", flags: []string{"db", "scope", "json"}, key: true,
-	synopsis: "-db FILE [-scope SCOPE] [-json] KEY",
+	name: "show", flags: append([]string{"db", "scope", "json"}, onlineFlags...), key: true,
+	synopsis: "-db FILE|-addr HOST:PORT [-scope SCOPE] [-json] KEY",
 	short:    "one record in full",
 	long: `Show prints the record stored for KEY in SCOPE: its method, status (code,
 message and details), header and trailer metadata, when it was created and
@@ -123,20 +169,46 @@ trailer (key: [values]), responses [{type, size, message | wire, bytes}],
 createdAt, expiresAt, fingerprint (hex).
 
 If KEY has no record in SCOPE, show looks for it under the file's other
-scopes and says which -scope to rerun with (exit 1).`,
+scopes and says which -scope to rerun with (exit 1).
+
+With -addr, show asks a running server's admin service; a key whose first
+execution is running is shown with its owner, when its lease ends and its
+request's fingerprint (with -json: state "pending").`,
 	examples: []string{
 		"idempotency show -db payments-idem.db -scope public order-1001",
+		"idempotency show -addr 127.0.0.1:8081 -scope public order-1001",
 		"idempotency show order-1001 -db payments-idem.db -scope public -json",
 	},
 }, {
-	name: "forget", flags: []string{"db", "scope"}, key: true, writes: true,
-	synopsis: "-db FILE [-scope SCOPE] KEY",
+	name: "forget", flags: append([]string{"db", "scope", "force"}, onlineFlags...), key: true, writes: true,
+	synopsis: "-db FILE|-addr HOST:PORT [-scope SCOPE] [-force] KEY",
 	short:    "delete a record: the next call with KEY runs again",
 	long: `Forget deletes the record stored for KEY in SCOPE, so that the next call with
 KEY runs the handler again instead of replaying the record. Use it when the
 stored outcome was undone by hand (a refund, say). If KEY has no record in
-SCOPE, forget deletes nothing, and names the scopes that hold KEY (exit 1).`,
-	examples: []string{"idempotency forget -db payments-idem.db -scope public order-1001"},
+SCOPE, forget deletes nothing, and names the scopes that hold KEY (exit 1).
+
+With -addr, forget asks a running server's admin service, so the server
+need not stop. A key whose first execution is still running is refused
+(exit 1) unless -force is given: then its lease ends at once and the next
+call with KEY runs beside the one still running; use it only for an owner
+known to be gone.`,
+	examples: []string{
+		"idempotency forget -db payments-idem.db -scope public order-1001",
+		"idempotency forget -addr 127.0.0.1:8081 -scope public order-1001",
+	},
+}, {
+	name: "stats", flags: append([]string{"db"}, onlineFlags...),
+	synopsis: "-db FILE|-addr HOST:PORT",
+	short:    "what the store holds: records, running keys, bytes",
+	long: `Stats prints what the store holds, as far as it can tell cheaply: the kind of
+store, how many records and running keys, how many bytes they take, and
+figures particular to the store. A figure the store cannot tell cheaply
+(Redis counts no records without scanning them) is "unknown".`,
+	examples: []string{
+		"idempotency stats -db payments-idem.db",
+		"idempotency stats -addr 127.0.0.1:8081",
+	},
 }, {
 	name: "sweep", flags: []string{"db"}, writes: true,
 	synopsis: "-db FILE",
@@ -162,6 +234,16 @@ changed. With the server stopped, put NEW in place of FILE.`,
 	examples: []string{"idempotency salvage -db payments-idem.db -out payments-idem.salvaged.db"},
 }}
 
+// has reports whether c takes the flag name.
+func (c *command) has(name string) bool {
+	for _, f := range c.flags {
+		if f == name {
+			return true
+		}
+	}
+	return false
+}
+
 func lookup(name string) *command {
 	for _, c := range commands {
 		if c.name == name {
@@ -181,9 +263,9 @@ func usage() string {
 	var b strings.Builder
 	b.WriteString("usage: idempotency COMMAND [flags] [KEY]\n\ncommands:\n")
 	for _, c := range commands {
-		fmt.Fprintf(&b, "  %-8s %-37s %s\n", c.name, c.synopsis, c.short)
+		fmt.Fprintf(&b, "  %-8s %s\n  %-8s   %s\n", c.name, c.synopsis, "", c.short)
 	}
-	fmt.Fprintf(&b, "  %-8s %-37s %s\n", "help", "[COMMAND]", "this, or one command in full")
+	fmt.Fprintf(&b, "  %-8s %s\n  %-8s   %s\n", "help", "[COMMAND]", "", "this, or one command in full")
 	b.WriteString(`
 Flags may come anywhere on the command line, before or after KEY.
 Exit status: 0 on success, 1 when the command fails, 2 for a usage error.
@@ -193,8 +275,13 @@ caller's tenant: "public" unless the client sends x-tenant):
   idempotency list -db payments-idem.db
   idempotency show -db payments-idem.db -scope public order-1001
   idempotency forget -db payments-idem.db -scope public order-1001
+and against the admin service of the running server (its -admin address):
+  idempotency forget -addr 127.0.0.1:8081 -scope public order-1001
 
-A bbolt file serves one process: stop the server first, or work on a copy.
+With -addr, the bearer token comes from -token or $IDEMPOTENCY_ADMIN_TOKEN;
+loopback addresses are reached without TLS, others with TLS unless -insecure.
+A bbolt file serves one process: stop the server first, or work on a copy,
+or use -addr.
 To recover a damaged file: check it, salvage it, then put NEW in its place
 (see docs/bbolt-recovery.md). Run 'idempotency help COMMAND' for more.
 `)
@@ -343,14 +430,23 @@ func run(args []string, stdout, stderr io.Writer) int {
 	rest := append(append([]string(nil), args[:i]...), args[i+1:]...)
 	flags, o := cmd.flagSet()
 	positional, err := parseInterspersed(flags, rest)
+	flags.Visit(func(f *flag.Flag) { o.scopeSet = o.scopeSet || f.Name == "scope" })
 	switch {
 	case errors.Is(err, flag.ErrHelp):
 		cmd.help(stdout)
 		return exitOK
 	case err != nil:
 		return cmd.usageError(stderr, "%v", err)
-	case o.db == "":
+	case o.db != "" && o.addr != "":
+		return cmd.usageError(stderr, "give -db FILE (a stopped server's bbolt file) or -addr HOST:PORT (a running server), not both")
+	case o.db == "" && o.addr == "" && cmd.has("addr"):
+		return cmd.usageError(stderr, "-db is required: the store's bbolt file, such as -db payments-idem.db; or -addr HOST:PORT for a running server's admin service")
+	case o.db == "" && o.addr == "":
 		return cmd.usageError(stderr, "-db is required: the store's bbolt file, such as -db payments-idem.db")
+	case o.addr == "" && (o.token != "" || o.insecure):
+		return cmd.usageError(stderr, "-token and -insecure go with -addr HOST:PORT")
+	case o.prefix != "" && !o.scopeSet:
+		return cmd.usageError(stderr, "-prefix PREFIX needs -scope SCOPE: keys are listed within a scope (-scope '' for the empty one)")
 	case cmd.key && len(positional) != 1:
 		return cmd.usageError(stderr, "give exactly one KEY (got %d arguments: %q)", len(positional), positional)
 	case !cmd.key && len(positional) != 0:
@@ -362,6 +458,9 @@ func run(args []string, stdout, stderr io.Writer) int {
 	}
 	if cmd.key {
 		o.key = positional[0]
+	}
+	if o.addr != "" {
+		return remote(cmd, o, stdout, stderr)
 	}
 	if _, err := os.Stat(o.db); err != nil {
 		if errors.Is(err, fs.ErrNotExist) {
@@ -447,6 +546,9 @@ func dispatch(store *boltstore.Store, cmd string, o *options, out io.Writer) err
 		// left out: the scan is cheap next to what an operator waits for.
 		shown, total := 0, 0
 		err := store.Records(func(storeKey string, e idempotency.Entry) bool {
+			if o.scopeSet && !strings.HasPrefix(storeKey, idempotency.StoreKey(scope, o.prefix)) {
+				return true
+			}
 			total++
 			if limit <= 0 || shown < limit {
 				printLine(out, storeKey, e)
@@ -473,14 +575,21 @@ func dispatch(store *boltstore.Store, cmd string, o *options, out io.Writer) err
 		}
 		return printRecord(out, scope, key, e, o.json)
 	case "forget":
-		found, err := store.Forget(idempotency.StoreKey(scope, key))
+		e, err := store.ForgetKey(context.Background(), idempotency.StoreKey(scope, key), o.force)
 		if err != nil {
 			return err
 		}
-		if !found {
+		if e.State == idempotency.Absent {
 			return missing(store, scope, key)
 		}
 		fmt.Fprintf(out, "forgot key %q in scope %q: the next call with it runs the handler again\n", key, scope)
+		return nil
+	case "stats":
+		sum, err := store.Summary(context.Background())
+		if err != nil {
+			return err
+		}
+		printStats(out, statsOf(sum))
 		return nil
 	case "sweep":
 		n, err := store.Sweep()

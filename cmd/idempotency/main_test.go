@@ -147,6 +147,12 @@ func TestUsageAndErrors(t *testing.T) {
 		{[]string{"list"}, 2, "-db is required"},
 		{[]string{"show", "-db", db}, 2, "exactly one KEY"},
 		{[]string{"list", "-db", db, "extra"}, 2, "unexpected arguments"},
+		{[]string{"list", "-db", db, "-addr", "127.0.0.1:1"}, 2, "not both"},
+		{[]string{"list", "-db", db, "-token", "t"}, 2, "-token and -insecure go with -addr"},
+		{[]string{"list", "-db", db, "-prefix", "order-"}, 2, "-prefix PREFIX needs -scope"},
+		{[]string{"sweep", "-addr", "127.0.0.1:1"}, 2, "flag provided but not defined: -addr"},
+		{[]string{"list", "-addr", "no-port"}, 2, "give HOST:PORT"},
+		{[]string{"stats", "-addr", "127.0.0.1:1"}, 1, "is it the admin listener of a running server"},
 		{[]string{"list", "-db", filepath.Join(t.TempDir(), "missing.db")}, 1, "no such file"},
 		{[]string{"salvage", "-db", db}, 2, "-out NEW is required"},
 		{[]string{"list", "-db", db, "-out", "x.db"}, 2, "flag provided but not defined: -out"},
@@ -1014,4 +1020,24 @@ func TestShowOmittedOutcome(t *testing.T) {
 	out.Reset()
 	require.Equal(t, 0, run([]string{"show", "-db", path, "-scope", "public", "-json", "big-1"}, &out, &errOut), errOut.String())
 	assert.Contains(t, out.String(), `"omitted": "record of 5000000 bytes`)
+}
+
+// Offline, list can keep to one scope and a key prefix, and stats reads the
+// file.
+func TestListScopeAndStatsOffline(t *testing.T) {
+	db := seed(t)
+	code, out, errOut := cli("list", "-db", db, "-scope", "tenant/a", "-prefix", "order-")
+	require.Equal(t, 0, code, errOut)
+	assert.Contains(t, out, `key="order-1"`)
+	assert.NotContains(t, out, "bad-1")
+	assert.Contains(t, out, "1 record\n")
+
+	code, out, _ = cli("list", "-db", db, "-scope", "")
+	require.Equal(t, 0, code)
+	assert.Contains(t, out, `key="bad-1"`)
+	assert.NotContains(t, out, "order-1")
+
+	code, out, errOut = cli("stats", "-db", db)
+	require.Equal(t, 0, code, errOut)
+	assert.Contains(t, out, "store:    bbolt\nrecords:  2\nrunning:  0\n")
 }

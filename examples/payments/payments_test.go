@@ -74,7 +74,7 @@ func startServer(t *testing.T, args ...string) *server {
 	ctx, cancel := context.WithCancel(context.Background())
 	s := &server{cancel: cancel, done: make(chan error, 1), out: &syncBuffer{ready: make(chan string, 1)}, errOut: &syncBuffer{}}
 	go func() {
-		s.done <- app.RunServer(ctx, append([]string{"-addr", "127.0.0.1:0"}, args...), s.out, s.errOut)
+		s.done <- app.RunServer(ctx, append([]string{"-addr", "127.0.0.1:0", "-http", ""}, args...), s.out, s.errOut)
 	}()
 	select {
 	case s.addr = <-s.out.ready:

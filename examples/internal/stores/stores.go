@@ -36,6 +36,8 @@ type Config struct {
 	RedisAddr string
 	// PostgresDSN is the PostgreSQL connection string (Kind "postgres").
 	PostgresDSN string
+	// BoltOptions are passed to boltstore.Open (Kind "bolt").
+	BoltOptions []boltstore.Option
 }
 
 // RegisterFlags defines -store, -db, -redis and -postgres on fs and returns
@@ -70,6 +72,15 @@ type Opened struct {
 	closeExtra  func()
 }
 
+// Health reports whether the store can serve (idempotency.HealthChecker):
+// what the store's own Health says, for the stores that have one.
+func (o *Opened) Health(ctx context.Context) error {
+	if hc, ok := o.Store.(idempotency.HealthChecker); ok {
+		return hc.Health(ctx)
+	}
+	return nil
+}
+
 // Close closes the store, then its connections.
 func (o *Opened) Close() error {
 	err := o.Store.Close()
@@ -87,7 +98,7 @@ func Open(ctx context.Context, c Config) (*Opened, error) {
 		if c.BoltPath == "" {
 			return nil, errors.New("-store bolt needs a file: set -db")
 		}
-		s, err := boltstore.Open(c.BoltPath)
+		s, err := boltstore.Open(c.BoltPath, c.BoltOptions...)
 		if err != nil {
 			return nil, err
 		}

@@ -123,7 +123,7 @@ type eventsByMethod struct {
 	n  map[string]map[idempotency.EventKind]int
 }
 
-func (e *eventsByMethod) observe(ev idempotency.Event) {
+func (e *eventsByMethod) observe(_ context.Context, ev idempotency.Event) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if e.n[ev.Method] == nil {
@@ -175,7 +175,8 @@ func runDemo(ctx context.Context, c demoConfig, stdout io.Writer) (err error) {
 		defer os.RemoveAll(dir)
 	}
 	dbPath := filepath.Join(dir, "payments-idem.db")
-	store, err := boltstore.Open(dbPath)
+	metrics := newDemoMetrics()
+	store, err := boltstore.Open(dbPath, boltstore.WithCommitObserver(metrics.tel.BoltCommits))
 	if err != nil {
 		return err
 	}
@@ -188,7 +189,8 @@ func runDemo(ctx context.Context, c demoConfig, stdout io.Writer) (err error) {
 	led := &ledger{runs: make(map[string][][]string)}
 	events := &eventsByMethod{n: make(map[string]map[idempotency.EventKind]int)}
 	svc := service.New(service.WithDelay(c.delay), service.WithFailEvery(c.failEvery), service.WithExecutedHook(led.executed))
-	cfg := ServerConfig{Logger: slog.New(slog.DiscardHandler), Observe: events.observe, WithoutIdempotency: c.noIdempotency}
+	cfg := ServerConfig{Logger: slog.New(slog.DiscardHandler), Observe: events.observe, WithoutIdempotency: c.noIdempotency,
+		Options: []idempotency.Option{metrics.tel.ServerOption()}, Context: ctx}
 	server, err := startDemoServer(store, svc, cfg)
 	if err != nil {
 		return err
@@ -256,6 +258,9 @@ func runDemo(ctx context.Context, c demoConfig, stdout io.Writer) (err error) {
 	store = nil
 	problems = append(problems, restart(ctx, c, dbPath, svc, cfg, payments, stdout)...)
 
+	if err := metrics.print(stdout); err != nil {
+		problems = append(problems, fmt.Sprintf("metrics: %v", err))
+	}
 	fmt.Fprintf(stdout, "\nFinished in %.1fs.\n", time.Since(start).Seconds())
 	if len(problems) > 0 {
 		fmt.Fprintln(stdout, "\nFAILED:")

@@ -8,13 +8,14 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/http"
 	"runtime/debug"
+	"sync"
 	"sync/atomic"
 	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/reflection"
@@ -40,7 +41,7 @@ var PaymentMethods = []string{
 type ServerConfig struct {
 	Logger *slog.Logger
 	// Observe, if set, is called for every idempotency event.
-	Observe func(idempotency.Event)
+	Observe func(context.Context, idempotency.Event)
 	// Options are added after the ones NewServer sets, and so win.
 	Options []idempotency.Option
 	// WithoutIdempotency leaves the idempotency interceptors out, for the
@@ -48,6 +49,9 @@ type ServerConfig struct {
 	// option can turn a method off that payments.proto declares: the
 	// proto comes first.)
 	WithoutIdempotency bool
+	// Context ends the server's background work (the health service's
+	// watch of the store); nil: it runs until the process exits.
+	Context context.Context
 }
 
 // NewServer returns a gRPC server with the payments service, the standard
@@ -62,6 +66,15 @@ type ServerConfig struct {
 //     replay another tenant's outcomes;
 //  5. the handler.
 func NewServer(store idempotency.Store, svc paymentsv1.PaymentServiceServer, cfg ServerConfig) (*grpc.Server, error) {
+	srv, _, err := NewServers(store, svc, cfg)
+	return srv, err
+}
+
+// NewServers returns the gRPC server NewServer returns and, over the same
+// idempotency Server (one engine, one store), the payments service as a
+// connect handler (NewConnectHandler) for the Connect, gRPC and gRPC-Web
+// protocols over HTTP.
+func NewServers(store idempotency.Store, svc paymentsv1.PaymentServiceServer, cfg ServerConfig) (*grpc.Server, http.Handler, error) {
 	logger := cfg.Logger
 	if logger == nil {
 		logger = slog.New(slog.DiscardHandler)
@@ -79,7 +92,7 @@ func NewServer(store idempotency.Store, svc paymentsv1.PaymentServiceServer, cfg
 	opts = append(opts, cfg.Options...)
 	idem, err := idempotency.NewServer(store, opts...)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	unary := []grpc.UnaryServerInterceptor{recoverUnary(logger), logUnary(logger), tenantUnary}
 	stream := []grpc.StreamServerInterceptor{recoverStream(logger), logStream(logger), tenantStream}
@@ -89,9 +102,9 @@ func NewServer(store idempotency.Store, svc paymentsv1.PaymentServiceServer, cfg
 	}
 	srv := grpc.NewServer(grpc.ChainUnaryInterceptor(unary...), grpc.ChainStreamInterceptor(stream...))
 	paymentsv1.RegisterPaymentServiceServer(srv, svc)
-	healthpb.RegisterHealthServer(srv, health.NewServer()) // SERVING while the server runs
+	healthpb.RegisterHealthServer(srv, healthService(cfg.Context, idem, logger)) // NOT_SERVING while the store cannot serve
 	reflection.Register(srv)
-	return srv, nil
+	return srv, NewConnectHandler(idem, svc, logger), nil
 }
 
 func recoverUnary(logger *slog.Logger) grpc.UnaryServerInterceptor {
@@ -199,7 +212,7 @@ type eventCounts struct {
 	replayed, mismatch, conflict, storeError, tooLarge, failOpen atomic.Int64
 }
 
-func (c *eventCounts) observe(e idempotency.Event) {
+func (c *eventCounts) observe(_ context.Context, e idempotency.Event) {
 	switch e.Kind {
 	case idempotency.EventReplayed:
 		c.replayed.Add(1)
@@ -221,11 +234,14 @@ func RunServer(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	fs := flag.NewFlagSet("server", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	addr := fs.String("addr", "127.0.0.1:50051", "address to listen on")
+	httpAddr := fs.String("http", "127.0.0.1:8080", "address to serve Connect, gRPC-Web and gRPC over HTTP on (h2c; curl works); empty: off")
 	storeCfg := stores.RegisterFlags(fs, "payments-idem.db")
 	delay := fs.Duration("delay", 0, "how long each execution waits before it charges, so that duplicates overlap with it")
 	failEvery := fs.Int("fail-every", 0, "fail every Nth execution with Unavailable before charging (0: never)")
 	grace := fs.Duration("grace", 10*time.Second, "how long a shutdown waits for running calls before it cuts them off")
 	verbose := fs.Bool("v", false, "log every call and idempotency event")
+	metricsAddr := fs.String("metrics", "", "serve the idempotency metrics as Prometheus text at http://ADDR/metrics (default: off)")
+	admin := adminFlags(fs)
 	if err := parse(fs, args); err != nil {
 		return err
 	}
@@ -241,6 +257,11 @@ func RunServer(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	}
 	logger := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
 
+	metrics, err := startMetrics(*metricsAddr, storeCfg, stdout)
+	if err != nil {
+		return err
+	}
+	defer metrics.close()
 	store, err := stores.Open(ctx, *storeCfg)
 	if err != nil {
 		return fmt.Errorf("open the %s store: %w", storeCfg.Kind, err)
@@ -257,17 +278,39 @@ func RunServer(ctx context.Context, args []string, stdout, stderr io.Writer) err
 
 	svc := service.New(service.WithDelay(*delay), service.WithFailEvery(*failEvery))
 	var events eventCounts
-	srv, err := NewServer(store, svc, ServerConfig{
+	srv, connectHandler, err := NewServers(store, svc, ServerConfig{
 		Logger: logger,
-		Observe: func(e idempotency.Event) {
-			events.observe(e)
+		Observe: func(ctx context.Context, e idempotency.Event) {
+			events.observe(ctx, e)
 			logger.Debug("idempotency", "event", e.Kind, "method", e.Method, "scope", e.Scope, "key", e.Key, "code", e.Code, "err", e.Err)
 		},
+		Options: metrics.options(),
+		Context: ctx,
 	})
 	if err != nil {
 		return err
 	}
+	stopAdmin, err := startAdmin(admin, store.Store, stdout, logger)
+	if err != nil {
+		return err
+	}
+	defer stopAdmin()
 	fmt.Fprintf(stdout, "payments server listening on %s (store: %s)\n", lis.Addr(), store.Description)
+	var hs *http.Server
+	if *httpAddr != "" {
+		hlis, err := net.Listen("tcp", *httpAddr)
+		if err != nil {
+			return err
+		}
+		hs = newHTTPServer(connectHandler)
+		defer hs.Close() // after a shutdown, a no-op
+		go func() {
+			if err := hs.Serve(hlis); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				logger.Error("connect server stopped", "err", err)
+			}
+		}()
+		fmt.Fprintf(stdout, "payments server serving Connect, gRPC-Web and gRPC on http://%s\n", hlis.Addr())
+	}
 
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(lis) }()
@@ -276,7 +319,12 @@ func RunServer(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		// Serve failed on its own; nothing is left to drain.
 	case <-ctx.Done():
 		logger.Info("shutting down; waiting for running calls", "grace", *grace)
+		var httpDone sync.WaitGroup
+		if hs != nil {
+			httpDone.Go(func() { shutdownHTTP(hs, *grace) })
+		}
 		stopGracefully(srv, *grace)
+		httpDone.Wait()
 		err = <-served
 		if errors.Is(err, grpc.ErrServerStopped) {
 			err = nil
@@ -305,5 +353,24 @@ func stopGracefully(srv *grpc.Server, grace time.Duration) {
 	case <-t.C:
 		srv.Stop()
 		<-done
+	}
+}
+
+// newHTTPServer serves h over HTTP/1.1 and unencrypted HTTP/2 (h2c), so that
+// curl, gRPC-Web and gRPC clients all reach it on one plain-text port.
+func newHTTPServer(h http.Handler) *http.Server {
+	var p http.Protocols
+	p.SetHTTP1(true)
+	p.SetUnencryptedHTTP2(true)
+	return &http.Server{Handler: h, Protocols: &p, ReadHeaderTimeout: 10 * time.Second}
+}
+
+// shutdownHTTP lets running calls finish for up to grace, then closes the
+// rest, as stopGracefully does for the gRPC server.
+func shutdownHTTP(hs *http.Server, grace time.Duration) {
+	ctx, cancel := context.WithTimeout(context.Background(), grace)
+	defer cancel()
+	if err := hs.Shutdown(ctx); err != nil {
+		_ = hs.Close()
 	}
 }
