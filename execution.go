@@ -28,7 +28,7 @@ type Execution struct {
 	values map[any]any
 
 	lost   atomic.Bool
-	cancel context.CancelCauseFunc // cancels the handler's context
+	cancel *lazyCtx // the handler's context
 }
 
 // Err returns ErrLeaseLost once another owner has taken the execution's key
@@ -49,7 +49,7 @@ func (e *Execution) Err() error {
 func (e *Execution) loseLease() {
 	e.lost.Store(true)
 	if e.cancel != nil {
-		e.cancel(ErrLeaseLost)
+		e.cancel.end(ErrLeaseLost)
 	}
 }
 

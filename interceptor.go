@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"crypto/sha256"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -16,6 +17,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+	"unsafe"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -39,6 +41,7 @@ type Server struct {
 	o        *options
 	decoded  *decodedRecords
 	policies sync.Map // full method name -> *methodPolicy
+	leases   leaseTimers
 
 	// streams is set once StreamServerInterceptor has been asked for;
 	// until then, each service a unary call reaches is checked once for
@@ -128,6 +131,12 @@ type call struct {
 	method, scope, key, skey string
 	retention                time.Duration
 	filter                   *requestFilter
+
+	sum      [sha256.Size]byte // the request fingerprint's backing array
+	tokenBuf [32]byte          // the owner token's backing array
+	token    string            // made from tokenBuf
+	rctx     lazyCtx           // the first Reserve's context
+	reserved bool              // rctx was used
 }
 
 // policy returns how method takes part, resolved on its first call.
@@ -207,11 +216,26 @@ func newToken() string {
 	return tokenPrefix + strconv.FormatUint(tokenSeq.Add(1), 36)
 }
 
+// newToken returns a new owner token, written into c's own array: the store
+// may keep it while the lease lasts, which keeps c alive, and nothing writes
+// to the array again.
+func (c *call) newToken() string {
+	if c.token != "" {
+		return newToken()
+	}
+	b := strconv.AppendUint(append(c.tokenBuf[:0], tokenPrefix...), tokenSeq.Add(1), 36)
+	if len(b) > len(c.tokenBuf) || &b[0] != &c.tokenBuf[0] {
+		c.token = string(b) // cannot happen: 17 + 13 characters at most
+	} else {
+		c.token = unsafe.String(&c.tokenBuf[0], len(b))
+	}
+	return c.token
+}
+
 // reservation is what reserve decided: run the handler (exec is set), replay
 // a record (rec is set), or run without idempotency (neither: fail-open).
 type reservation struct {
-	exec  *Execution
-	claim Claim // what exec holds the key under
+	first *firstRun
 	rec   *Record
 	start time.Time // when the call began to reserve, for event durations
 	// waited is set on a replay of a record whose first execution was
@@ -219,12 +243,30 @@ type reservation struct {
 	waited bool
 }
 
+// firstRun is the state of one first execution, made in one allocation when
+// its key is acquired: what the handler's context, the lease renewal, the
+// recording of its header and trailer, and the storing of its record would
+// otherwise allocate one by one.
+type firstRun struct {
+	exec  Execution
+	claim Claim   // what exec holds the key under
+	hctx  lazyCtx // the handler's context
+	sctx  lazyCtx // finish's store calls
+	ts    transportRecorder
+	lease leaseKeeper
+
+	rec              Record
+	ok               spb.Status // rec.Status of an OK outcome
+	created, expires timestamppb.Timestamp
+	responses        [1][]byte // a unary call's rec.Responses
+}
+
 // reserve claims the key for this call, waiting for a running first
 // execution if needed. fp is the request fingerprint, or nil when it is known
 // only after the handler has read the requests (client and bidi streams).
 func (c *call) reserve(ctx context.Context, fp []byte) (reservation, error) {
 	o := c.s.o
-	claim := Claim{Token: newToken(), Fingerprint: fp, Lease: o.lease, Held: true}
+	claim := Claim{Token: c.newToken(), Fingerprint: fp, Lease: o.lease, Held: true}
 	start := time.Now()
 	var waitCtx context.Context
 	for {
@@ -234,7 +276,7 @@ func (c *call) reserve(ctx context.Context, fp []byte) (reservation, error) {
 			}
 			return reservation{}, c.waitEnded(ctx, start)
 		}
-		e, err := c.storeReserve(ctx, claim)
+		e, err := c.storeReserve(ctx, claim, start)
 		if err != nil {
 			return c.storeFailed(ctx, "reserve", err)
 		}
@@ -247,7 +289,9 @@ func (c *call) reserve(ctx context.Context, fp []byte) (reservation, error) {
 				c.release(ctx, claim.Token)
 				return reservation{}, status.FromContextError(ctx.Err()).Err()
 			}
-			return reservation{exec: &Execution{Method: c.method, Scope: c.scope, Key: c.key, StoreKey: c.skey, Token: claim.Token}, claim: claim}, nil
+			f := &firstRun{claim: claim}
+			f.exec = Execution{Method: c.method, Scope: c.scope, Key: c.key, StoreKey: c.skey, Token: claim.Token}
+			return reservation{first: f}, nil
 		case Completed:
 			rec, err := c.s.decoded.decode(c.skey, e.Record)
 			if err != nil {
@@ -295,10 +339,16 @@ func (c *call) reserve(ctx context.Context, fp []byte) (reservation, error) {
 // key in the store all the same, and then nobody would release it until its
 // lease ran out. If it fails, the key is released under the call's token in
 // the background, in case it did take the key before failing.
-func (c *call) storeReserve(ctx context.Context, claim Claim) (Entry, error) {
-	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), c.s.o.storeTimeout)
+func (c *call) storeReserve(ctx context.Context, claim Claim, start time.Time) (Entry, error) {
+	rctx := &c.rctx
+	if c.reserved {
+		rctx = new(lazyCtx) // a store may still hold the first one
+		start = time.Now()
+	}
+	c.reserved = true
+	rctx.detach(ctx, start, c.s.o.storeTimeout)
 	e, err := c.s.store.Reserve(rctx, c.skey, claim)
-	cancel()
+	rctx.end(nil)
 	if err != nil {
 		go c.release(ctx, claim.Token)
 	} else {
@@ -377,74 +427,89 @@ func (c *call) event(ctx context.Context, e Event) {
 	}
 }
 
-// keepLease renews the lease of a running first execution every third of its
-// length, until stop is called; stop waits for a renewal under way, so that
-// none lands after the outcome is saved or the key released. If another
+// leaseKeeper renews the lease of a running first execution every third of
+// its length, until stop is called; stop waits for a renewal under way, so
+// that none lands after the outcome is saved or the key released. If another
 // owner has taken the key (the lease ran out during a pause, and a shared
 // store handed the key to a duplicate), the handler's context is cancelled
 // with ErrLeaseLost.
-func (c *call) keepLease(ctx context.Context, exec *Execution, claim Claim) (stop func()) {
-	o := c.s.o
-	every := o.lease / 3
-	var (
-		mu       sync.Mutex
-		stopped  bool
-		inFlight sync.WaitGroup
-		t        *time.Timer
-		// retryIn is how soon a failed renewal is tried again: soon, as a
-		// renewal cut off by a pause of the process (its deadline passed
-		// while stopped) must take the key back before a duplicate can.
-		retryIn = min(every, renewRetryMin)
-	)
-	renew := func() {
-		mu.Lock()
-		if stopped {
-			mu.Unlock()
-			return
-		}
-		inFlight.Add(1)
-		mu.Unlock()
-		defer inFlight.Done()
+type leaseKeeper struct {
+	c        *call
+	ctx      context.Context
+	f        *firstRun
+	every    time.Duration
+	mu       sync.Mutex
+	stopped  bool
+	inFlight sync.WaitGroup
+	next     time.Time // when the renewal is due, in c.s.leases
+	index    int       // in c.s.leases's heap; -1 when not in it
+	// retryIn is how soon a failed renewal is tried again: soon, as a
+	// renewal cut off by a pause of the process (its deadline passed while
+	// stopped) must take the key back before a duplicate can.
+	retryIn time.Duration
+}
 
-		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), o.lease)
-		err := c.s.store.Renew(rctx, c.skey, claim)
-		cancel()
-		switch {
-		case err == nil:
-		case errors.Is(err, ErrNotOwner):
-			o.logger.Error("idempotency: the lease was lost to another owner while the handler ran; its context is cancelled and its outcome will not be stored",
-				"method", c.method, "key", c.key)
-			c.event(ctx, Event{Kind: EventStoreError, Code: codes.Aborted, Err: ErrLeaseLost})
-			exec.loseLease()
-			return
-		case errors.Is(err, ErrClosed):
-			return
-		default:
-			o.logger.Warn("idempotency: lease renewal failed; retrying", "method", c.method, "key", c.key, "err", err)
-			c.event(ctx, Event{Kind: EventStoreError, Err: err})
-		}
-		next := every
-		if err != nil {
-			next, retryIn = retryIn, min(2*retryIn, every)
-		} else {
-			retryIn = min(every, renewRetryMin)
-		}
-		mu.Lock()
-		if !stopped {
-			t.Reset(next)
-		}
-		mu.Unlock()
+// keepLease starts renewing f's lease; ctx is the handler's context.
+func (c *call) keepLease(ctx context.Context, f *firstRun, now time.Time) *leaseKeeper {
+	l := &f.lease
+	l.c, l.ctx, l.f = c, ctx, f
+	l.every = c.s.o.lease / 3
+	l.retryIn = min(l.every, renewRetryMin)
+	l.mu.Lock()
+	l.next = now.Add(l.every)
+	c.s.leases.add(l)
+	l.mu.Unlock()
+	return l
+}
+
+func (l *leaseKeeper) renew() {
+	c, o := l.c, l.c.s.o
+	l.mu.Lock()
+	if l.stopped {
+		l.mu.Unlock()
+		return
 	}
-	mu.Lock()
-	t = time.AfterFunc(every, renew)
-	mu.Unlock()
-	return func() {
-		mu.Lock()
-		stopped = true
-		t.Stop()
-		mu.Unlock()
-		inFlight.Wait()
+	l.inFlight.Add(1)
+	l.mu.Unlock()
+	defer l.inFlight.Done()
+
+	rctx, cancel := context.WithTimeout(context.WithoutCancel(l.ctx), o.lease)
+	err := c.s.store.Renew(rctx, c.skey, l.f.claim)
+	cancel()
+	switch {
+	case err == nil:
+	case errors.Is(err, ErrNotOwner):
+		o.logger.Error("idempotency: the lease was lost to another owner while the handler ran; its context is cancelled and its outcome will not be stored",
+			"method", c.method, "key", c.key)
+		c.event(l.ctx, Event{Kind: EventStoreError, Code: codes.Aborted, Err: ErrLeaseLost})
+		l.f.exec.loseLease()
+		return
+	case errors.Is(err, ErrClosed):
+		return
+	default:
+		o.logger.Warn("idempotency: lease renewal failed; retrying", "method", c.method, "key", c.key, "err", err)
+		c.event(l.ctx, Event{Kind: EventStoreError, Err: err})
 	}
+	next := l.every
+	if err != nil {
+		next, l.retryIn = l.retryIn, min(2*l.retryIn, l.every)
+	} else {
+		l.retryIn = min(l.every, renewRetryMin)
+	}
+	l.mu.Lock()
+	if !l.stopped {
+		l.next = time.Now().Add(next)
+		c.s.leases.add(l)
+	}
+	l.mu.Unlock()
+}
+
+func (l *leaseKeeper) stop() {
+	l.mu.Lock()
+	l.stopped = true
+	l.c.s.leases.remove(l)
+	l.mu.Unlock()
+	l.inFlight.Wait()
 }
 
 // renewRetryMin is the first delay before a failed renewal is tried again; it
@@ -452,24 +517,24 @@ func (c *call) keepLease(ctx context.Context, exec *Execution, claim Claim) (sto
 const renewRetryMin = 20 * time.Millisecond
 
 // handlerContext returns the context a first execution's handler runs in: it
-// carries exec, and is cancelled with ErrLeaseLost if the lease is lost.
-func handlerContext(ctx context.Context, exec *Execution) (context.Context, context.CancelCauseFunc) {
-	hctx, cancel := context.WithCancelCause(ContextWithExecution(ctx, exec))
-	exec.cancel = cancel
-	return hctx, cancel
+// carries f's Execution, and is cancelled with ErrLeaseLost if the lease is
+// lost. f.hctx.end must be called once the handler has returned.
+func (f *firstRun) handlerContext(ctx context.Context) context.Context {
+	f.hctx.child(ctx, &f.exec)
+	f.exec.cancel = &f.hctx
+	return &f.hctx
 }
 
 // run runs a first execution's handler under its lease and returns how long
 // it ran. If the handler panics (or calls runtime.Goexit), its outcome is
 // unknown: run releases the key, so that a retry can run again, and lets the
 // panic go on to the recovery interceptor outside, with its stack intact.
-func (c *call) run(ctx context.Context, r reservation, handler func()) time.Duration {
-	exec := r.exec
-	stop := c.keepLease(ctx, exec, r.claim)
+func (c *call) run(ctx context.Context, f *firstRun, handler func()) time.Duration {
 	start := time.Now()
+	lease := c.keepLease(ctx, f, start)
 	returned := false
 	defer func() {
-		stop()
+		lease.stop()
 		if returned {
 			return
 		}
@@ -477,7 +542,7 @@ func (c *call) run(ctx context.Context, r reservation, handler func()) time.Dura
 		o.logger.Error("idempotency: handler panicked; key released, so a retry runs again", "method", c.method, "key", c.key)
 		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), o.storeTimeout)
 		defer cancel()
-		if err := c.s.store.Release(sctx, c.skey, exec.Token); err != nil {
+		if err := c.s.store.Release(sctx, c.skey, f.exec.Token); err != nil {
 			o.logger.Error("idempotency: releasing the key failed; a retry waits until its lease runs out", "method", c.method, "key", c.key, "err", err)
 			c.event(ctx, Event{Kind: EventStoreError, Code: codes.Internal, Err: err})
 		}
@@ -495,18 +560,20 @@ var errHandlerPanicked = errors.New("the handler panicked")
 // calls outlive its cancellation, and are retried within the store timeout.
 // It returns the error that replaces the handler's outcome, which is nil
 // unless the store rolled the handler's own writes back.
-func (c *call) finish(ctx context.Context, exec *Execution, rec *Record, cacheable bool, overflow error, ran time.Duration) error {
+func (c *call) finish(ctx context.Context, f *firstRun, cacheable bool, overflow error, ran time.Duration) error {
 	o := c.s.o
-	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), o.storeTimeout)
-	defer cancel()
+	exec, rec := &f.exec, &f.rec
+	now := time.Now()
+	f.sctx.detach(ctx, now, o.storeTimeout)
+	sctx := &f.sctx
+	defer sctx.end(nil)
 	code := codes.Code(rec.GetStatus().GetCode())
 	var data []byte
 	var tooLarge int // the size of a record over the limit
 	if cacheable {
-		now := time.Now()
 		rec.Method = c.method
-		rec.CreatedAt = timestamppb.New(now)
-		rec.ExpiresAt = timestamppb.New(now.Add(c.retention))
+		rec.CreatedAt = setTimestamp(&f.created, now)
+		rec.ExpiresAt = setTimestamp(&f.expires, now.Add(c.retention))
 		if overflow == nil {
 			var err error
 			if data, err = proto.Marshal(rec); err != nil {
@@ -576,6 +643,12 @@ func (c *call) finish(ctx context.Context, exec *Execution, rec *Record, cacheab
 		return status.Errorf(codes.Aborted, "the call's transaction was rolled back, so it had no effect (%v); retry with the same %s", err, KeyHeader)
 	}
 	return nil
+}
+
+// setTimestamp sets ts to t, as timestamppb.New would make it, and returns it.
+func setTimestamp(ts *timestamppb.Timestamp, t time.Time) *timestamppb.Timestamp {
+	ts.Seconds, ts.Nanos = t.Unix(), int32(t.Nanosecond())
+	return ts
 }
 
 // statusOnly is the record kept for an outcome too large to store: the
@@ -655,7 +728,7 @@ func (s *Server) unary(ctx context.Context, req any, info *grpc.UnaryServerInfo,
 	}
 	fp := newFingerprint(info.FullMethod, c.filter)
 	err = fp.add(req)
-	sum := fp.sum()
+	sum := fp.sumInto(c.sum[:0])
 	fp.release()
 	if err != nil {
 		return nil, err
@@ -666,38 +739,62 @@ func (s *Server) unary(ctx context.Context, req any, info *grpc.UnaryServerInfo,
 		return nil, err
 	case r.rec != nil:
 		return c.replayUnary(ctx, r.rec)
-	case r.exec == nil:
+	case r.first == nil:
 		return handler(ctx, req) // fail-open
 	}
 
-	ts := &transportRecorder{ServerTransportStream: grpc.ServerTransportStreamFromContext(ctx), client: ctx}
-	hctx, cancel := handlerContext(ctx, r.exec)
-	defer cancel(nil)
+	f := r.first
+	ts := &f.ts
+	ts.ServerTransportStream, ts.client = grpc.ServerTransportStreamFromContext(ctx), ctx
+	hctx := f.handlerContext(ctx)
+	defer f.hctx.end(nil)
 	if ts.ServerTransportStream != nil {
 		hctx = grpc.NewContextWithServerTransportStream(hctx, ts)
 	}
 	var resp any
 	var herr error
-	ran := c.run(hctx, r, func() { resp, herr = handler(hctx, req) })
+	ran := c.run(hctx, f, func() { resp, herr = handler(hctx, req) })
 
-	st := status.Convert(herr)
-	rec := &Record{Fingerprint: sum, Status: st.Proto()}
+	rec := &f.rec
+	rec.Fingerprint = sum
+	code := codes.OK
+	// The response is copied into the marshalled record, so its own
+	// encoding can go into a buffer used again.
+	buf := responseBufs.Get().(*[]byte)
+	defer putResponseBuf(buf)
 	var overflow error
 	if herr == nil {
+		rec.Status = &f.ok
 		m, ok := resp.(proto.Message)
 		if !ok {
 			overflow = errors.New("response is not a protobuf message")
-		} else if b, err := proto.Marshal(m); err != nil {
+		} else if b, err := (proto.MarshalOptions{}).MarshalAppend((*buf)[:0], m); err != nil {
 			overflow = err
 		} else {
-			rec.Responses = [][]byte{b}
+			*buf = b
+			f.responses[0] = b
+			rec.Responses = f.responses[:]
 		}
+	} else {
+		st := status.Convert(herr)
+		rec.Status, code = st.Proto(), st.Code()
 	}
 	rec.Header, rec.Trailer = ts.recorded()
-	if err := c.finish(hctx, r.exec, rec, s.o.isCacheable(st.Code()), overflow, ran); err != nil {
+	err = c.finish(hctx, f, s.o.isCacheable(code), overflow, ran)
+	rec.Responses, f.responses[0] = nil, nil // buf goes back to the pool
+	if err != nil {
 		return nil, err
 	}
 	return resp, herr
+}
+
+var responseBufs = sync.Pool{New: func() any { return new([]byte) }}
+
+func putResponseBuf(b *[]byte) {
+	if cap(*b) > 64<<10 {
+		*b = nil // keep the pool small
+	}
+	responseBufs.Put(b)
 }
 
 func (c *call) replayUnary(ctx context.Context, rec *Record) (any, error) {
@@ -730,10 +827,21 @@ func (c *call) replayUnary(ctx context.Context, rec *Record) (any, error) {
 }
 
 func replayHeader(rec *Record) metadata.MD {
+	if len(rec.Header) == 0 {
+		return replayedOnly
+	}
 	md := mdFromRecord(rec.Header, 1)
-	md[ReplayedHeader] = []string{"true"}
+	md[ReplayedHeader] = replayedTrue
 	return md
 }
+
+// replayedOnly is the header of a replay whose first execution set none.
+// grpc-go copies the metadata it is given (metadata.Join), and so does this
+// package's transportRecorder; nothing writes to these.
+var (
+	replayedTrue = []string{"true"}[:1:1]
+	replayedOnly = metadata.MD{ReplayedHeader: replayedTrue}
+)
 
 // transportRecorder records the header and trailer metadata a handler sets
 // through grpc.SetHeader, grpc.SendHeader and grpc.SetTrailer, and passes

@@ -29,10 +29,11 @@ type Record = idempotencyv1.Record
 // length so that message boundaries count. The key field and the fields
 // excluded from the fingerprint are left out of each message's encoding.
 type fingerprint struct {
-	h      hash.Hash
-	buf    []byte
-	n      int64
-	filter *requestFilter
+	h       hash.Hash
+	buf     []byte
+	n       int64
+	filter  *requestFilter
+	scratch [8]byte // a length; a field, so that writing it allocates nothing
 }
 
 var deterministic = proto.MarshalOptions{Deterministic: true}
@@ -44,8 +45,8 @@ func newFingerprint(method string, filter *requestFilter) *fingerprint {
 	f.h.Reset()
 	f.n = 0
 	f.filter = filter
-	f.h.Write([]byte(method))
-	f.h.Write([]byte{0})
+	f.buf = append(append(f.buf[:0], method...), 0) // no conversion to escape
+	f.h.Write(f.buf)
 	return f
 }
 
@@ -67,9 +68,8 @@ func (f *fingerprint) add(m any) error {
 	if err != nil {
 		return status.Errorf(codes.Internal, "idempotency: marshal request to fingerprint it: %v", err)
 	}
-	var n [8]byte
-	binary.BigEndian.PutUint64(n[:], uint64(len(b)))
-	f.h.Write(n[:])
+	binary.BigEndian.PutUint64(f.scratch[:], uint64(len(b)))
+	f.h.Write(f.scratch[:])
 	f.h.Write(b)
 	f.buf = b
 	f.n++
@@ -77,6 +77,10 @@ func (f *fingerprint) add(m any) error {
 }
 
 func (f *fingerprint) sum() []byte { return f.h.Sum(nil) }
+
+// sumInto appends the sum to dst, which has room for it in the callers' own
+// array, so that taking it allocates nothing.
+func (f *fingerprint) sumInto(dst []byte) []byte { return f.h.Sum(dst) }
 
 // mdToRecord turns metadata into the Record's form, keys sorted so that the
 // same metadata always makes the same record.

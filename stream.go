@@ -98,7 +98,7 @@ func (s *Server) stream(srv any, ss grpc.ServerStream, info *grpc.StreamServerIn
 		}
 		fp := newFingerprint(info.FullMethod, c.filter)
 		err := fp.add(first)
-		sum = fp.sum()
+		sum = fp.sumInto(c.sum[:0])
 		fp.release()
 		if err != nil {
 			return err
@@ -117,24 +117,26 @@ func (s *Server) stream(srv any, ss grpc.ServerStream, info *grpc.StreamServerIn
 		return err
 	case r.rec != nil:
 		return c.replayStream(ss, r, types, info)
-	case r.exec == nil:
+	case r.first == nil:
 		return handler(srv, rs) // fail-open; rs hands over the request read
 	}
 
-	ts := &transportRecorder{ServerTransportStream: grpc.ServerTransportStreamFromContext(ctx), client: ctx}
-	hctx, cancel := handlerContext(ctx, r.exec)
-	defer cancel(nil)
-	rs.ctx = hctx
+	f := r.first
+	ts := &f.ts
+	ts.ServerTransportStream, ts.client = grpc.ServerTransportStreamFromContext(ctx), ctx
+	rs.ctx = f.handlerContext(ctx)
+	defer f.hctx.end(nil)
 	if ts.ServerTransportStream != nil {
 		rs.ctx = grpc.NewContextWithServerTransportStream(rs.ctx, ts)
 	}
 	rs.ts = ts
 	rs.recording = true
 	var herr error
-	ran := c.run(rs.ctx, r, func() { herr = handler(srv, rs) })
+	ran := c.run(rs.ctx, f, func() { herr = handler(srv, rs) })
 
 	st := status.Convert(herr)
-	rec := &Record{Fingerprint: sum, Status: st.Proto(), Responses: rs.responses}
+	rec := &f.rec
+	rec.Fingerprint, rec.Status, rec.Responses = sum, st.Proto(), rs.responses
 	if rs.fp != nil {
 		rec.Fingerprint = rs.fp.sum()
 		rec.RequestsRead = rs.fp.n
@@ -151,7 +153,7 @@ func (s *Server) stream(srv any, ss grpc.ServerStream, info *grpc.StreamServerIn
 		c.s.o.logger.Info("idempotency: stream's requests were cut short or a send failed; outcome not stored, key released", "method", c.method, "key", c.key, "err", rs.broken)
 		cacheable = false
 	}
-	if err := c.finish(rs.ctx, r.exec, rec, cacheable, rs.overflow, ran); err != nil {
+	if err := c.finish(rs.ctx, f, cacheable, rs.overflow, ran); err != nil {
 		return err
 	}
 	return herr

@@ -40,11 +40,20 @@ type Store struct {
 	table      inproc.Table[inproc.Records]
 	cacheLimit int // records per shard; 0: no cache
 
-	writes chan *boltWrite
-	stop   chan struct{}
-	wg     sync.WaitGroup
-	closed atomic.Bool
-	once   sync.Once
+	// The group commit: a write joins queue; if no commit is under way,
+	// its caller commits at once (leads), else the commit under way hands
+	// the lead to the first write that joined meanwhile, whose caller then
+	// commits every write waiting. committing is set while a caller leads.
+	commitMu   sync.Mutex
+	queue      []*boltWrite
+	spare      []*boltWrite
+	committing bool
+	closing    bool       // Close began: no write joins any more
+	idle       *sync.Cond // on commitMu: committing ended
+	stop       chan struct{}
+	wg         sync.WaitGroup
+	closed     atomic.Bool
+	once       sync.Once
 
 	sweepEvery time.Duration
 	sweepBatch int
@@ -263,7 +272,6 @@ func newStore(db *bolt.DB, c config, file *boltFile) (*Store, error) {
 		file:       file,
 		records:    []byte(c.bucket),
 		expiry:     []byte(c.bucket + ".expiry"),
-		writes:     make(chan *boltWrite, 1024),
 		stop:       make(chan struct{}),
 		sweepEvery: c.sweepEvery,
 		sweepBatch: c.sweepBatch,
@@ -287,8 +295,8 @@ func newStore(db *bolt.DB, c config, file *boltFile) (*Store, error) {
 	if err != nil {
 		return nil, fmt.Errorf("idempotency: create buckets in %s: %w", db.Path(), err)
 	}
-	s.wg.Add(2)
-	go s.commitLoop()
+	s.idle = sync.NewCond(&s.commitMu)
+	s.wg.Add(1)
 	go s.sweepLoop()
 	return s, nil
 }
@@ -480,6 +488,13 @@ func (s *Store) Close() error {
 	var err error
 	s.once.Do(func() {
 		s.closed.Store(true)
+		// The writes that joined before commit, then nothing joins.
+		s.commitMu.Lock()
+		s.closing = true
+		for s.committing {
+			s.idle.Wait()
+		}
+		s.commitMu.Unlock()
 		close(s.stop)
 		s.wg.Wait()
 		for i := range s.table.Shards {
@@ -507,52 +522,50 @@ type boltWrite struct {
 	done        chan error
 }
 
+// submit commits w with the writes waiting with it, and returns its
+// result. A lone write commits at once, on its caller's goroutine: no
+// hand-off to another goroutine and back, which costs two wake-ups of an
+// idle thread. Writes that arrive during a commit wait for it, and the first
+// of them then commits them all: a group commit without a batching delay.
 func (s *Store) submit(w *boltWrite) error {
-	select {
-	case s.writes <- w:
-	case <-s.stop:
+	s.commitMu.Lock()
+	if s.closing {
+		s.commitMu.Unlock()
 		return idempotency.ErrClosed
 	}
+	s.queue = append(s.queue, w)
+	lead := !s.committing
+	s.committing = true
+	s.commitMu.Unlock()
+	if !lead {
+		if err := <-w.done; err != errLead {
+			return err
+		}
+	}
+	s.lead()
 	return <-w.done
 }
 
-// commitLoop is the group commit: it takes every write that is waiting and
-// commits them in one transaction. A lone write commits at once; writes that
-// arrive during a commit wait for it, and share the next one.
-func (s *Store) commitLoop() {
-	defer s.wg.Done()
-	batch := make([]*boltWrite, 0, 256)
-	for {
-		select {
-		case w := <-s.writes:
-			batch = append(batch[:0], w)
-		case <-s.stop:
-			s.drainWrites()
-			return
-		}
-	gather:
-		for len(batch) < cap(batch) {
-			select {
-			case w := <-s.writes:
-				batch = append(batch, w)
-			default:
-				break gather
-			}
-		}
-		s.commit(batch)
-	}
-}
+// errLead tells a waiting write's caller that it commits the next batch.
+var errLead = errors.New("boltstore: commit the writes waiting")
 
-// drainWrites commits what was submitted before Close.
-func (s *Store) drainWrites() {
-	for {
-		select {
-		case w := <-s.writes:
-			s.commit([]*boltWrite{w})
-		default:
-			return
-		}
+// lead commits every write waiting (the leader's own among them), then hands
+// the lead to the first write that arrived meanwhile, or ends it.
+func (s *Store) lead() {
+	s.commitMu.Lock()
+	batch := s.queue
+	s.queue = s.spare[:0]
+	s.commitMu.Unlock()
+	s.commit(batch)
+	s.commitMu.Lock()
+	s.spare = batch[:0]
+	if len(s.queue) > 0 {
+		s.queue[0].done <- errLead // its result is not sent yet: room for it
+	} else {
+		s.committing = false
+		s.idle.Broadcast()
 	}
+	s.commitMu.Unlock()
 }
 
 func (s *Store) commit(batch []*boltWrite) {
@@ -584,7 +597,8 @@ func (s *Store) commit(batch []*boltWrite) {
 
 // wrote records the outcome of a commit: a failure stops new first
 // executions until a write succeeds again, which a probe checks in the
-// background; a success resumes them. It runs on the commit loop.
+// background; a success resumes them. It runs in the leading caller, one
+// commit at a time.
 func (s *Store) wrote(err error) {
 	if err == nil {
 		s.resume()
@@ -594,8 +608,9 @@ func (s *Store) wrote(err error) {
 		s.logger.Error("idempotency: a bbolt commit failed; new first executions are refused (Unavailable) until a write succeeds", "path", s.db.Path(), "err", err)
 	}
 	if s.probing.CompareAndSwap(false, true) {
-		// The commit loop is in the wait group, so Add cannot race
-		// Close's Wait.
+		// Close waits for the commit under way before it waits for
+		// the group, and the sweeper keeps it above zero until then,
+		// so Add cannot race Close's Wait.
 		s.wg.Add(1)
 		go s.probeLoop()
 	}

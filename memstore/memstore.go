@@ -4,7 +4,6 @@
 package memstore
 
 import (
-	"bytes"
 	"context"
 	"sync/atomic"
 	"time"
@@ -110,7 +109,7 @@ func (s *Store) Complete(ctx context.Context, key, token string, record []byte, 
 	case l != nil && l.Token != token:
 		return idempotency.ErrNotOwner
 	}
-	sh.Extra.Put(key, bytes.Clone(record), now.Add(retention), now, s.perShard)
+	sh.Extra.Put(key, record, now.Add(retention), now, s.perShard)
 	if l != nil {
 		sh.End(key, l)
 	}

@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
@@ -169,4 +170,28 @@ type plainPayments struct {
 
 func (plainPayments) Charge(_ context.Context, req *testpb.ChargeRequest) (*testpb.ChargeResponse, error) {
 	return &testpb.ChargeResponse{ChargeId: "ch_" + randomHex(8), Account: req.Account, AmountCents: req.AmountCents, Currency: req.Currency}, nil
+}
+
+// BenchmarkDurableInsert is the floor of a first execution's store work on
+// this database: one prepared INSERT of a small row into a table of its own,
+// committed durably (one round trip and one WAL flush), as each of Reserve
+// and Complete is. A first execution costs a bare call plus two of these.
+//
+//	go test -run '^$' -bench 'BenchmarkDurableInsert|BenchmarkInterceptor/(baseline|first)/p1' -count 6 .
+func BenchmarkDurableInsert(b *testing.B) {
+	pool := benchPool(b)
+	table := newTable(b, pool)
+	ctx := context.Background()
+	if _, err := pool.Exec(ctx, "CREATE TABLE "+pgx.Identifier{table}.Sanitize()+" (key bytea PRIMARY KEY, token text NOT NULL)"); err != nil {
+		b.Fatal(err)
+	}
+	insert := "INSERT INTO " + pgx.Identifier{table}.Sanitize() + " (key, token) VALUES ($1, $2)"
+	cpu := newCPUMeter(pool)
+	parallelism(b, func(b *testing.B, next func() int64) {
+		loop(b, cpu, func() {
+			if _, err := pool.Exec(ctx, insert, []byte(key("insert")), token()); err != nil {
+				b.Fatal(err)
+			}
+		})
+	})
 }

@@ -77,7 +77,9 @@ func ExampleSchema() {
 	//     fingerprint bytea,
 	//     record      bytea,
 	//     created_at  timestamptz NOT NULL DEFAULT now(),
-	//     expires_at  timestamptz NOT NULL
+	//     expires_at  timestamptz NOT NULL,
+	//     waiters     boolean     NOT NULL DEFAULT false
 	// );
+	// ALTER TABLE "billing"."idempotency_records" ADD COLUMN IF NOT EXISTS waiters boolean NOT NULL DEFAULT false;
 	// CREATE INDEX IF NOT EXISTS "idempotency_records_expires_at_idx" ON "billing"."idempotency_records" (expires_at);
 }

@@ -36,7 +36,10 @@ const indexSuffix = "_expires_at_idx"
 //	record       bytea        the stored record (completed rows)
 //	created_at   timestamptz  when the lease was taken or the record stored
 //	expires_at   timestamptz  pending: end of the lease; completed: end of retention
+//	waiters      boolean      a duplicate waits for this lease to end: its end is notified
 //
+// A Store of this version needs the waiters column: after an upgrade, run
+// Migrate (or Schema's SQL) again, which adds it to an existing table.
 // A row whose expires_at has passed acts as absent to every operation, swept
 // or not. The index on expires_at serves the sweeper; the primary key's
 // serves the admin service's listing (Store.ListKeys), a range of keys in
@@ -125,8 +128,10 @@ func (t tableName) schema() string {
     fingerprint bytea,
     record      bytea,
     created_at  timestamptz NOT NULL DEFAULT now(),
-    expires_at  timestamptz NOT NULL
+    expires_at  timestamptz NOT NULL,
+    waiters     boolean     NOT NULL DEFAULT false
 );
+ALTER TABLE %[1]s ADD COLUMN IF NOT EXISTS waiters boolean NOT NULL DEFAULT false;
 CREATE INDEX IF NOT EXISTS %[2]s ON %[1]s (expires_at);
 `, t, t.index())
 }

@@ -222,7 +222,7 @@ func checkChannel(name string) error {
 // statements are the store's SQL, with its table name in place. $1 is always
 // the key.
 type statements struct {
-	reserve, renew, complete, release, lookup, sweep, notify string
+	reserve, renew, complete, release, watch, lookup, sweep, notify string
 }
 
 func buildStatements(t tableName) statements {
@@ -243,7 +243,8 @@ func buildStatements(t tableName) statements {
     WHERE NOT EXISTS (SELECT FROM live)
     ON CONFLICT (key) DO UPDATE
         SET completed = false, token = excluded.token, fingerprint = excluded.fingerprint,
-            record = NULL, created_at = excluded.created_at, expires_at = excluded.expires_at
+            record = NULL, created_at = excluded.created_at, expires_at = excluded.expires_at,
+            waiters = false
         WHERE r.expires_at <= now()
     RETURNING r.expires_at
 )
@@ -276,16 +277,29 @@ ON CONFLICT (key) DO UPDATE
 		// already completed under the same token is this owner's own
 		// record, from an attempt whose reply was lost (the connection
 		// died after the commit): the retry succeeds and writes the same
-		// record again, instead of reporting another owner.
+		// record again, instead of reporting another owner. It returns
+		// whether a duplicate waits (waiters, kept from the row it
+		// replaces): only then is the change notified.
 		complete: fmt.Sprintf(`INSERT INTO %[1]s AS r (key, completed, token, fingerprint, record, created_at, expires_at)
 VALUES ($1::bytea, true, $2::text, NULL, coalesce($3::bytea, ''::bytea), now(), now() + $4::bigint * interval '1 microsecond')
 ON CONFLICT (key) DO UPDATE
     SET completed = true, token = excluded.token,
         fingerprint = CASE WHEN r.token = excluded.token THEN r.fingerprint END,
         record = excluded.record, created_at = excluded.created_at, expires_at = excluded.expires_at
-    WHERE r.token = excluded.token OR r.expires_at <= now()`, t),
+    WHERE r.token = excluded.token OR r.expires_at <= now()
+RETURNING waiters`, t),
 
-		release: fmt.Sprintf(`DELETE FROM %[1]s WHERE key = $1 AND token = $2 AND NOT completed`, t),
+		release: fmt.Sprintf(`DELETE FROM %[1]s WHERE key = $1 AND token = $2 AND NOT completed RETURNING waiters`, t),
+
+		// A waiter marks the lease it waits for, so that its end is
+		// notified, and learns in the same step whether that lease still
+		// holds the key (no row: it changed). Complete and Release lock
+		// the row too, so either they see the mark or the waiter sees
+		// their change: no notification is missed, and none is sent for
+		// a key nobody waits for.
+		watch: fmt.Sprintf(`UPDATE %[1]s SET waiters = true
+WHERE key = $1 AND token = $2 AND NOT completed AND expires_at > now()
+RETURNING expires_at, now()`, t),
 
 		// One transaction for a batch of keys, whose commit does not wait
 		// for the disk (see notifier).
@@ -441,14 +455,17 @@ func (s *Store) Complete(ctx context.Context, key, token string, record []byte, 
 	if err := checkRecord(key, retention); err != nil {
 		return fmt.Errorf("pgstore: complete: %w", err)
 	}
-	tag, err := s.pool.Exec(ctx, s.sql.complete, []byte(key), token, record, micros(retention))
+	var waiters bool
+	err := s.pool.QueryRow(ctx, s.sql.complete, []byte(key), token, record, micros(retention)).Scan(&waiters)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return idempotency.ErrNotOwner
+	}
 	if err != nil {
 		return fmt.Errorf("pgstore: complete: %w", err)
 	}
-	if tag.RowsAffected() == 0 {
-		return idempotency.ErrNotOwner
+	if waiters {
+		s.notifier.add(key)
 	}
-	s.notifier.add(key)
 	return nil
 }
 
@@ -467,14 +484,17 @@ func (s *Store) Release(ctx context.Context, key, token string) error {
 	if s.closed.Load() {
 		return idempotency.ErrClosed
 	}
-	tag, err := s.pool.Exec(ctx, s.sql.release, []byte(key), token)
+	var waiters bool
+	err := s.pool.QueryRow(ctx, s.sql.release, []byte(key), token).Scan(&waiters)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return idempotency.ErrNotOwner
+	}
 	if err != nil {
 		return fmt.Errorf("pgstore: release: %w", err)
 	}
-	if tag.RowsAffected() == 0 {
-		return idempotency.ErrNotOwner
+	if waiters {
+		s.notifier.add(key)
 	}
-	s.notifier.add(key)
 	return nil
 }
 
@@ -521,20 +541,22 @@ func (s *Store) Wait(ctx context.Context, key string, seen idempotency.Entry) er
 	defer timer.Stop()
 	<-timer.C
 	for {
-		e, err := s.Lookup(ctx, key)
+		var expires, dbNow time.Time
+		sent := time.Now()
+		err := s.pool.QueryRow(ctx, s.sql.watch, []byte(key), seen.Token).Scan(&expires, &dbNow)
+		if errors.Is(err, pgx.ErrNoRows) {
+			return nil // no longer pending under seen.Token
+		}
 		if err != nil {
 			if ctx.Err() != nil {
 				return ctx.Err()
 			}
-			return err
-		}
-		if e.State != idempotency.Pending || e.Token != seen.Token {
-			return nil
+			return fmt.Errorf("pgstore: wait: %w", err)
 		}
 		// The floor keeps a lease that is about to run out on the
 		// database's clock, but already has on the local one (times err
 		// early by a round trip), from spinning.
-		left := max(time.Until(e.LeaseExpires), 10*time.Millisecond)
+		left := max(time.Until(localTime(expires, dbNow, sent)), 10*time.Millisecond)
 		timer.Reset(min(left, s.opts.recheck))
 		select {
 		case <-w.ch:

@@ -113,7 +113,7 @@ func TestMigrate(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := []string{"key bytea", "completed boolean", "token text", "fingerprint bytea", "record bytea",
-		"created_at timestamp with time zone", "expires_at timestamp with time zone"}
+		"created_at timestamp with time zone", "expires_at timestamp with time zone", "waiters boolean"}
 	if fmt.Sprint(cols) != fmt.Sprint(want) {
 		t.Fatalf("columns of %s: %v, want %v", table, cols, want)
 	}

@@ -172,16 +172,19 @@ func (s *Store) completeTx(ctx context.Context, st *txState, key, token string, 
 		}
 		return fail("%s", reason)
 	}
-	tag, err := st.tx.Exec(ctx, s.sql.complete, []byte(key), token, record, micros(retention))
+	var waiters bool
+	err := st.tx.QueryRow(ctx, s.sql.complete, []byte(key), token, record, micros(retention)).Scan(&waiters)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return fail("%v: another owner took the key over after the lease ran out", idempotency.ErrNotOwner)
+	}
 	if err != nil {
 		return fail("storing the record: %v", err)
-	}
-	if tag.RowsAffected() == 0 {
-		return fail("%v: another owner took the key over after the lease ran out", idempotency.ErrNotOwner)
 	}
 	if err := st.tx.Commit(ctx); err != nil {
 		return fail("commit: %v", err)
 	}
-	s.notifier.add(key)
+	if waiters {
+		s.notifier.add(key)
+	}
 	return nil
 }

@@ -7,6 +7,7 @@ import (
 	"net"
 	"runtime"
 	"strconv"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -14,6 +15,7 @@ import (
 	"github.com/grpcidem/idempotency"
 	"github.com/grpcidem/idempotency/internal/cpuclock"
 	testpb "github.com/grpcidem/idempotency/internal/testpb"
+	"github.com/grpcidem/idempotency/redisstore"
 	"github.com/redis/go-redis/v9"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
@@ -36,7 +38,7 @@ func benchGRPC(b *testing.B, store idempotency.Store) testpb.PaymentServiceClien
 	lis := bufconn.Listen(1 << 20)
 	var opts []grpc.ServerOption
 	if store != nil {
-		opts = append(opts, grpc.UnaryInterceptor(mustServer(store).UnaryServerInterceptor()))
+		opts = mustServer(store).ServerOptions()
 	}
 	srv := grpc.NewServer(opts...)
 	testpb.RegisterPaymentServiceServer(srv, benchPayments{})
@@ -73,21 +75,31 @@ func benchGRPC(b *testing.B, store idempotency.Store) testpb.PaymentServiceClien
 //	go test -run '^$' -bench BenchmarkUnary -benchmem -count 5 .
 func BenchmarkUnary(b *testing.B) {
 	req := &testpb.ChargeRequest{Account: "acct_1", AmountCents: 1250, Currency: "EUR"}
-	for _, mode := range []string{"none/baseline", "redis/first", "redis/replay"} {
+	for _, mode := range []string{"none/baseline", "redis/first", "redis/replay", "redis-ap/first", "redis-ap/replay"} {
 		for _, par := range []int{1, 64} {
 			b.Run(mode+"/p"+strconv.Itoa(par), func(b *testing.B) {
 				var store idempotency.Store
 				var rdb *redis.Client
 				if mode != "none/baseline" {
 					rdb = benchClient(b)
-					store = newStore(b, rdb, testPrefix(b, rdb))
+					s := newStore(b, rdb, testPrefix(b, rdb))
+					if strings.HasPrefix(mode, "redis-ap/") {
+						// go-redis's automatic pipelining (experimental):
+						// concurrent callers' scripts share round trips.
+						ap, err := rdb.AutoPipeline()
+						if err != nil {
+							b.Fatal(err)
+						}
+						redisstore.SetScripter(s, ap)
+					}
+					store = s
 				} else if reachable() == nil {
 					rdb = benchClient(b) // only to read Redis's CPU time
 				}
 				client := benchGRPC(b, store)
 				var seq atomic.Int64
 				key := func() string {
-					if mode == "redis/replay" {
+					if strings.HasSuffix(mode, "/replay") {
 						return "the-one-key"
 					}
 					return "k-" + strconv.FormatInt(seq.Add(1), 36)

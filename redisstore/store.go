@@ -45,6 +45,7 @@ const DefaultRecheckInterval = time.Second
 // one prefix): that is how replicas share their records.
 type Store struct {
 	client  redis.UniversalClient
+	scripts redis.Scripter // what runs the scripts: client (a benchmark tries others)
 	prefix  string
 	recheck time.Duration
 	hub     *hub
@@ -113,7 +114,7 @@ func New(client redis.UniversalClient, opts ...Option) (*Store, error) {
 	if o.healthCheck <= 0 {
 		o.healthCheck = 30 * time.Second
 	}
-	s := &Store{client: client, prefix: o.prefix, recheck: o.recheck}
+	s := &Store{client: client, scripts: client, prefix: o.prefix, recheck: o.recheck}
 	if o.acks != 0 || o.acksTimeout != 0 {
 		a, err := newReplicaAcks(client, o.acks, o.acksTimeout)
 		if err != nil {
@@ -211,7 +212,7 @@ func (s *Store) Reserve(ctx context.Context, key string, claim idempotency.Claim
 	start := time.Now()
 	var res []any
 	if s.acks == nil {
-		res, err = reserveScript.Run(ctx, s.client, []string{rk}, pending, lease).Slice()
+		res, err = reserveScript.Run(ctx, s.scripts, []string{rk}, pending, lease).Slice()
 	} else {
 		res, err = s.acks.reserve(ctx, rk, pending, lease)
 	}
@@ -247,7 +248,7 @@ func (s *Store) Lookup(ctx context.Context, key string) (idempotency.Entry, erro
 	if s.closed.Load() {
 		return idempotency.Entry{}, idempotency.ErrClosed
 	}
-	res, err := lookupScript.Run(ctx, s.client, []string{s.redisKey(key)}).Slice()
+	res, err := lookupScript.Run(ctx, s.scripts, []string{s.redisKey(key)}).Slice()
 	if err != nil {
 		return idempotency.Entry{}, fmt.Errorf("redisstore: lookup: %w", err)
 	}
@@ -358,7 +359,7 @@ func (s *Store) Renew(ctx context.Context, key string, claim idempotency.Claim) 
 		}
 		return err
 	}
-	n, err := renewScript.Run(ctx, s.client, []string{s.redisKey(key)}, ow, ms, pendingValue(ow, claim.Fingerprint)).Int()
+	n, err := renewScript.Run(ctx, s.scripts, []string{s.redisKey(key)}, ow, ms, pendingValue(ow, claim.Fingerprint)).Int()
 	if err != nil {
 		return fmt.Errorf("redisstore: renew: %w", err)
 	}
@@ -390,7 +391,7 @@ func (s *Store) Complete(ctx context.Context, key, token string, record []byte, 
 	value = append(value, record...)
 	var n int
 	if s.acks == nil {
-		n, err = completeScript.Run(ctx, s.client, []string{s.redisKey(key)}, ow, value, ms, token).Int()
+		n, err = completeScript.Run(ctx, s.scripts, []string{s.redisKey(key)}, ow, value, ms, token).Int()
 	} else {
 		n, err = s.acks.complete(ctx, s.redisKey(key), ow, value, ms, token)
 	}
@@ -408,7 +409,7 @@ func (s *Store) Release(ctx context.Context, key, token string) error {
 	if s.closed.Load() {
 		return idempotency.ErrClosed
 	}
-	n, err := releaseScript.Run(ctx, s.client, []string{s.redisKey(key)}, owner(token), token).Int()
+	n, err := releaseScript.Run(ctx, s.scripts, []string{s.redisKey(key)}, owner(token), token).Int()
 	if err != nil {
 		return fmt.Errorf("redisstore: release: %w", err)
 	}
@@ -462,7 +463,7 @@ func (s *Store) Wait(ctx context.Context, key string, seen idempotency.Entry) er
 			return idempotency.ErrClosed
 		}
 		ready = nil // confirmed, or no longer waited for
-		res, err := watchScript.Run(ctx, s.client, []string{rk}, ow).Slice()
+		res, err := watchScript.Run(ctx, s.scripts, []string{rk}, ow).Slice()
 		if err != nil {
 			if ctx.Err() != nil {
 				return ctx.Err()
