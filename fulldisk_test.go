@@ -1,12 +1,9 @@
 package idempotency_test
 
 import (
-	"errors"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -19,44 +16,8 @@ import (
 
 	"github.com/grpcidem/idempotency"
 	testpb "github.com/grpcidem/idempotency/internal/testpb"
+	"github.com/grpcidem/idempotency/internal/tmpfs"
 )
-
-// smallDisk mounts a tmpfs of size bytes for the test and returns its path.
-// Mounting needs root (CI runs as root); elsewhere the test is skipped,
-// unless CI=true, where it must run.
-func smallDisk(t *testing.T, size string) string {
-	t.Helper()
-	dir := t.TempDir()
-	out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size="+size, "tmpfs", dir).CombinedOutput()
-	if err != nil {
-		msg := "cannot mount a tmpfs to fill (needs root): " + strings.TrimSpace(string(out))
-		if os.Getenv("CI") == "true" {
-			t.Fatal(msg)
-		}
-		t.Skip(msg)
-	}
-	t.Cleanup(func() {
-		if out, err := exec.Command("umount", dir).CombinedOutput(); err != nil {
-			t.Errorf("umount %s: %v: %s", dir, err, out)
-		}
-	})
-	return dir
-}
-
-// fill writes to path until the file system is full.
-func fill(t *testing.T, path string) {
-	t.Helper()
-	f, err := os.Create(path)
-	require.NoError(t, err)
-	defer f.Close()
-	buf := make([]byte, 4096)
-	for {
-		if _, err := f.Write(buf); err != nil {
-			require.True(t, errors.Is(err, syscall.ENOSPC), "filling the disk: %v", err)
-			return
-		}
-	}
-}
 
 // TestBoltFullDisk runs the bbolt store on a small tmpfs and fills it. A first
 // execution whose record cannot be written still answers with the handler's
@@ -66,7 +27,7 @@ func fill(t *testing.T, path string) {
 // work, and once space is freed the store takes first executions again by
 // itself.
 func TestBoltFullDisk(t *testing.T) {
-	dir := smallDisk(t, "4m")
+	dir := tmpfs.Mount(t, "4m")
 	store := openBolt(t, filepath.Join(dir, "idem.db"))
 	e := newEnv(t, store, envConfig{server: []idempotency.Option{
 		idempotency.WithLease(time.Second),
@@ -85,7 +46,7 @@ func TestBoltFullDisk(t *testing.T) {
 	require.NoError(t, err)
 
 	filler := filepath.Join(dir, "filler")
-	fill(t, filler)
+	tmpfs.Fill(t, filler)
 
 	// Its record (the account echoed in the response) needs pages the full
 	// disk cannot give.

@@ -23,6 +23,7 @@ import (
 
 	"github.com/grpcidem/idempotency"
 	testpb "github.com/grpcidem/idempotency/internal/testpb"
+	"github.com/grpcidem/idempotency/internal/tmpfs"
 	"github.com/grpcidem/idempotency/memstore"
 )
 
@@ -145,7 +146,7 @@ func TestHealthFollowsStoreErrors(t *testing.T) {
 // write (its disk is full), and SERVING again once it can, with no call made
 // meanwhile: bbolt's probe finds the space, and the next check sees it.
 func TestHealthBoltFullDisk(t *testing.T) {
-	dir := smallDisk(t, "4m")
+	dir := tmpfs.Mount(t, "4m")
 	store := openBolt(t, filepath.Join(dir, "idem.db"))
 	e := newHealthEnv(t, store, 50*time.Millisecond,
 		idempotency.WithLease(time.Second),
@@ -157,7 +158,7 @@ func TestHealthBoltFullDisk(t *testing.T) {
 	require.NoError(t, err)
 
 	filler := filepath.Join(dir, "filler")
-	fill(t, filler)
+	tmpfs.Fill(t, filler)
 	// Its record needs pages the full disk cannot give: the commit fails.
 	big := &testpb.ChargeRequest{Account: strings.Repeat("a", 512<<10), AmountCents: 100, Currency: "EUR"}
 	_, err = e.client.Charge(withKey(ctx, "unsaved"), big)

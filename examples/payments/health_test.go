@@ -2,12 +2,9 @@ package payments_test
 
 import (
 	"context"
-	"errors"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -19,49 +16,13 @@ import (
 
 	"github.com/grpcidem/idempotency"
 	paymentsv1 "github.com/grpcidem/idempotency/examples/proto/payments/v1"
+	"github.com/grpcidem/idempotency/internal/tmpfs"
 )
-
-// smallDisk mounts a tmpfs of size for the test and returns its path.
-// Mounting needs root (CI runs as root); elsewhere the test is skipped,
-// unless CI=true, where it must run.
-func smallDisk(t *testing.T, size string) string {
-	t.Helper()
-	dir := t.TempDir()
-	out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size="+size, "tmpfs", dir).CombinedOutput()
-	if err != nil {
-		msg := "cannot mount a tmpfs to fill (needs root): " + strings.TrimSpace(string(out))
-		if os.Getenv("CI") == "true" {
-			t.Fatal(msg)
-		}
-		t.Skip(msg)
-	}
-	t.Cleanup(func() {
-		if out, err := exec.Command("umount", dir).CombinedOutput(); err != nil {
-			t.Errorf("umount %s: %v: %s", dir, err, out)
-		}
-	})
-	return dir
-}
-
-// fill writes to path until the file system is full.
-func fill(t *testing.T, path string) {
-	t.Helper()
-	f, err := os.Create(path)
-	require.NoError(t, err)
-	defer f.Close()
-	buf := make([]byte, 4096)
-	for {
-		if _, err := f.Write(buf); err != nil {
-			require.True(t, errors.Is(err, syscall.ENOSPC), "filling the disk: %v", err)
-			return
-		}
-	}
-}
 
 // The example server's health service reports NOT_SERVING while its bbolt
 // file cannot take writes (the disk is full), and SERVING again once it can.
 func TestServerHealthFollowsTheStore(t *testing.T) {
-	dir := smallDisk(t, "4m")
+	dir := tmpfs.Mount(t, "4m")
 	srv := startServer(t, "-store", "bolt", "-db", filepath.Join(dir, "idem.db"))
 	conn := dial(t, srv.addr)
 	health, client := healthpb.NewHealthClient(conn), paymentsv1.NewPaymentServiceClient(conn)
@@ -89,7 +50,7 @@ func TestServerHealthFollowsTheStore(t *testing.T) {
 	require.NoError(t, charge("before", "acct_1"))
 
 	filler := filepath.Join(dir, "filler")
-	fill(t, filler)
+	tmpfs.Fill(t, filler)
 	// Its record needs pages the full disk cannot give: the commit fails,
 	// and the server retries it until the store timeout, or until the
 	// disk has room again.
