@@ -3,6 +3,8 @@ package payments_test
 import (
 	"context"
 	"encoding/json"
+	"io"
+	"net"
 	"net/http"
 	"os/exec"
 	"regexp"
@@ -17,6 +19,7 @@ import (
 	"google.golang.org/grpc/metadata"
 
 	"github.com/grpcidem/idempotency"
+	"github.com/grpcidem/idempotency/examples/payments/internal/app"
 	paymentsv1 "github.com/grpcidem/idempotency/examples/proto/payments/v1"
 	"github.com/grpcidem/idempotency/examples/proto/payments/v1/paymentsv1connect"
 	"github.com/grpcidem/idempotency/idemconnect"
@@ -159,4 +162,35 @@ func TestConnectRequiresKey(t *testing.T) {
 	assert.Equal(t, http.StatusBadRequest, resp.StatusCode)
 	assert.Equal(t, "invalid_argument", body["code"])
 	assert.Contains(t, body["message"], "idempotency-key")
+}
+
+// TestDefaultHTTPAddressTaken: with the default -http address taken (another
+// server runs), the server still serves gRPC and says why it does not serve
+// HTTP; an -http address given explicitly and taken is an error.
+func TestDefaultHTTPAddressTaken(t *testing.T) {
+	if l, err := net.Listen("tcp", "127.0.0.1:8080"); err == nil {
+		t.Cleanup(func() { _ = l.Close() })
+	} // else something else holds it already: the same case
+	ctx, cancel := context.WithCancel(context.Background())
+	out, errOut := &syncBuffer{ready: make(chan string, 1)}, &syncBuffer{}
+	done := make(chan error, 1)
+	go func() { done <- app.RunServer(ctx, []string{"-addr", "127.0.0.1:0", "-store", "memory"}, out, errOut) }()
+	select {
+	case addr := <-out.ready:
+		_, err := paymentsv1.NewPaymentServiceClient(dial(t, addr)).GetCharge(context.Background(), &paymentsv1.GetChargeRequest{ChargeId: "ch_none"})
+		assert.NotNil(t, err) // NotFound: the gRPC port serves
+		assert.Contains(t, errOut.String(), "not serving Connect and HTTP: the default -http 127.0.0.1:8080 is taken")
+	case err := <-done:
+		t.Fatalf("the server did not start: %v\n%s", err, errOut)
+	case <-time.After(time.Minute):
+		t.Fatal("the server did not start within a minute")
+	}
+	cancel()
+	require.NoError(t, <-done)
+
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	defer l.Close()
+	err = app.RunServer(context.Background(), []string{"-addr", "127.0.0.1:0", "-store", "memory", "-http", l.Addr().String()}, io.Discard, io.Discard)
+	assert.ErrorContains(t, err, "-http "+l.Addr().String())
 }

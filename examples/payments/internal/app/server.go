@@ -297,11 +297,22 @@ func RunServer(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	defer stopAdmin()
 	fmt.Fprintf(stdout, "payments server listening on %s (store: %s)\n", lis.Addr(), store.Description)
 	var hs *http.Server
+	httpSet := false
+	fs.Visit(func(f *flag.Flag) { httpSet = httpSet || f.Name == "http" })
+	var hlis net.Listener
 	if *httpAddr != "" {
-		hlis, err := net.Listen("tcp", *httpAddr)
-		if err != nil {
-			return err
+		hlis, err = net.Listen("tcp", *httpAddr)
+		switch {
+		case err == nil:
+		case httpSet:
+			return fmt.Errorf("-http %s: %w", *httpAddr, err)
+		default:
+			// The default address is taken (another server runs):
+			// serve gRPC all the same, and say so.
+			fmt.Fprintf(stderr, "payments server: not serving Connect and HTTP: the default -http %s is taken (%v); pass -http with a free address, or -http '' to turn it off\n", *httpAddr, err)
 		}
+	}
+	if hlis != nil {
 		hs = newHTTPServer(connectHandler)
 		defer hs.Close() // after a shutdown, a no-op
 		go func() {
