@@ -716,6 +716,23 @@ func TestStoreDownFailsClosed(t *testing.T) {
 	defer resp.Body.Close()
 	assert.Equal(t, http.StatusServiceUnavailable, resp.StatusCode)
 	assert.Equal(t, 0, l.count("down"))
-	_ = status.Code(nil)
-	_ = codes.OK
+}
+
+func TestFromStatus(t *testing.T) {
+	assert.NoError(t, idemconnect.FromStatus(nil))
+	plain := errors.New("plain")
+	assert.Same(t, plain, idemconnect.FromStatus(plain))
+	ce := connect.NewError(connect.CodeAborted, plain)
+	assert.Same(t, ce, idemconnect.FromStatus(ce))
+
+	st, err := status.New(codes.FailedPrecondition, "card expired").WithDetails(&testpb.ChargeResponse{ChargeId: "ch_1"})
+	require.NoError(t, err)
+	var got *connect.Error
+	require.ErrorAs(t, idemconnect.FromStatus(st.Err()), &got)
+	assert.Equal(t, connect.CodeFailedPrecondition, got.Code())
+	assert.Equal(t, "card expired", got.Message())
+	require.Len(t, got.Details(), 1)
+	v, err := got.Details()[0].Value()
+	require.NoError(t, err)
+	assert.Equal(t, "ch_1", v.(*testpb.ChargeResponse).ChargeId)
 }

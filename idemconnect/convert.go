@@ -100,6 +100,24 @@ func statusError(err error) error {
 	return status.ErrorProto(st)
 }
 
+// FromStatus returns a gRPC status error (status.Error, status.Errorf) as the
+// connect error with the same code, message and details, for serving a gRPC
+// service implementation as a connect handler. Nil and errors that carry no
+// gRPC status (connect errors among them) come back unchanged.
+func FromStatus(err error) error {
+	if err == nil {
+		return nil
+	}
+	var ce *connect.Error
+	if errors.As(err, &ce) {
+		return err
+	}
+	if _, ok := status.FromError(err); !ok {
+		return err
+	}
+	return connectError(err, nil)
+}
+
 // connectError returns the engine's status error err as a connect error,
 // with trailer as its metadata.
 func connectError(err error, trailer metadata.MD) error {

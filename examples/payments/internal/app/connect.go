@@ -49,7 +49,7 @@ func (tenantInterceptor) WrapUnary(next connect.UnaryFunc) connect.UnaryFunc {
 	return func(ctx context.Context, req connect.AnyRequest) (connect.AnyResponse, error) {
 		ctx, err := withTenant(metadata.NewIncomingContext(ctx, metadata.MD{TenantHeader: req.Header().Values(TenantHeader)}))
 		if err != nil {
-			return nil, connectError(err)
+			return nil, idemconnect.FromStatus(err)
 		}
 		return next(ctx, req)
 	}
@@ -63,28 +63,10 @@ func (tenantInterceptor) WrapStreamingHandler(next connect.StreamingHandlerFunc)
 	return func(ctx context.Context, conn connect.StreamingHandlerConn) error {
 		ctx, err := withTenant(metadata.NewIncomingContext(ctx, metadata.MD{TenantHeader: conn.RequestHeader().Values(TenantHeader)}))
 		if err != nil {
-			return connectError(err)
+			return idemconnect.FromStatus(err)
 		}
 		return next(ctx, conn)
 	}
-}
-
-// connectError turns the service's status errors into connect errors.
-func connectError(err error) error {
-	if err == nil {
-		return nil
-	}
-	st, ok := status.FromError(err)
-	if !ok {
-		return err
-	}
-	ce := connect.NewError(connect.Code(st.Code()), errors.New(st.Message()))
-	for _, d := range st.Proto().GetDetails() {
-		if detail, derr := connect.NewErrorDetail(d); derr == nil {
-			ce.AddDetail(detail)
-		}
-	}
-	return ce
 }
 
 // connectPayments serves the gRPC service implementation as a connect
@@ -96,7 +78,7 @@ type connectPayments struct {
 func (c connectPayments) Charge(ctx context.Context, req *connect.Request[paymentsv1.ChargeRequest]) (*connect.Response[paymentsv1.ChargeResponse], error) {
 	resp, err := c.svc.Charge(ctx, req.Msg)
 	if err != nil {
-		return nil, connectError(err)
+		return nil, idemconnect.FromStatus(err)
 	}
 	return connect.NewResponse(resp), nil
 }
@@ -104,13 +86,13 @@ func (c connectPayments) Charge(ctx context.Context, req *connect.Request[paymen
 func (c connectPayments) GetCharge(ctx context.Context, req *connect.Request[paymentsv1.GetChargeRequest]) (*connect.Response[paymentsv1.ChargeResponse], error) {
 	resp, err := c.svc.GetCharge(ctx, req.Msg)
 	if err != nil {
-		return nil, connectError(err)
+		return nil, idemconnect.FromStatus(err)
 	}
 	return connect.NewResponse(resp), nil
 }
 
 func (c connectPayments) ChargeInstallments(ctx context.Context, req *connect.Request[paymentsv1.InstallmentsRequest], ss *connect.ServerStream[paymentsv1.ChargeResponse]) error {
-	return connectError(c.svc.ChargeInstallments(req.Msg, &grpcServerStream[paymentsv1.ChargeRequest, paymentsv1.ChargeResponse]{ctx: ctx, send: ss.Send, header: ss.ResponseHeader(), trailer: ss.ResponseTrailer()}))
+	return idemconnect.FromStatus(c.svc.ChargeInstallments(req.Msg, &grpcServerStream[paymentsv1.ChargeRequest, paymentsv1.ChargeResponse]{ctx: ctx, send: ss.Send, header: ss.ResponseHeader(), trailer: ss.ResponseTrailer()}))
 }
 
 func (c connectPayments) ChargeBatch(ctx context.Context, cs *connect.ClientStream[paymentsv1.ChargeRequest]) (*connect.Response[paymentsv1.BatchResponse], error) {
@@ -130,7 +112,7 @@ func (c connectPayments) ChargeBatch(ctx context.Context, cs *connect.ClientStre
 		send: func(m *paymentsv1.BatchResponse) error { closed = m; return nil },
 	}
 	if err := c.svc.ChargeBatch(s); err != nil {
-		return nil, connectError(err)
+		return nil, idemconnect.FromStatus(err)
 	}
 	if closed == nil {
 		return nil, connect.NewError(connect.CodeInternal, errors.New("the batch ended without an answer"))
@@ -140,7 +122,7 @@ func (c connectPayments) ChargeBatch(ctx context.Context, cs *connect.ClientStre
 }
 
 func (c connectPayments) ChargeInteractive(ctx context.Context, bs *connect.BidiStream[paymentsv1.ChargeRequest, paymentsv1.ChargeResponse]) error {
-	return connectError(c.svc.ChargeInteractive(&grpcServerStream[paymentsv1.ChargeRequest, paymentsv1.ChargeResponse]{
+	return idemconnect.FromStatus(c.svc.ChargeInteractive(&grpcServerStream[paymentsv1.ChargeRequest, paymentsv1.ChargeResponse]{
 		ctx: ctx, header: bs.ResponseHeader(), trailer: bs.ResponseTrailer(),
 		recv: bs.Receive, send: bs.Send,
 	}))
