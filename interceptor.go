@@ -237,7 +237,8 @@ func (c *call) newToken() string {
 type reservation struct {
 	first *firstRun
 	rec   *Record
-	start time.Time // when the call began to reserve, for event durations
+	dec   *decodedRecord // where rec is kept decoded; nil if it is not
+	start time.Time      // when the call began to reserve, for event durations
 	// waited is set on a replay of a record whose first execution was
 	// still running when the call arrived.
 	waited bool
@@ -293,7 +294,7 @@ func (c *call) reserve(ctx context.Context, fp []byte) (reservation, error) {
 			f.exec = Execution{Method: c.method, Scope: c.scope, Key: c.key, StoreKey: c.skey, Token: claim.Token}
 			return reservation{first: f}, nil
 		case Completed:
-			rec, err := c.s.decoded.decode(c.skey, e.Record)
+			rec, dec, err := c.s.decoded.decode(c.skey, e.Record)
 			if err != nil {
 				o.logger.Error("idempotency: stored record is corrupt", "method", c.method, "key", c.key, "err", err)
 				c.event(ctx, Event{Kind: EventStoreError, Code: codes.Internal, Err: err})
@@ -302,7 +303,7 @@ func (c *call) reserve(ctx context.Context, fp []byte) (reservation, error) {
 			if err := c.match(ctx, rec.Method, rec.Fingerprint, fp); err != nil {
 				return reservation{}, err
 			}
-			r := reservation{rec: rec, start: start, waited: waitCtx != nil}
+			r := reservation{rec: rec, dec: dec, start: start, waited: waitCtx != nil}
 			if fp != nil {
 				// Otherwise the requests are compared, and the replay
 				// reported, once they have been read.
@@ -738,7 +739,7 @@ func (s *Server) unary(ctx context.Context, req any, info *grpc.UnaryServerInfo,
 	case err != nil:
 		return nil, err
 	case r.rec != nil:
-		return c.replayUnary(ctx, r.rec)
+		return c.replayUnary(ctx, r.rec, r.dec)
 	case r.first == nil:
 		return handler(ctx, req) // fail-open
 	}
@@ -797,7 +798,7 @@ func putResponseBuf(b *[]byte) {
 	responseBufs.Put(b)
 }
 
-func (c *call) replayUnary(ctx context.Context, rec *Record) (any, error) {
+func (c *call) replayUnary(ctx context.Context, rec *Record, dec *decodedRecord) (any, error) {
 	if err := grpc.SetHeader(ctx, replayHeader(rec)); err != nil {
 		return nil, err
 	}
@@ -819,8 +820,8 @@ func (c *call) replayUnary(ctx context.Context, rec *Record) (any, error) {
 	if err != nil {
 		return nil, status.Errorf(codes.Internal, "idempotency: cannot replay %s: %v", c.method, err)
 	}
-	resp := t.out.New().Interface()
-	if err := proto.Unmarshal(rec.Responses[0], resp); err != nil {
+	resp, err := unaryResponse(dec, t.out, rec.Responses[0])
+	if err != nil {
 		return nil, status.Errorf(codes.Internal, "idempotency: the response stored for this %s could not be read: %v", KeyHeader, err)
 	}
 	return resp, nil

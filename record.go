@@ -157,19 +157,56 @@ type decodedRecord struct {
 	key string
 	raw []byte
 	rec *Record
+
+	// response is the unary response of rec, decoded on its first replay.
+	// Replays copy it (unaryResponse) instead of decoding it again; it is
+	// never handed out, so nothing writes to it.
+	response atomic.Pointer[decodedResponse]
 }
 
-func (d *decodedRecords) decode(key string, raw []byte) (*Record, error) {
+type decodedResponse struct{ msg proto.Message }
+
+// decode returns the record stored as raw under key, and the cache entry it
+// is kept in: nil for a record too large to keep.
+func (d *decodedRecords) decode(key string, raw []byte) (*Record, *decodedRecord, error) {
 	slot := &d.slots[maphash.String(d.seed, key)%uint64(len(d.slots))]
 	if c := slot.Load(); c != nil && c.key == key && bytes.Equal(c.raw, raw) {
-		return c.rec, nil
+		return c.rec, c, nil
 	}
 	rec := new(Record)
 	if err := proto.Unmarshal(raw, rec); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
-	if len(raw) <= 16<<10 {
-		slot.Store(&decodedRecord{key: key, raw: raw, rec: rec})
+	if len(raw) > 16<<10 {
+		return rec, nil, nil
 	}
-	return rec, nil
+	c := &decodedRecord{key: key, raw: raw, rec: rec}
+	slot.Store(c)
+	return rec, c, nil
+}
+
+// unaryResponse returns a new message of type t that holds raw, the one
+// response of the record that d keeps (d is nil for a record not kept).
+//
+// A kept record's response is decoded once; every replay then gets a copy
+// made by proto.Merge, which shares the decoded strings (immutable) instead
+// of allocating each of them again, and copies everything mutable (bytes,
+// lists, maps, messages, unknown fields) as decoding would: the copy belongs
+// to the caller, like a decoded one, and marshals to the same bytes.
+func unaryResponse(d *decodedRecord, t protoreflect.MessageType, raw []byte) (proto.Message, error) {
+	resp := t.New().Interface()
+	if d == nil {
+		return resp, proto.Unmarshal(raw, resp)
+	}
+	r := d.response.Load()
+	if r == nil || r.msg.ProtoReflect().Descriptor() != t.Descriptor() {
+		m := t.New().Interface()
+		if err := proto.Unmarshal(raw, m); err != nil {
+			return nil, err
+		}
+		r = &decodedResponse{msg: m}
+		d.response.Store(r)
+	}
+	proto.Merge(resp, r.msg)
+	return resp, nil
 }
