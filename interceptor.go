@@ -799,14 +799,15 @@ func putResponseBuf(b *[]byte) {
 }
 
 func (c *call) replayUnary(ctx context.Context, rec *Record, dec *decodedRecord) (any, error) {
-	if err := grpc.SetHeader(ctx, replayHeader(rec)); err != nil {
+	header, trailer := unaryMetadata(dec, rec)
+	if err := grpc.SetHeader(ctx, header); err != nil {
 		return nil, err
 	}
 	if rec.Omitted != "" {
 		return nil, omittedError(rec)
 	}
-	if len(rec.Trailer) > 0 {
-		if err := grpc.SetTrailer(ctx, mdFromRecord(rec.Trailer, 0)); err != nil {
+	if trailer != nil {
+		if err := grpc.SetTrailer(ctx, trailer); err != nil {
 			return nil, err
 		}
 	}
@@ -826,23 +827,6 @@ func (c *call) replayUnary(ctx context.Context, rec *Record, dec *decodedRecord)
 	}
 	return resp, nil
 }
-
-func replayHeader(rec *Record) metadata.MD {
-	if len(rec.Header) == 0 {
-		return replayedOnly
-	}
-	md := mdFromRecord(rec.Header, 1)
-	md[ReplayedHeader] = replayedTrue
-	return md
-}
-
-// replayedOnly is the header of a replay whose first execution set none.
-// grpc-go copies the metadata it is given (metadata.Join), and so does this
-// package's transportRecorder; nothing writes to these.
-var (
-	replayedTrue = []string{"true"}[:1:1]
-	replayedOnly = metadata.MD{ReplayedHeader: replayedTrue}
-)
 
 // transportRecorder records the header and trailer metadata a handler sets
 // through grpc.SetHeader, grpc.SendHeader and grpc.SetTrailer, and passes

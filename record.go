@@ -162,9 +162,58 @@ type decodedRecord struct {
 	// Replays copy it (unaryResponse) instead of decoding it again; it is
 	// never handed out, so nothing writes to it.
 	response atomic.Pointer[decodedResponse]
+	// md is the header and trailer a unary replay of rec sends, made on its
+	// first replay (unaryMetadata).
+	md atomic.Pointer[replayMD]
 }
 
 type decodedResponse struct{ msg proto.Message }
+
+type replayMD struct{ header, trailer metadata.MD }
+
+// unaryMetadata returns the header (ReplayedHeader with the handler's
+// header) and the trailer (nil if it had none) that a unary replay of rec
+// sends; d keeps rec decoded, or is nil. A kept record's are made once and
+// shared by its replays: they are only read, as grpc-go's SetHeader and
+// SetTrailer copy what they are given (metadata.Join), and so do this
+// package's transportRecorder and the connect adapter.
+func unaryMetadata(d *decodedRecord, rec *Record) (header, trailer metadata.MD) {
+	if d == nil {
+		return replayHeader(rec), replayTrailer(rec)
+	}
+	m := d.md.Load()
+	if m == nil {
+		m = &replayMD{header: replayHeader(rec), trailer: replayTrailer(rec)}
+		d.md.Store(m)
+	}
+	return m.header, m.trailer
+}
+
+// replayHeader returns a new header for a replay of rec, or the shared
+// replayedOnly if its first execution set none.
+func replayHeader(rec *Record) metadata.MD {
+	if len(rec.Header) == 0 {
+		return replayedOnly
+	}
+	md := mdFromRecord(rec.Header, 1)
+	md[ReplayedHeader] = replayedTrue
+	return md
+}
+
+func replayTrailer(rec *Record) metadata.MD {
+	if len(rec.Trailer) == 0 {
+		return nil
+	}
+	return mdFromRecord(rec.Trailer, 0)
+}
+
+// replayedOnly is the header of a replay whose first execution set none.
+// grpc-go copies the metadata it is given (metadata.Join), and so does this
+// package's transportRecorder; nothing writes to these.
+var (
+	replayedTrue = []string{"true"}[:1:1]
+	replayedOnly = metadata.MD{ReplayedHeader: replayedTrue}
+)
 
 // decode returns the record stored as raw under key, and the cache entry it
 // is kept in: nil for a record too large to keep.

@@ -2,10 +2,12 @@ package idempotency
 
 import (
 	"hash/maphash"
+	"reflect"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"google.golang.org/grpc/metadata"
 	"google.golang.org/protobuf/encoding/protowire"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/reflect/protodesc"
@@ -193,4 +195,34 @@ func TestDecodedRecordsKeepResponses(t *testing.T) {
 	require.NoError(t, err)
 	assert.NotNil(t, rec4)
 	assert.Nil(t, kept4)
+}
+
+// A kept record's replay header and trailer are made once, and are what a
+// record not kept gets made afresh: the handler's header with
+// ReplayedHeader, the handler's trailer, nil when it set none.
+func TestUnaryMetadata(t *testing.T) {
+	rec := &Record{
+		Header:  mdToRecord(metadata.Pairs("x-a", "1", "x-a", "2", "x-sig-bin", string([]byte{0, 0xff}))),
+		Trailer: mdToRecord(metadata.Pairs("x-ledger", "entry-1")),
+	}
+	wantHeader := metadata.Pairs("x-a", "1", "x-a", "2", "x-sig-bin", string([]byte{0, 0xff}), ReplayedHeader, "true")
+	wantTrailer := metadata.Pairs("x-ledger", "entry-1")
+
+	d := &decodedRecord{rec: rec}
+	h1, t1 := unaryMetadata(d, rec)
+	h2, t2 := unaryMetadata(d, rec)
+	assert.Equal(t, wantHeader, h1)
+	assert.Equal(t, wantTrailer, t1)
+	assert.Equal(t, reflect.ValueOf(h1).Pointer(), reflect.ValueOf(h2).Pointer(), "made once")
+	assert.Equal(t, reflect.ValueOf(t1).Pointer(), reflect.ValueOf(t2).Pointer(), "made once")
+	h, tr := unaryMetadata(nil, rec)
+	assert.Equal(t, wantHeader, h)
+	assert.Equal(t, wantTrailer, tr)
+
+	bare := &Record{}
+	for _, d := range []*decodedRecord{nil, {rec: bare}} {
+		h, tr := unaryMetadata(d, bare)
+		assert.Equal(t, metadata.Pairs(ReplayedHeader, "true"), h)
+		assert.Nil(t, tr)
+	}
 }
