@@ -237,7 +237,7 @@ func (c *call) newToken() string {
 type reservation struct {
 	first *firstRun
 	rec   *Record
-	dec   *decodedRecord // where rec is kept decoded; nil if it is not
+	again *decodedRecord // rec's cache entry, if it was decoded before
 	start time.Time      // when the call began to reserve, for event durations
 	// waited is set on a replay of a record whose first execution was
 	// still running when the call arrived.
@@ -294,7 +294,7 @@ func (c *call) reserve(ctx context.Context, fp []byte) (reservation, error) {
 			f.exec = Execution{Method: c.method, Scope: c.scope, Key: c.key, StoreKey: c.skey, Token: claim.Token}
 			return reservation{first: f}, nil
 		case Completed:
-			rec, dec, err := c.s.decoded.decode(c.skey, e.Record)
+			rec, again, err := c.s.decoded.decode(c.skey, e.Record)
 			if err != nil {
 				o.logger.Error("idempotency: stored record is corrupt", "method", c.method, "key", c.key, "err", err)
 				c.event(ctx, Event{Kind: EventStoreError, Code: codes.Internal, Err: err})
@@ -303,7 +303,7 @@ func (c *call) reserve(ctx context.Context, fp []byte) (reservation, error) {
 			if err := c.match(ctx, rec.Method, rec.Fingerprint, fp); err != nil {
 				return reservation{}, err
 			}
-			r := reservation{rec: rec, dec: dec, start: start, waited: waitCtx != nil}
+			r := reservation{rec: rec, again: again, start: start, waited: waitCtx != nil}
 			if fp != nil {
 				// Otherwise the requests are compared, and the replay
 				// reported, once they have been read.
@@ -739,7 +739,7 @@ func (s *Server) unary(ctx context.Context, req any, info *grpc.UnaryServerInfo,
 	case err != nil:
 		return nil, err
 	case r.rec != nil:
-		return c.replayUnary(ctx, r.rec, r.dec)
+		return c.replayUnary(ctx, r.rec, r.again)
 	case r.first == nil:
 		return handler(ctx, req) // fail-open
 	}
@@ -798,8 +798,14 @@ func putResponseBuf(b *[]byte) {
 	responseBufs.Put(b)
 }
 
-func (c *call) replayUnary(ctx context.Context, rec *Record, dec *decodedRecord) (any, error) {
-	header, trailer := unaryMetadata(dec, rec)
+func (c *call) replayUnary(ctx context.Context, rec *Record, again *decodedRecord) (any, error) {
+	var header, trailer metadata.MD
+	var decoded proto.Message
+	if u := unaryReplayOf(again, c.method); u != nil {
+		header, trailer, decoded = u.header, u.trailer, u.resp
+	} else {
+		header, trailer = replayHeader(rec), replayTrailer(rec)
+	}
 	if err := grpc.SetHeader(ctx, header); err != nil {
 		return nil, err
 	}
@@ -821,7 +827,7 @@ func (c *call) replayUnary(ctx context.Context, rec *Record, dec *decodedRecord)
 	if err != nil {
 		return nil, status.Errorf(codes.Internal, "idempotency: cannot replay %s: %v", c.method, err)
 	}
-	resp, err := unaryResponse(dec, t.out, rec.Responses[0])
+	resp, err := replayResponse(t.out, rec.Responses[0], decoded)
 	if err != nil {
 		return nil, status.Errorf(codes.Internal, "idempotency: the response stored for this %s could not be read: %v", KeyHeader, err)
 	}

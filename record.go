@@ -158,35 +158,84 @@ type decodedRecord struct {
 	raw []byte
 	rec *Record
 
-	// response is the unary response of rec, decoded on its first replay.
-	// Replays copy it (unaryResponse) instead of decoding it again; it is
-	// never handed out, so nothing writes to it.
-	response atomic.Pointer[decodedResponse]
-	// md is the header and trailer a unary replay of rec sends, made on its
-	// first replay (unaryMetadata).
-	md atomic.Pointer[replayMD]
+	// unary is what the unary replays of rec reuse, made on its second
+	// replay (unaryReplayOf).
+	unary atomic.Pointer[unaryReplay]
 }
 
-type decodedResponse struct{ msg proto.Message }
+// decode returns the record stored as raw under key. again is its cache
+// entry when the record was decoded before (a hit), nil the first time and
+// for a record too large to keep: what replays reuse is made only for a
+// record replayed more than once, so that one replay costs what decoding
+// costs.
+func (d *decodedRecords) decode(key string, raw []byte) (rec *Record, again *decodedRecord, err error) {
+	slot := &d.slots[maphash.String(d.seed, key)%uint64(len(d.slots))]
+	if c := slot.Load(); c != nil && c.key == key && bytes.Equal(c.raw, raw) {
+		return c.rec, c, nil
+	}
+	rec = new(Record)
+	if err := proto.Unmarshal(raw, rec); err != nil {
+		return nil, nil, err
+	}
+	if len(raw) <= 16<<10 {
+		slot.Store(&decodedRecord{key: key, raw: raw, rec: rec})
+	}
+	return rec, nil, nil
+}
 
-type replayMD struct{ header, trailer metadata.MD }
+// unaryReplay is what every unary replay of a record sends alike, made once
+// and then only read: its header (ReplayedHeader with the handler's) and
+// trailer (nil if the handler set none), which grpc-go's SetHeader and
+// SetTrailer copy (metadata.Join), as do this package's transportRecorder
+// and the connect adapter; and its response, decoded, never handed out:
+// each replay gets a copy (replayResponse).
+type unaryReplay struct {
+	header, trailer metadata.MD
+	resp            proto.Message // nil without one (an error), or if it cannot be decoded
+}
 
-// unaryMetadata returns the header (ReplayedHeader with the handler's
-// header) and the trailer (nil if it had none) that a unary replay of rec
-// sends; d keeps rec decoded, or is nil. A kept record's are made once and
-// shared by its replays: they are only read, as grpc-go's SetHeader and
-// SetTrailer copy what they are given (metadata.Join), and so do this
-// package's transportRecorder and the connect adapter.
-func unaryMetadata(d *decodedRecord, rec *Record) (header, trailer metadata.MD) {
+// unaryReplayOf returns what replays of d's record, a record of method,
+// reuse; d is nil for a record not decoded before, and then so is the
+// result.
+func unaryReplayOf(d *decodedRecord, method string) *unaryReplay {
 	if d == nil {
-		return replayHeader(rec), replayTrailer(rec)
+		return nil
 	}
-	m := d.md.Load()
-	if m == nil {
-		m = &replayMD{header: replayHeader(rec), trailer: replayTrailer(rec)}
-		d.md.Store(m)
+	if u := d.unary.Load(); u != nil {
+		return u
 	}
-	return m.header, m.trailer
+	rec := d.rec
+	u := &unaryReplay{header: replayHeader(rec), trailer: replayTrailer(rec)}
+	if rec.Omitted == "" && rec.GetStatus().GetCode() == int32(codes.OK) && len(rec.Responses) == 1 {
+		if t, err := typesOf(method); err == nil {
+			m := t.out.New().Interface()
+			if proto.Unmarshal(rec.Responses[0], m) == nil {
+				u.resp = m
+			}
+		}
+	}
+	d.unary.Store(u)
+	return u
+}
+
+// replayResponse returns a new message of type t holding raw, a stored
+// response; decoded is the same response decoded before (or nil).
+//
+// From decoded, the message is a copy made by proto.Merge: it shares the
+// decoded strings (immutable) instead of allocating each of them again, and
+// copies everything mutable (bytes, lists, maps, messages, unknown fields)
+// as decoding does; so it belongs to the caller, like a decoded one, and
+// marshals to the same bytes.
+func replayResponse(t protoreflect.MessageType, raw []byte, decoded proto.Message) (proto.Message, error) {
+	resp := t.New().Interface()
+	if decoded != nil && decoded.ProtoReflect().Descriptor() == t.Descriptor() {
+		proto.Merge(resp, decoded)
+		return resp, nil
+	}
+	if err := proto.Unmarshal(raw, resp); err != nil {
+		return nil, err
+	}
+	return resp, nil
 }
 
 // replayHeader returns a new header for a replay of rec, or the shared
@@ -200,6 +249,8 @@ func replayHeader(rec *Record) metadata.MD {
 	return md
 }
 
+// replayTrailer returns a new trailer for a replay of rec, nil if its first
+// execution set none.
 func replayTrailer(rec *Record) metadata.MD {
 	if len(rec.Trailer) == 0 {
 		return nil
@@ -214,48 +265,3 @@ var (
 	replayedTrue = []string{"true"}[:1:1]
 	replayedOnly = metadata.MD{ReplayedHeader: replayedTrue}
 )
-
-// decode returns the record stored as raw under key, and the cache entry it
-// is kept in: nil for a record too large to keep.
-func (d *decodedRecords) decode(key string, raw []byte) (*Record, *decodedRecord, error) {
-	slot := &d.slots[maphash.String(d.seed, key)%uint64(len(d.slots))]
-	if c := slot.Load(); c != nil && c.key == key && bytes.Equal(c.raw, raw) {
-		return c.rec, c, nil
-	}
-	rec := new(Record)
-	if err := proto.Unmarshal(raw, rec); err != nil {
-		return nil, nil, err
-	}
-	if len(raw) > 16<<10 {
-		return rec, nil, nil
-	}
-	c := &decodedRecord{key: key, raw: raw, rec: rec}
-	slot.Store(c)
-	return rec, c, nil
-}
-
-// unaryResponse returns a new message of type t that holds raw, the one
-// response of the record that d keeps (d is nil for a record not kept).
-//
-// A kept record's response is decoded once; every replay then gets a copy
-// made by proto.Merge, which shares the decoded strings (immutable) instead
-// of allocating each of them again, and copies everything mutable (bytes,
-// lists, maps, messages, unknown fields) as decoding would: the copy belongs
-// to the caller, like a decoded one, and marshals to the same bytes.
-func unaryResponse(d *decodedRecord, t protoreflect.MessageType, raw []byte) (proto.Message, error) {
-	resp := t.New().Interface()
-	if d == nil {
-		return resp, proto.Unmarshal(raw, resp)
-	}
-	r := d.response.Load()
-	if r == nil || r.msg.ProtoReflect().Descriptor() != t.Descriptor() {
-		m := t.New().Interface()
-		if err := proto.Unmarshal(raw, m); err != nil {
-			return nil, err
-		}
-		r = &decodedResponse{msg: m}
-		d.response.Store(r)
-	}
-	proto.Merge(resp, r.msg)
-	return resp, nil
-}

@@ -7,6 +7,7 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/protobuf/encoding/protowire"
 	"google.golang.org/protobuf/proto"
@@ -14,6 +15,8 @@ import (
 	"google.golang.org/protobuf/types/descriptorpb"
 	"google.golang.org/protobuf/types/known/anypb"
 	"google.golang.org/protobuf/types/known/structpb"
+
+	spb "google.golang.org/genproto/googleapis/rpc/status"
 
 	testpb "github.com/grpcidem/idempotency/internal/testpb"
 )
@@ -48,36 +51,38 @@ func replayResponses(t *testing.T) map[string]proto.Message {
 	}
 }
 
-// A replayed response, copied from the decoded template, is what decoding
-// the stored bytes gives, on the first replay and every later one, and
-// belongs to its caller: changing it in place changes no later replay.
-func TestUnaryResponseIsADecodedCopy(t *testing.T) {
+// A replayed response copied from the decoded one is what decoding the
+// stored bytes gives, on every replay, and belongs to its caller: changing
+// it in place changes neither the decoded one nor any later replay.
+func TestReplayResponseIsADecodedCopy(t *testing.T) {
 	for name, m := range replayResponses(t) {
 		t.Run(name, func(t *testing.T) {
+			typ := m.ProtoReflect().Type()
 			raw, err := proto.Marshal(m)
 			require.NoError(t, err)
-			want := m.ProtoReflect().Type().New().Interface()
+			want := typ.New().Interface()
 			require.NoError(t, proto.Unmarshal(raw, want))
+			decoded := typ.New().Interface()
+			require.NoError(t, proto.Unmarshal(raw, decoded))
 
-			d := &decodedRecord{}
 			for round := range 4 {
-				got, err := unaryResponse(d, m.ProtoReflect().Type(), raw)
-				require.NoError(t, err)
-				require.True(t, proto.Equal(want, got), "round %d: %v, want %v", round, got, want)
-				assert.Equal(t, mustMarshalDet(t, want), mustMarshalDet(t, got), "round %d", round)
-				assert.Equal(t, want.ProtoReflect().GetUnknown(), got.ProtoReflect().GetUnknown(), "round %d", round)
-				if _, isStruct := m.(*structpb.Struct); !isStruct {
-					// Without maps, the default encoding is one: the
-					// bytes grpc-go sends are the stored ones.
-					b, err := proto.Marshal(got)
+				for _, from := range []proto.Message{decoded, nil} {
+					got, err := replayResponse(typ, raw, from)
 					require.NoError(t, err)
-					assert.Equal(t, raw, b, "round %d", round)
+					require.True(t, proto.Equal(want, got), "round %d: %v, want %v", round, got, want)
+					assert.Equal(t, mustMarshalDet(t, want), mustMarshalDet(t, got), "round %d", round)
+					assert.Equal(t, want.ProtoReflect().GetUnknown(), got.ProtoReflect().GetUnknown(), "round %d", round)
+					if _, isStruct := m.(*structpb.Struct); !isStruct {
+						// Without maps, the default encoding is one: the
+						// bytes grpc-go sends are the stored ones.
+						b, err := proto.Marshal(got)
+						require.NoError(t, err)
+						assert.Equal(t, raw, b, "round %d", round)
+					}
+					scribble(got)
 				}
-				scribble(got)
+				require.True(t, proto.Equal(want, decoded), "round %d: the decoded response changed", round)
 			}
-			nilD, err := unaryResponse(nil, m.ProtoReflect().Type(), raw)
-			require.NoError(t, err)
-			assert.True(t, proto.Equal(want, nilD))
 		})
 	}
 }
@@ -117,112 +122,113 @@ func mustMarshalDet(t *testing.T, m proto.Message) []byte {
 	return b
 }
 
-// A stored response that cannot be decoded is an error on every replay,
-// and is not kept.
-func TestUnaryResponseCorrupt(t *testing.T) {
-	typ := (&testpb.ChargeResponse{}).ProtoReflect().Type()
-	corrupt := []byte{0x0a, 0x05, 'a'} // a string field cut short
-	d := &decodedRecord{}
-	for range 2 {
-		_, err := unaryResponse(d, typ, corrupt)
-		require.Error(t, err)
-		assert.Nil(t, d.response.Load())
-	}
-	_, err := unaryResponse(nil, typ, corrupt)
-	require.Error(t, err)
-}
-
-// A template of another type (which a record cannot have: its method is
-// checked first) is replaced, not merged, which would panic.
-func TestUnaryResponseOtherType(t *testing.T) {
+// A decoded response of another type (which a record cannot have: its
+// method is checked first) is not merged, which would panic: the stored
+// bytes are decoded.
+func TestReplayResponseOtherType(t *testing.T) {
 	raw, err := proto.Marshal(&testpb.ChargeResponse{ChargeId: "ch_1"})
 	require.NoError(t, err)
-	d := &decodedRecord{}
-	d.response.Store(&decodedResponse{msg: &anypb.Any{TypeUrl: "x"}})
-	got, err := unaryResponse(d, (&testpb.ChargeResponse{}).ProtoReflect().Type(), raw)
+	got, err := replayResponse((&testpb.ChargeResponse{}).ProtoReflect().Type(), raw, &anypb.Any{TypeUrl: "x"})
 	require.NoError(t, err)
 	assert.Equal(t, "ch_1", got.(*testpb.ChargeResponse).ChargeId)
 }
 
-// What the replay of a kept record's response allocates, once decoded: the
-// message alone, not one string per string field.
-func TestUnaryResponseAllocations(t *testing.T) {
+// What a replay of a response decoded before allocates: the message alone,
+// not one string per string field.
+func TestReplayResponseAllocations(t *testing.T) {
 	m := &testpb.ChargeResponse{ChargeId: "ch_0123456789abcdef", Account: "acct_1", AmountCents: 1250, Currency: "EUR"}
 	raw, err := proto.Marshal(m)
 	require.NoError(t, err)
 	typ := m.ProtoReflect().Type()
-	d := &decodedRecord{}
-	_, err = unaryResponse(d, typ, raw)
-	require.NoError(t, err)
+	decoded := typ.New().Interface()
+	require.NoError(t, proto.Unmarshal(raw, decoded))
 	allocs := testing.AllocsPerRun(100, func() {
-		if _, err := unaryResponse(d, typ, raw); err != nil {
+		if _, err := replayResponse(typ, raw, decoded); err != nil {
 			t.Fatal(err)
 		}
 	})
 	assert.Equal(t, 1.0, allocs)
 }
 
-// decode keeps a record small enough, and hands out the same entry (with
-// its decoded response) for the same key and bytes; another record under
-// the key replaces it, and a large record is decoded but not kept.
-func TestDecodedRecordsKeepResponses(t *testing.T) {
+// decode hands out a record's cache entry from its second decode on (a
+// record replayed once costs no more than its decoding); other bytes under
+// the key replace it, and a large record is never kept.
+func TestDecodedRecordsAgain(t *testing.T) {
 	d := &decodedRecords{seed: maphash.MakeSeed()}
 	raw, err := proto.Marshal(&Record{Method: "/m", Responses: [][]byte{{0x0a, 0x01, 'x'}}})
 	require.NoError(t, err)
-	rec, kept, err := d.decode("/k", raw)
+	rec, again, err := d.decode("/k", raw)
 	require.NoError(t, err)
-	require.NotNil(t, kept)
-	assert.Same(t, rec, kept.rec)
-	_, err = unaryResponse(kept, (&testpb.ChargeResponse{}).ProtoReflect().Type(), rec.Responses[0])
-	require.NoError(t, err)
+	assert.Nil(t, again, "first decode")
 
-	rec2, kept2, err := d.decode("/k", append([]byte(nil), raw...))
+	rec2, again, err := d.decode("/k", append([]byte(nil), raw...))
 	require.NoError(t, err)
-	assert.Same(t, kept, kept2)
+	require.NotNil(t, again)
 	assert.Same(t, rec, rec2)
-	assert.NotNil(t, kept2.response.Load())
+	assert.Same(t, rec, again.rec)
+	rec3, again3, err := d.decode("/k", raw)
+	require.NoError(t, err)
+	assert.Same(t, rec, rec3)
+	assert.Same(t, again, again3)
 
 	other, err := proto.Marshal(&Record{Method: "/m", Responses: [][]byte{{0x0a, 0x01, 'y'}}})
 	require.NoError(t, err)
-	_, kept3, err := d.decode("/k", other)
+	rec4, again4, err := d.decode("/k", other)
 	require.NoError(t, err)
-	assert.NotSame(t, kept, kept3)
-	assert.Nil(t, kept3.response.Load())
+	assert.Nil(t, again4)
+	assert.NotSame(t, rec, rec4)
 
 	large, err := proto.Marshal(&Record{Method: "/m", Responses: [][]byte{make([]byte, 16<<10)}})
 	require.NoError(t, err)
-	rec4, kept4, err := d.decode("/large", large)
-	require.NoError(t, err)
-	assert.NotNil(t, rec4)
-	assert.Nil(t, kept4)
+	for range 2 {
+		rec, again, err := d.decode("/large", large)
+		require.NoError(t, err)
+		assert.NotNil(t, rec)
+		assert.Nil(t, again)
+	}
+
+	_, _, err = d.decode("/corrupt", []byte{0x0a, 0x05, 'a'})
+	require.Error(t, err)
 }
 
-// A kept record's replay header and trailer are made once, and are what a
-// record not kept gets made afresh: the handler's header with
-// ReplayedHeader, the handler's trailer, nil when it set none.
-func TestUnaryMetadata(t *testing.T) {
+// What unary replays of a record reuse is made once, and is what a replay
+// makes afresh: the handler's header with ReplayedHeader, the handler's
+// trailer (nil without one), and the response decoded (nil for an error, an
+// omitted outcome, or bytes that cannot be decoded, which replays then
+// decode and report).
+func TestUnaryReplayOf(t *testing.T) {
+	method := testpb.PaymentService_Charge_FullMethodName
+	resp := &testpb.ChargeResponse{ChargeId: "ch_1", Account: "acct_1"}
+	respBytes, err := proto.Marshal(resp)
+	require.NoError(t, err)
+	ok := &spb.Status{Code: int32(codes.OK)}
 	rec := &Record{
-		Header:  mdToRecord(metadata.Pairs("x-a", "1", "x-a", "2", "x-sig-bin", string([]byte{0, 0xff}))),
-		Trailer: mdToRecord(metadata.Pairs("x-ledger", "entry-1")),
+		Method:    method,
+		Status:    ok,
+		Responses: [][]byte{respBytes},
+		Header:    mdToRecord(metadata.Pairs("x-a", "1", "x-a", "2", "x-sig-bin", string([]byte{0, 0xff}))),
+		Trailer:   mdToRecord(metadata.Pairs("x-ledger", "entry-1")),
 	}
-	wantHeader := metadata.Pairs("x-a", "1", "x-a", "2", "x-sig-bin", string([]byte{0, 0xff}), ReplayedHeader, "true")
-	wantTrailer := metadata.Pairs("x-ledger", "entry-1")
-
 	d := &decodedRecord{rec: rec}
-	h1, t1 := unaryMetadata(d, rec)
-	h2, t2 := unaryMetadata(d, rec)
-	assert.Equal(t, wantHeader, h1)
-	assert.Equal(t, wantTrailer, t1)
-	assert.Equal(t, reflect.ValueOf(h1).Pointer(), reflect.ValueOf(h2).Pointer(), "made once")
-	assert.Equal(t, reflect.ValueOf(t1).Pointer(), reflect.ValueOf(t2).Pointer(), "made once")
-	h, tr := unaryMetadata(nil, rec)
-	assert.Equal(t, wantHeader, h)
-	assert.Equal(t, wantTrailer, tr)
+	u := unaryReplayOf(d, method)
+	require.NotNil(t, u)
+	assert.Same(t, u, unaryReplayOf(d, method), "made once")
+	assert.Equal(t, metadata.Pairs("x-a", "1", "x-a", "2", "x-sig-bin", string([]byte{0, 0xff}), ReplayedHeader, "true"), u.header)
+	assert.Equal(t, replayHeader(rec), u.header)
+	assert.Equal(t, metadata.Pairs("x-ledger", "entry-1"), u.trailer)
+	assert.Equal(t, replayTrailer(rec), u.trailer)
+	assert.True(t, proto.Equal(resp, u.resp))
+	assert.Nil(t, unaryReplayOf(nil, method))
 
-	bare := &Record{}
-	for _, d := range []*decodedRecord{nil, {rec: bare}} {
-		h, tr := unaryMetadata(d, bare)
-		assert.Equal(t, metadata.Pairs(ReplayedHeader, "true"), h)
-		assert.Nil(t, tr)
+	for name, rec := range map[string]*Record{
+		"error":   {Method: method, Status: &spb.Status{Code: int32(codes.NotFound), Message: "no"}},
+		"omitted": {Method: method, Status: ok, Omitted: "too large"},
+		"corrupt": {Method: method, Status: ok, Responses: [][]byte{{0x0a, 0x05, 'a'}}},
+	} {
+		u := unaryReplayOf(&decodedRecord{rec: rec}, method)
+		require.NotNil(t, u, name)
+		assert.Equal(t, reflect.ValueOf(replayedOnly).Pointer(), reflect.ValueOf(u.header).Pointer(), name)
+		assert.Nil(t, u.trailer, name)
+		assert.Nil(t, u.resp, name)
 	}
 }
