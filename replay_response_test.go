@@ -232,3 +232,34 @@ func TestUnaryReplayOf(t *testing.T) {
 		assert.Nil(t, u.resp, name)
 	}
 }
+
+// BenchmarkReplayResponse compares the two ways a unary replay makes its
+// response: decoding the stored bytes (a record's first and second replay)
+// and copying the response decoded before (every later one).
+//
+//	go test -run '^$' -bench BenchmarkReplayResponse -benchmem -count 10 .
+func BenchmarkReplayResponse(b *testing.B) {
+	m := &testpb.ChargeResponse{ChargeId: "ch_0123456789abcdef", Account: "acct_1", AmountCents: 1250, Currency: "EUR"}
+	raw, err := proto.Marshal(m)
+	if err != nil {
+		b.Fatal(err)
+	}
+	typ := m.ProtoReflect().Type()
+	decoded := typ.New().Interface()
+	if err := proto.Unmarshal(raw, decoded); err != nil {
+		b.Fatal(err)
+	}
+	for _, c := range []struct {
+		name string
+		from proto.Message
+	}{{"decode", nil}, {"copy", decoded}} {
+		b.Run(c.name, func(b *testing.B) {
+			b.ReportAllocs()
+			for b.Loop() {
+				if _, err := replayResponse(typ, raw, c.from); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
