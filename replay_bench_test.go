@@ -9,12 +9,12 @@ import (
 	"github.com/grpcidem/idempotency/memstore"
 )
 
-// BenchmarkUnaryReplayMetadata measures a unary replay over bufconn of a
+// BenchmarkReplayMetadata measures a unary replay over bufconn of a
 // handler that set a header of two keys and a trailer (the tests' payments
 // handler), next to BenchmarkUnary's replay of a handler that set none.
 //
-//	go test -run '^$' -bench BenchmarkUnaryReplayMetadata -benchmem -count 5 .
-func BenchmarkUnaryReplayMetadata(b *testing.B) {
+//	go test -run '^$' -bench BenchmarkReplayMetadata -benchmem -count 5 .
+func BenchmarkReplayMetadata(b *testing.B) {
 	for _, name := range []string{"memory", "bolt"} {
 		b.Run(name, func(b *testing.B) {
 			var store idempotency.Store
