@@ -2,6 +2,7 @@ package idempotency_test
 
 import (
 	"context"
+	"sync"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -68,5 +69,43 @@ func TestOuterInterceptorSetsHeaderAfterReplay(t *testing.T) {
 			assert.Equal(t, []string{"set-after"}, again.header.Get("x-outer"))
 			assert.Equal(t, stripped(first.header), stripped(again.header))
 		}
+	})
+}
+
+// Concurrent replays of one record, each written to in place by an outer
+// interceptor, share no response: under -race, a shared one is a data race
+// (the interceptor puts back what it wrote, so that the answers alone would
+// not show it).
+func TestConcurrentReplaysShareNoResponse(t *testing.T) {
+	stores(t, func(t *testing.T, newStore func(testing.TB) idempotency.Store) {
+		rewrite := func(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
+			resp, err := handler(ctx, req)
+			if r, ok := resp.(*testpb.ChargeResponse); ok {
+				id, amount := r.ChargeId, r.AmountCents
+				r.ChargeId, r.AmountCents = "rewritten", -1
+				r.ChargeId, r.AmountCents = id, amount
+			}
+			return resp, err
+		}
+		e := newEnv(t, newStore(t), envConfig{serverOpt: []grpc.ServerOption{grpc.ChainUnaryInterceptor(rewrite)}})
+		ctx := withKey(testCtx(t), "order-concurrent-replays")
+		first := charge(ctx, e, chargeReq)
+		require.NoError(t, first.err)
+		want := mustMarshal(t, first.resp)
+
+		var wg sync.WaitGroup
+		for range 8 {
+			wg.Go(func() {
+				for range 10 {
+					again := charge(ctx, e, chargeReq)
+					if assert.NoError(t, again.err) {
+						assert.True(t, idempotency.IsReplayed(again.header))
+						assert.Equal(t, want, mustMarshal(t, again.resp))
+					}
+				}
+			})
+		}
+		wg.Wait()
+		assert.EqualValues(t, 1, e.svc.execs.Load())
 	})
 }
