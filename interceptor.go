@@ -834,6 +834,32 @@ func (c *call) replayUnary(ctx context.Context, rec *Record, again *decodedRecor
 	return resp, nil
 }
 
+func replayHeader(rec *Record) metadata.MD {
+	if len(rec.Header) == 0 {
+		return replayedOnly
+	}
+	md := mdFromRecord(rec.Header, 1)
+	md[ReplayedHeader] = replayedTrue
+	return md
+}
+
+// replayTrailer returns a new trailer for a replay of rec, nil if its first
+// execution set none.
+func replayTrailer(rec *Record) metadata.MD {
+	if len(rec.Trailer) == 0 {
+		return nil
+	}
+	return mdFromRecord(rec.Trailer, 0)
+}
+
+// replayedOnly is the header of a replay whose first execution set none.
+// grpc-go copies the metadata it is given (metadata.Join), and so does this
+// package's transportRecorder; nothing writes to these.
+var (
+	replayedTrue = []string{"true"}[:1:1]
+	replayedOnly = metadata.MD{ReplayedHeader: replayedTrue}
+)
+
 // transportRecorder records the header and trailer metadata a handler sets
 // through grpc.SetHeader, grpc.SendHeader and grpc.SetTrailer, and passes
 // them on, unless the client has gone: then they are recorded, not failed,

@@ -237,31 +237,3 @@ func replayResponse(t protoreflect.MessageType, raw []byte, decoded proto.Messag
 	}
 	return resp, nil
 }
-
-// replayHeader returns a new header for a replay of rec, or the shared
-// replayedOnly if its first execution set none.
-func replayHeader(rec *Record) metadata.MD {
-	if len(rec.Header) == 0 {
-		return replayedOnly
-	}
-	md := mdFromRecord(rec.Header, 1)
-	md[ReplayedHeader] = replayedTrue
-	return md
-}
-
-// replayTrailer returns a new trailer for a replay of rec, nil if its first
-// execution set none.
-func replayTrailer(rec *Record) metadata.MD {
-	if len(rec.Trailer) == 0 {
-		return nil
-	}
-	return mdFromRecord(rec.Trailer, 0)
-}
-
-// replayedOnly is the header of a replay whose first execution set none.
-// grpc-go copies the metadata it is given (metadata.Join), and so does this
-// package's transportRecorder; nothing writes to these.
-var (
-	replayedTrue = []string{"true"}[:1:1]
-	replayedOnly = metadata.MD{ReplayedHeader: replayedTrue}
-)
