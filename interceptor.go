@@ -237,7 +237,8 @@ func (c *call) newToken() string {
 type reservation struct {
 	first *firstRun
 	rec   *Record
-	start time.Time // when the call began to reserve, for event durations
+	again *decodedRecord // rec's cache entry, if it was decoded before
+	start time.Time      // when the call began to reserve, for event durations
 	// waited is set on a replay of a record whose first execution was
 	// still running when the call arrived.
 	waited bool
@@ -293,7 +294,7 @@ func (c *call) reserve(ctx context.Context, fp []byte) (reservation, error) {
 			f.exec = Execution{Method: c.method, Scope: c.scope, Key: c.key, StoreKey: c.skey, Token: claim.Token}
 			return reservation{first: f}, nil
 		case Completed:
-			rec, err := c.s.decoded.decode(c.skey, e.Record)
+			rec, again, err := c.s.decoded.decode(c.skey, e.Record)
 			if err != nil {
 				o.logger.Error("idempotency: stored record is corrupt", "method", c.method, "key", c.key, "err", err)
 				c.event(ctx, Event{Kind: EventStoreError, Code: codes.Internal, Err: err})
@@ -302,7 +303,7 @@ func (c *call) reserve(ctx context.Context, fp []byte) (reservation, error) {
 			if err := c.match(ctx, rec.Method, rec.Fingerprint, fp); err != nil {
 				return reservation{}, err
 			}
-			r := reservation{rec: rec, start: start, waited: waitCtx != nil}
+			r := reservation{rec: rec, again: again, start: start, waited: waitCtx != nil}
 			if fp != nil {
 				// Otherwise the requests are compared, and the replay
 				// reported, once they have been read.
@@ -738,7 +739,7 @@ func (s *Server) unary(ctx context.Context, req any, info *grpc.UnaryServerInfo,
 	case err != nil:
 		return nil, err
 	case r.rec != nil:
-		return c.replayUnary(ctx, r.rec)
+		return c.replayUnary(ctx, r.rec, r.again)
 	case r.first == nil:
 		return handler(ctx, req) // fail-open
 	}
@@ -797,15 +798,22 @@ func putResponseBuf(b *[]byte) {
 	responseBufs.Put(b)
 }
 
-func (c *call) replayUnary(ctx context.Context, rec *Record) (any, error) {
-	if err := grpc.SetHeader(ctx, replayHeader(rec)); err != nil {
+func (c *call) replayUnary(ctx context.Context, rec *Record, again *decodedRecord) (any, error) {
+	var header, trailer metadata.MD
+	var decoded proto.Message
+	if u := unaryReplayOf(again, c.method); u != nil {
+		header, trailer, decoded = u.header, u.trailer, u.resp
+	} else {
+		header, trailer = replayHeader(rec), replayTrailer(rec)
+	}
+	if err := grpc.SetHeader(ctx, header); err != nil {
 		return nil, err
 	}
 	if rec.Omitted != "" {
 		return nil, omittedError(rec)
 	}
-	if len(rec.Trailer) > 0 {
-		if err := grpc.SetTrailer(ctx, mdFromRecord(rec.Trailer, 0)); err != nil {
+	if trailer != nil {
+		if err := grpc.SetTrailer(ctx, trailer); err != nil {
 			return nil, err
 		}
 	}
@@ -819,8 +827,8 @@ func (c *call) replayUnary(ctx context.Context, rec *Record) (any, error) {
 	if err != nil {
 		return nil, status.Errorf(codes.Internal, "idempotency: cannot replay %s: %v", c.method, err)
 	}
-	resp := t.out.New().Interface()
-	if err := proto.Unmarshal(rec.Responses[0], resp); err != nil {
+	resp, err := replayResponse(t.out, rec.Responses[0], decoded)
+	if err != nil {
 		return nil, status.Errorf(codes.Internal, "idempotency: the response stored for this %s could not be read: %v", KeyHeader, err)
 	}
 	return resp, nil
@@ -833,6 +841,15 @@ func replayHeader(rec *Record) metadata.MD {
 	md := mdFromRecord(rec.Header, 1)
 	md[ReplayedHeader] = replayedTrue
 	return md
+}
+
+// replayTrailer returns a new trailer for a replay of rec, nil if its first
+// execution set none.
+func replayTrailer(rec *Record) metadata.MD {
+	if len(rec.Trailer) == 0 {
+		return nil
+	}
+	return mdFromRecord(rec.Trailer, 0)
 }
 
 // replayedOnly is the header of a replay whose first execution set none.

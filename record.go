@@ -157,19 +157,83 @@ type decodedRecord struct {
 	key string
 	raw []byte
 	rec *Record
+
+	// unary is what the unary replays of rec reuse, made on its second
+	// replay (unaryReplayOf).
+	unary atomic.Pointer[unaryReplay]
 }
 
-func (d *decodedRecords) decode(key string, raw []byte) (*Record, error) {
+// decode returns the record stored as raw under key. again is its cache
+// entry when the record was decoded before (a hit), nil the first time and
+// for a record too large to keep: what replays reuse is made only for a
+// record replayed more than once, so that one replay costs what decoding
+// costs.
+func (d *decodedRecords) decode(key string, raw []byte) (rec *Record, again *decodedRecord, err error) {
 	slot := &d.slots[maphash.String(d.seed, key)%uint64(len(d.slots))]
 	if c := slot.Load(); c != nil && c.key == key && bytes.Equal(c.raw, raw) {
-		return c.rec, nil
+		return c.rec, c, nil
 	}
-	rec := new(Record)
+	rec = new(Record)
 	if err := proto.Unmarshal(raw, rec); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	if len(raw) <= 16<<10 {
 		slot.Store(&decodedRecord{key: key, raw: raw, rec: rec})
 	}
-	return rec, nil
+	return rec, nil, nil
+}
+
+// unaryReplay is what every unary replay of a record sends alike, made once
+// and then only read: its header (ReplayedHeader with the handler's) and
+// trailer (nil if the handler set none), which grpc-go's SetHeader and
+// SetTrailer copy (metadata.Join), as do this package's transportRecorder
+// and the connect adapter; and its response, decoded, never handed out:
+// each replay gets a copy (replayResponse).
+type unaryReplay struct {
+	header, trailer metadata.MD
+	resp            proto.Message // nil without one (an error), or if it cannot be decoded
+}
+
+// unaryReplayOf returns what replays of d's record, a record of method,
+// reuse; d is nil for a record not decoded before, and then so is the
+// result.
+func unaryReplayOf(d *decodedRecord, method string) *unaryReplay {
+	if d == nil {
+		return nil
+	}
+	if u := d.unary.Load(); u != nil {
+		return u
+	}
+	rec := d.rec
+	u := &unaryReplay{header: replayHeader(rec), trailer: replayTrailer(rec)}
+	if rec.Omitted == "" && rec.GetStatus().GetCode() == int32(codes.OK) && len(rec.Responses) == 1 {
+		if t, err := typesOf(method); err == nil {
+			m := t.out.New().Interface()
+			if proto.Unmarshal(rec.Responses[0], m) == nil {
+				u.resp = m
+			}
+		}
+	}
+	d.unary.Store(u)
+	return u
+}
+
+// replayResponse returns a new message of type t holding raw, a stored
+// response; decoded is the same response decoded before (or nil).
+//
+// From decoded, the message is a copy made by proto.Merge: it shares the
+// decoded strings (immutable) instead of allocating each of them again, and
+// copies everything mutable (bytes, lists, maps, messages, unknown fields)
+// as decoding does; so it belongs to the caller, like a decoded one, and
+// marshals to the same bytes.
+func replayResponse(t protoreflect.MessageType, raw []byte, decoded proto.Message) (proto.Message, error) {
+	resp := t.New().Interface()
+	if decoded != nil && decoded.ProtoReflect().Descriptor() == t.Descriptor() {
+		proto.Merge(resp, decoded)
+		return resp, nil
+	}
+	if err := proto.Unmarshal(raw, resp); err != nil {
+		return nil, err
+	}
+	return resp, nil
 }

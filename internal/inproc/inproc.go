@@ -38,7 +38,8 @@ type Shard[T any] struct {
 
 type Lease struct {
 	Token       string
-	fingerprint []byte
+	fingerprint []byte   // the claim's, copied into fpBuf when it fits
+	fpBuf       [32]byte // room for a SHA-256 fingerprint, the interceptors'
 	Expires     time.Time
 	Length      time.Duration // the claim's Lease
 	// held is set for a idempotency.Claim.Held: the owner runs in this process and ends
@@ -94,7 +95,12 @@ func (l *Lease) Unhold(now time.Time) {
 
 // acquire makes key pending under c. The shard's lock must be held.
 func (s *Shard[T]) Acquire(key string, c idempotency.Claim, now time.Time) idempotency.Entry {
-	l := &Lease{Token: c.Token, fingerprint: bytes.Clone(c.Fingerprint), Expires: now.Add(c.Lease), Length: c.Lease, Held: c.Held}
+	l := &Lease{Token: c.Token, Expires: now.Add(c.Lease), Length: c.Lease, Held: c.Held}
+	if c.Fingerprint != nil {
+		// A copy, as the claim's belongs to the caller, in the Lease's
+		// own allocation.
+		l.fingerprint = append(l.fpBuf[:0], c.Fingerprint...)
+	}
 	s.Leases[key] = l
 	return idempotency.Entry{State: idempotency.Acquired, Token: l.Token, LeaseExpires: l.Expires}
 }
