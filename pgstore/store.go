@@ -222,7 +222,7 @@ func checkChannel(name string) error {
 // statements are the store's SQL, with its table name in place. $1 is always
 // the key.
 type statements struct {
-	reserve, renew, complete, completeAbsent, release, watch, lookup, sweep, notify string
+	reserve, renew, complete, release, watch, lookup, sweep, notify string
 }
 
 func buildStatements(t tableName) statements {
@@ -273,35 +273,14 @@ ON CONFLICT (key) DO UPDATE
     WHERE (r.token = excluded.token AND NOT r.completed) OR r.expires_at <= now()`, t),
 
 		// Stores the record if the key is pending under the token, or
-		// absent (an expired row, whoever's it was; no row at all is
-		// completeAbsent's case): the fencing rule. A row already
-		// completed under the same token is this owner's own record, from
-		// an attempt whose reply was lost (the connection died after the
-		// commit): the retry succeeds and writes the same record again,
-		// instead of reporting another owner. It returns whether a
-		// duplicate waits (waiters, kept from the row it replaces): only
-		// then is the change notified.
-		//
-		// A plain UPDATE, as the row is nearly always there (Reserve put
-		// it there): INSERT ... ON CONFLICT DO UPDATE would look the key
-		// up once more for its conflict check, lock the row with a WAL
-		// record of its own before updating it, and prepare the insert
-		// it does not need, on the server's CPU of every first
-		// execution. An UPDATE that matches no row writes nothing, so
-		// the commit of a miss waits for no disk.
-		complete: fmt.Sprintf(`UPDATE %[1]s AS r
-SET completed = true, token = $2::text,
-    fingerprint = CASE WHEN r.token = $2::text THEN r.fingerprint END,
-    record = coalesce($3::bytea, ''::bytea), created_at = now(),
-    expires_at = now() + $4::bigint * interval '1 microsecond'
-WHERE key = $1::bytea AND (token = $2::text OR expires_at <= now())
-RETURNING waiters`, t),
-
-		// complete's rule in one statement that also inserts, for when
-		// complete matched no row: the key is absent (swept, or released
-		// by another owner), or another owner holds it, or a concurrent
-		// transaction changed it meanwhile.
-		completeAbsent: fmt.Sprintf(`INSERT INTO %[1]s AS r (key, completed, token, fingerprint, record, created_at, expires_at)
+		// absent (no row, or an expired one): the fencing rule. A row
+		// already completed under the same token is this owner's own
+		// record, from an attempt whose reply was lost (the connection
+		// died after the commit): the retry succeeds and writes the same
+		// record again, instead of reporting another owner. It returns
+		// whether a duplicate waits (waiters, kept from the row it
+		// replaces): only then is the change notified.
+		complete: fmt.Sprintf(`INSERT INTO %[1]s AS r (key, completed, token, fingerprint, record, created_at, expires_at)
 VALUES ($1::bytea, true, $2::text, NULL, coalesce($3::bytea, ''::bytea), now(), now() + $4::bigint * interval '1 microsecond')
 ON CONFLICT (key) DO UPDATE
     SET completed = true, token = excluded.token,
@@ -476,7 +455,8 @@ func (s *Store) Complete(ctx context.Context, key, token string, record []byte, 
 	if err := checkRecord(key, retention); err != nil {
 		return fmt.Errorf("pgstore: complete: %w", err)
 	}
-	waiters, err := s.completeRow(ctx, s.pool, key, token, record, retention)
+	var waiters bool
+	err := s.pool.QueryRow(ctx, s.sql.complete, []byte(key), token, record, micros(retention)).Scan(&waiters)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return idempotency.ErrNotOwner
 	}
@@ -487,23 +467,6 @@ func (s *Store) Complete(ctx context.Context, key, token string, record []byte, 
 		s.notifier.add(key)
 	}
 	return nil
-}
-
-// querier is what completeRow needs of a pool or a transaction.
-type querier interface {
-	QueryRow(ctx context.Context, sql string, args ...any) pgx.Row
-}
-
-// completeRow writes the record under the fencing rule, with q: one
-// statement when the key's row is there (the common case), a second when it
-// is not. It returns pgx.ErrNoRows when another owner holds the key.
-func (s *Store) completeRow(ctx context.Context, q querier, key, token string, record []byte, retention time.Duration) (waiters bool, err error) {
-	args := []any{[]byte(key), token, record, micros(retention)}
-	err = q.QueryRow(ctx, s.sql.complete, args...).Scan(&waiters)
-	if errors.Is(err, pgx.ErrNoRows) {
-		err = q.QueryRow(ctx, s.sql.completeAbsent, args...).Scan(&waiters)
-	}
-	return waiters, err
 }
 
 // Release implements idempotency.Store. If the handler began a transaction

@@ -172,7 +172,8 @@ func (s *Store) completeTx(ctx context.Context, st *txState, key, token string, 
 		}
 		return fail("%s", reason)
 	}
-	waiters, err := s.completeRow(ctx, st.tx, key, token, record, retention)
+	var waiters bool
+	err := st.tx.QueryRow(ctx, s.sql.complete, []byte(key), token, record, micros(retention)).Scan(&waiters)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return fail("%v: another owner took the key over after the lease ran out", idempotency.ErrNotOwner)
 	}
