@@ -23,11 +23,16 @@ import (
 //
 //	go test -run '^$' -bench . -cpu 1 ./pgstore
 //
-// Each sub-benchmark also reports cpu-µs/op and pg-cpu-µs/op: the CPU time of
-// this process and of the PostgreSQL server per op (see cpuMeter).
+// Each sub-benchmark also reports cpu-µs/op, pg-cpu-µs/op and pg-be-cpu-µs/op:
+// the CPU time of this process, of the PostgreSQL server, and of the server's
+// backends that serve the benchmark's pool, per op (see cpuMeter).
 
 func benchPool(b *testing.B) *pgxpool.Pool {
-	return newPool(b, func(c *pgxpool.Config) { c.MaxConns = 32 })
+	return newPool(b, func(c *pgxpool.Config) {
+		c.MaxConns = 32
+		// Names the pool's backends for cpuMeter's pg-be-cpu-µs/op.
+		c.ConnConfig.RuntimeParams["application_name"] = "pgstore-bench-" + randomHex(4)
+	})
 }
 
 // parallelism runs body serially (p1) and from 64 goroutines per CPU (p64).
