@@ -256,7 +256,9 @@ func report(r results) {
 	slices.Sort(cells)
 	for _, c := range cells {
 		extra := ""
-		if v := r.metric(c, "pg-cpu-µs/op"); len(v) > 0 {
+		if v := r.metric(c, "pg-be-cpu-µs/op"); len(v) > 0 {
+			extra = fmt.Sprintf(" (PostgreSQL backends %s)", num(summarize(v).med))
+		} else if v := r.metric(c, "pg-cpu-µs/op"); len(v) > 0 {
 			extra = fmt.Sprintf(" (PostgreSQL %s)", num(summarize(v).med))
 		}
 		if v := r.metric(c, "redis-cpu-µs/op"); len(v) > 0 {
