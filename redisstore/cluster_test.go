@@ -43,11 +43,13 @@ func newClusterClient(t *testing.T) *redis.ClusterClient {
 // On a cluster, every script touches one key (so no CROSSSLOT error), keys
 // spread over the slots, and waiters hear a Complete made through another
 // node, PUBLISH being broadcast over the cluster bus.
-func TestClusterConformance(t *testing.T) {
+func TestClusterConformance(t *testing.T) { forEachMode(t, testClusterConformance) }
+
+func testClusterConformance(t *testing.T, m storeMode) {
 	admin := newClusterClient(t)
 	prefix := testPrefix(t, admin)
 	storetest.Run(t, func(t *testing.T) idempotency.Store {
-		s, err := redisstore.New(newClusterClient(t), redisstore.WithPrefix(prefix))
+		s, err := redisstore.New(newClusterClient(t), m.with(redisstore.WithPrefix(prefix))...)
 		if err != nil {
 			t.Fatalf("redisstore.New: %v", err)
 		}
@@ -57,11 +59,15 @@ func TestClusterConformance(t *testing.T) {
 }
 
 func TestClusterSpreadsKeysAndWakesAcrossNodes(t *testing.T) {
+	forEachMode(t, testClusterSpreadsKeysAndWakesAcrossNodes)
+}
+
+func testClusterSpreadsKeysAndWakesAcrossNodes(t *testing.T, m storeMode) {
 	ctx := context.Background()
 	admin := newClusterClient(t)
 	prefix := testPrefix(t, admin)
-	a := newStore(t, newClusterClient(t), prefix, noRecheck)
-	b := newStore(t, newClusterClient(t), prefix, noRecheck)
+	a := m.store(t, newClusterClient(t), prefix, noRecheck)
+	b := m.store(t, newClusterClient(t), prefix, noRecheck)
 
 	// The same braces in every caller key must not pin them to one slot.
 	slots := map[int64]bool{}

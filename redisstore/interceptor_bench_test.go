@@ -82,17 +82,11 @@ func BenchmarkUnary(b *testing.B) {
 				var rdb *redis.Client
 				if mode != "none/baseline" {
 					rdb = benchClient(b)
-					s := newStore(b, rdb, testPrefix(b, rdb))
+					var opts []redisstore.Option
 					if strings.HasPrefix(mode, "redis-ap/") {
-						// go-redis's automatic pipelining (experimental):
-						// concurrent callers' scripts share round trips.
-						ap, err := rdb.AutoPipeline()
-						if err != nil {
-							b.Fatal(err)
-						}
-						redisstore.SetScripter(s, ap)
+						opts = append(opts, redisstore.WithAutoPipelining())
 					}
-					store = s
+					store = newStore(b, rdb, testPrefix(b, rdb), opts...)
 				} else if reachable() == nil {
 					rdb = benchClient(b) // only to read Redis's CPU time
 				}
