@@ -59,7 +59,8 @@ func benchGRPC(b *testing.B, store idempotency.Store) testpb.PaymentServiceClien
 // BenchmarkUnary is the root package's BenchmarkUnary with the Redis store:
 // one call over bufconn without the interceptor (the baseline, in the same
 // run), and with it on Redis for first executions (a fresh key per call) and
-// replays (one key), by 1 caller and by 64 at once.
+// replays (one key), by 1 caller and by 64 at once; redis-ap is the store
+// with WithAutoPipelining.
 //
 // Each sub-benchmark also reports where the CPU goes during its timed loop:
 // cpu-µs/op is this process's CPU time (user and system: the callers, the

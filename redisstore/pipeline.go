@@ -7,6 +7,7 @@ import (
 	"sync"
 	"sync/atomic"
 
+	"github.com/grpcidem/idempotency"
 	"github.com/redis/go-redis/v9"
 )
 
@@ -104,7 +105,11 @@ func (p *pipeliner) run(ctx context.Context, script *redis.Script, rk string, ar
 	ap := p.cur.Load()
 	cmd := script.Run(ctx, ap, []string{rk}, args...)
 	if errors.Is(cmd.Err(), redis.ErrClosed) {
-		if next := p.replace(ap); next != nil {
+		next, storeClosed := p.replace(ap)
+		switch {
+		case storeClosed:
+			cmd.SetErr(idempotency.ErrClosed)
+		case next != nil:
 			cmd = script.Run(ctx, next, []string{rk}, args...)
 		}
 	}
@@ -112,26 +117,26 @@ func (p *pipeliner) run(ctx context.Context, script *redis.Script, rk string, ar
 }
 
 // replace returns the pipeliner to use instead of old, which refused a
-// command as closed, or nil if there is none: the Store is closed, or so is
-// the client.
-func (p *pipeliner) replace(old *redis.AutoPipeliner) *redis.AutoPipeliner {
+// command as closed, or nil if there is none: the Store is closed (then
+// storeClosed is true), or so is the client.
+func (p *pipeliner) replace(old *redis.AutoPipeliner) (_ *redis.AutoPipeliner, storeClosed bool) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.closed {
-		return nil
+		return nil, true
 	}
 	if cur := p.cur.Load(); cur != old {
-		return cur // replaced meanwhile
+		return cur, false // replaced meanwhile
 	}
 	if !old.IsClosed() {
-		return nil // the client's pool is closed, not the pipeliner
+		return nil, false // the client's pool is closed, not the pipeliner
 	}
 	ap, err := p.get()
 	if err != nil {
-		return nil
+		return nil, false
 	}
 	p.cur.Store(ap)
-	return ap
+	return ap, false
 }
 
 // close closes the current pipeliner, and waits until it has flushed the

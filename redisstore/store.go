@@ -97,7 +97,9 @@ func WithHealthCheckInterval(d time.Duration) Option {
 // Store. The Store opens one more connection of its own, for pub/sub, in the
 // background, and closes it in Close. New does not wait for Redis: a Redis
 // that is down surfaces as errors from the Store's methods, and the
-// subscriber connects once it is back.
+// subscriber connects once it is back. With WithAutoPipelining the Store
+// sends its scripts through the client's AutoPipeliner, and closes that in
+// Close (see WithAutoPipelining).
 func New(client redis.UniversalClient, opts ...Option) (*Store, error) {
 	if client == nil {
 		return nil, errors.New("redisstore: New needs a Redis client, got nil")
