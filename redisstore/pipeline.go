@@ -37,7 +37,9 @@ import (
 //     scripts.go), so a retried batch is harmless; a failed one is a failed
 //     call to each caller: fail-closed, as without this option.
 //   - On a Redis Cluster, a batch is split by node, and MOVED and ASK replies
-//     are followed as for a plain pipeline.
+//     are followed as for a plain pipeline. While a master is down, the
+//     commands for its slots wait in the pipeliner until a replica takes
+//     over (seconds), where without this option they fail at once.
 //   - A script Redis does not have (NOSCRIPT, after a restart or a failover)
 //     is sent in full, as without this option.
 //   - Pub/sub (the waiters' subscriber) and Health use the client itself.
@@ -92,7 +94,8 @@ func newPipeliner(client redis.UniversalClient) (*pipeliner, error) {
 }
 
 // run runs script on key rk through the pipeliner. A context that has ended
-// sends nothing, as a plain client does not. A pipeliner closed by someone
+// sends nothing, as with a plain client (which checks it before taking a
+// connection; the pipeliner would not). A pipeliner closed by someone
 // else (another Store on the client, or the client's owner) refuses the
 // command before sending it; then it is sent again through the client's new
 // pipeliner.
