@@ -36,6 +36,7 @@ const (
 	childEnv       = "REDISSTORE_TEST_CHILD"         // the replica's name
 	childPrefixEnv = "REDISSTORE_TEST_CHILD_PREFIX"  // its store prefix
 	childOnLostEnv = "REDISSTORE_TEST_CHILD_ON_LOST" // "finish" or "abort"
+	childModeEnv   = "REDISSTORE_TEST_CHILD_MODE"    // a storeMode's name
 )
 
 // childLease is the lease of the child replicas: the shortest the
@@ -57,7 +58,13 @@ const (
 func serveChild(name string) {
 	prefix := os.Getenv(childPrefixEnv)
 	rc := redis.NewClient(&redis.Options{Addr: redisAddr()})
-	st, err := redisstore.New(rc, redisstore.WithPrefix(prefix))
+	opts := []redisstore.Option{redisstore.WithPrefix(prefix)}
+	for _, m := range storeModes {
+		if m.name == os.Getenv(childModeEnv) {
+			opts = m.with(opts...)
+		}
+	}
+	st, err := redisstore.New(rc, opts...)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "child:", err)
 		os.Exit(2)
@@ -143,14 +150,15 @@ type child struct {
 	client testpb.PaymentServiceClient
 }
 
-// startChild starts a child replica named name on the store prefix, and
+// startChild starts a child replica named name on the store prefix, its
+// store in mode m, and
 // kills it at cleanup. onLost is what its handler does when its context is
 // cancelled ("finish" or "abort"). The child's log is shown if the test
 // fails.
-func startChild(t *testing.T, prefix, name, onLost string) *child {
+func startChild(t *testing.T, m storeMode, prefix, name, onLost string) *child {
 	t.Helper()
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
-	cmd.Env = append(os.Environ(), childEnv+"="+name, childPrefixEnv+"="+prefix, childOnLostEnv+"="+onLost)
+	cmd.Env = append(os.Environ(), childEnv+"="+name, childPrefixEnv+"="+prefix, childOnLostEnv+"="+onLost, childModeEnv+"="+m.name)
 	var logs syncBuffer
 	cmd.Stderr = &logs
 	stdin, err := cmd.StdinPipe()

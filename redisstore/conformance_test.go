@@ -18,11 +18,13 @@ const clockTolerance = 3 * time.Second
 // TestConformance runs the shared Store suite. Every store it opens has its
 // own client (so its own pool and subscriber) on one prefix of one Redis, as
 // replicas do.
-func TestConformance(t *testing.T) {
+func TestConformance(t *testing.T) { forEachMode(t, testConformance) }
+
+func testConformance(t *testing.T, m storeMode) {
 	c := newClient(t)
 	prefix := testPrefix(t, c)
 	storetest.Run(t, func(t *testing.T) idempotency.Store {
-		s, err := redisstore.New(newClient(t), redisstore.WithPrefix(prefix))
+		s, err := redisstore.New(newClient(t), m.with(redisstore.WithPrefix(prefix))...)
 		if err != nil {
 			t.Fatalf("redisstore.New: %v", err)
 		}

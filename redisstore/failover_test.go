@@ -5,6 +5,9 @@ package redisstore_test
 import (
 	"context"
 	"fmt"
+	"os"
+	"slices"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -288,9 +291,18 @@ func chargeAmount(ctx context.Context, client testpb.PaymentServiceClient, key s
 
 // TestRedisFailover measures, for each fault, what the default store loses
 // (logged, not asserted: it depends on timing), and checks that with
-// WithReplicaAcks no answered key is lost and none runs twice.
+// WithReplicaAcks no answered key is lost and none runs twice. With
+// REDISSTORE_TEST_FAILOVER_AUTOPIPELINE=1 it also measures the store with
+// WithAutoPipelining (as the default store: logged, not asserted); that is
+// left out of CI, where the faults take a minute already.
 func TestRedisFailover(t *testing.T) {
 	for i, fault := range []string{"failover", "kill", "kill-lagging"} {
+		if os.Getenv("REDISSTORE_TEST_FAILOVER_AUTOPIPELINE") == "1" {
+			t.Run(fault+"/"+pipelinedMode.name, func(t *testing.T) {
+				f := runFailover(t, 17160+10*i, fault, pipelinedMode.opts...)
+				t.Logf("fault=%s store=WithAutoPipelining %v", fault, f)
+			})
+		}
 		t.Run(fault+"/default", func(t *testing.T) {
 			f := runFailover(t, 17100+20*i, fault)
 			t.Logf("fault=%s store=default %v", fault, f)
@@ -371,4 +383,81 @@ func TestReplicaAcksFollowTheReplica(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, idempotency.Acquired, e.State)
 	require.NoError(t, st.Renew(ctx, k2, claim("b")))
+}
+
+// TestClusterMasterKillLatency measures how long the reserves of 8 callers
+// take, and how many fail, while a master of a cluster is down (SIGKILL until
+// its replica is promoted), without and with WithAutoPipelining: logged, not
+// asserted. It runs with REDISSTORE_TEST_FAILOVER_AUTOPIPELINE=1 only.
+func TestClusterMasterKillLatency(t *testing.T) {
+	if os.Getenv("REDISSTORE_TEST_FAILOVER_AUTOPIPELINE") != "1" {
+		t.Skip("set REDISSTORE_TEST_FAILOVER_AUTOPIPELINE=1 to measure")
+	}
+	for _, m := range storeModes {
+		t.Run(m.name, func(t *testing.T) {
+			cl := startTestCluster(t, 17190, failoverNodeTimeout)
+			cc := redis.NewClusterClient(&redis.ClusterOptions{Addrs: cl.addrs()})
+			t.Cleanup(func() { _ = cc.Close() })
+			s := m.store(t, cc, "idemkill:")
+			ctx := context.Background()
+			type res struct {
+				at, d time.Duration
+				err   bool
+			}
+			var mu sync.Mutex
+			var all []res // every reserve: when it started, how long it took
+			start := time.Now()
+			stop := start.Add(6 * time.Second)
+			var wg sync.WaitGroup
+			for g := range 8 {
+				wg.Go(func() {
+					for i := 0; time.Now().Before(stop); i++ {
+						t0 := time.Now()
+						c2, cancel := context.WithTimeout(ctx, 10*time.Second)
+						_, err := s.Reserve(c2, "k"+strconv.Itoa(g)+"-"+strconv.Itoa(i), claim("t"))
+						cancel()
+						mu.Lock()
+						all = append(all, res{t0.Sub(start), time.Since(t0), err != nil})
+						mu.Unlock()
+						if err != nil {
+							time.Sleep(20 * time.Millisecond)
+						}
+					}
+				})
+			}
+			time.Sleep(time.Second)
+			mport, r := cl.pair(cl.ports[0])
+			cl.kill(mport)
+			killed := time.Since(start)
+			cl.waitFor(20*time.Second, "the replica to be promoted", func() bool { return cl.role(r) == "master" })
+			promoted := time.Since(start)
+			wg.Wait()
+			// The killed node rejoins, so that the client's pools stop
+			// probing it in the background: they dial once a second.
+			cl.start(mport)
+			cl.waitHealthy(30 * time.Second)
+			time.Sleep(1100 * time.Millisecond)
+			var okD, failD []time.Duration
+			for _, x := range all {
+				if x.at < killed-100*time.Millisecond || x.at > promoted {
+					continue
+				}
+				if x.err {
+					failD = append(failD, x.d)
+				} else {
+					okD = append(okD, x.d)
+				}
+			}
+			slices.Sort(okD)
+			slices.Sort(failD)
+			q := func(x []time.Duration, p float64) time.Duration {
+				if len(x) == 0 {
+					return 0
+				}
+				return x[int(float64(len(x)-1)*p)]
+			}
+			t.Logf("%s: killed at %v, promoted at %v; reserves started in between: ok %d (p50 %v, p90 %v, max %v), failed %d (p50 %v, p90 %v, max %v)",
+				m.name, killed.Round(time.Millisecond), promoted.Round(time.Millisecond), len(okD), q(okD, .5), q(okD, .9), q(okD, 1), len(failD), q(failD, .5), q(failD, .9), q(failD, 1))
+		})
+	}
 }

@@ -130,10 +130,14 @@ func once(f func()) func() {
 // Complete until the record is stored, and a duplicate must replay it, the
 // handler having run once.
 func TestCompleteRetriedAcrossConnectionCut(t *testing.T) {
+	forEachMode(t, testCompleteRetriedAcrossConnectionCut)
+}
+
+func testCompleteRetriedAcrossConnectionCut(t *testing.T, m storeMode) {
 	admin := newClient(t)
 	prefix := testPrefix(t, admin)
 	px := startProxy(t, redisAddr(), 0)
-	st := &countingStore{Store: newStore(t, proxiedClient(t, px), prefix)}
+	st := &countingStore{Store: m.store(t, proxiedClient(t, px), prefix)}
 	var execs atomic.Int64
 	var events eventLog
 	svc := &faultService{name: "A", execs: &execs, beforeReturn: once(func() { px.cut(300 * time.Millisecond) })}
@@ -167,11 +171,15 @@ func TestCompleteRetriedAcrossConnectionCut(t *testing.T) {
 // and never runs the handler again. After the lease the call can run again:
 // that is what such a fault costs.
 func TestOutcomeReturnedWhenStoreStaysDown(t *testing.T) {
+	forEachMode(t, testOutcomeReturnedWhenStoreStaysDown)
+}
+
+func testOutcomeReturnedWhenStoreStaysDown(t *testing.T, m storeMode) {
 	admin := newClient(t)
 	prefix := testPrefix(t, admin)
 	px := startProxy(t, redisAddr(), 0)
 	const lease, storeTimeout, waitTimeout = 3 * time.Second, 500 * time.Millisecond, 300 * time.Millisecond
-	stA := &countingStore{Store: newStore(t, proxiedClient(t, px), prefix)}
+	stA := &countingStore{Store: m.store(t, proxiedClient(t, px), prefix)}
 	var execs atomic.Int64
 	var events eventLog
 	var returned time.Time
@@ -181,9 +189,9 @@ func TestOutcomeReturnedWhenStoreStaysDown(t *testing.T) {
 	})}
 	a := serveReplica(t, stA, svcA, idempotency.WithObserver(events.observe),
 		idempotency.WithLease(lease), idempotency.WithStoreTimeout(storeTimeout), idempotency.WithWaitTimeout(waitTimeout))
-	b := serveReplica(t, newStore(t, newClient(t), prefix), &faultService{name: "B", execs: &execs},
+	b := serveReplica(t, m.store(t, newClient(t), prefix), &faultService{name: "B", execs: &execs},
 		idempotency.WithLease(lease), idempotency.WithWaitTimeout(waitTimeout))
-	watch := newStore(t, admin, prefix)
+	watch := m.store(t, admin, prefix)
 
 	ctx, cancel := context.WithTimeout(context.Background(), eventually)
 	defer cancel()
@@ -233,7 +241,9 @@ func TestOutcomeReturnedWhenStoreStaysDown(t *testing.T) {
 // run for the caller that gave up). With go-redis bounding its reads by the
 // context (ContextTimeoutEnabled), a Reserve on the caller's context was cut
 // off with the key taken; without, it returned late and ran the handler.
-func TestCallerDeadlineDuringReserve(t *testing.T) {
+func TestCallerDeadlineDuringReserve(t *testing.T) { forEachMode(t, testCallerDeadlineDuringReserve) }
+
+func testCallerDeadlineDuringReserve(t *testing.T, m storeMode) {
 	for _, ctxTimeouts := range []bool{true, false} {
 		name := "io-timeouts"
 		if ctxTimeouts {
@@ -243,7 +253,7 @@ func TestCallerDeadlineDuringReserve(t *testing.T) {
 			admin := newClient(t)
 			prefix := testPrefix(t, admin)
 			px := startProxy(t, redisAddr(), 150*time.Millisecond)
-			st := newStore(t, proxiedClient(t, px, func(o *redis.Options) { o.ContextTimeoutEnabled = ctxTimeouts }), prefix)
+			st := m.store(t, proxiedClient(t, px, func(o *redis.Options) { o.ContextTimeoutEnabled = ctxTimeouts }), prefix)
 			var execs atomic.Int64
 			client := serveReplica(t, st, &faultService{name: "A", execs: &execs})
 			// Open a connection and load the scripts first, so that the
@@ -269,7 +279,7 @@ func TestCallerDeadlineDuringReserve(t *testing.T) {
 			// first execution.
 			assert.False(t, retry.replayed, "the handler ran for the caller that had given up")
 			assert.Equal(t, int64(1), execs.Load())
-			e, err := newStore(t, admin, prefix).Lookup(ctx, idempotency.StoreKey("", "k"))
+			e, err := m.store(t, admin, prefix).Lookup(ctx, idempotency.StoreKey("", "k"))
 			require.NoError(t, err)
 			assert.Equal(t, idempotency.Completed, e.State)
 		})

@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"os"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -128,16 +129,17 @@ func redisKeys(tb testing.TB, c redis.UniversalClient, prefix string) []string {
 // commandCounter is a redis.Hook counting the commands a client sends, which
 // for single commands is its round trips.
 type commandCounter struct {
-	n     atomic.Int64
-	store atomic.Int64 // n less the handshake of new connections
-	names sync.Map     // command name -> *atomic.Int64
+	n      atomic.Int64
+	store  atomic.Int64 // n less the handshake of new connections
+	direct atomic.Int64 // of store, those sent with a context from callerContext
+	names  sync.Map     // command name -> *atomic.Int64
 }
 
 func (h *commandCounter) DialHook(next redis.DialHook) redis.DialHook { return next }
 
 func (h *commandCounter) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 	return func(ctx context.Context, cmd redis.Cmder) error {
-		h.add(cmd)
+		h.add(ctx, cmd)
 		return next(ctx, cmd)
 	}
 }
@@ -145,22 +147,33 @@ func (h *commandCounter) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 func (h *commandCounter) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
 	return func(ctx context.Context, cmds []redis.Cmder) error {
 		for _, cmd := range cmds {
-			h.add(cmd)
+			h.add(ctx, cmd)
 		}
 		return next(ctx, cmds)
 	}
 }
 
-func (h *commandCounter) add(cmd redis.Cmder) {
+func (h *commandCounter) add(ctx context.Context, cmd redis.Cmder) {
 	h.n.Add(1)
 	name := strings.ToLower(cmd.Name())
-	switch name {
-	case "hello", "client", "auth", "select":
-	default:
-		h.store.Add(1)
-	}
 	v, _ := h.names.LoadOrStore(name, new(atomic.Int64))
 	v.(*atomic.Int64).Add(1)
+	switch name {
+	case "hello", "client", "auth", "select":
+		return
+	}
+	h.store.Add(1)
+	if ctx.Value(callerKey{}) != nil {
+		h.direct.Add(1)
+	}
+}
+
+type callerKey struct{}
+
+// callerContext marks the commands sent on the caller's own context, which a
+// go-redis AutoPipeliner does not pass on: it sends on its own.
+func callerContext() context.Context {
+	return context.WithValue(context.Background(), callerKey{}, true)
 }
 
 // commands returns how many commands the store sent: all but the handshake
@@ -218,4 +231,37 @@ func mustServer(store idempotency.Store, opts ...idempotency.Option) *idempotenc
 		panic(err)
 	}
 	return s
+}
+
+// A storeMode is how a test's stores send their commands to Redis. The tests
+// of what can go wrong between a Store and Redis (the conformance suite,
+// faults, pauses, waiters, clusters) run in every mode, as subtests.
+type storeMode struct {
+	name string
+	opts []redisstore.Option
+}
+
+var (
+	plainMode     = storeMode{name: "plain"}
+	pipelinedMode = storeMode{name: "autopipelined", opts: []redisstore.Option{redisstore.WithAutoPipelining()}}
+	storeModes    = []storeMode{plainMode, pipelinedMode}
+)
+
+// forEachMode runs f as a subtest per storeMode.
+func forEachMode(t *testing.T, f func(t *testing.T, m storeMode)) {
+	t.Helper()
+	for _, m := range storeModes {
+		t.Run(m.name, func(t *testing.T) { f(t, m) })
+	}
+}
+
+// store returns a Store on c under prefix in mode m, closed at cleanup.
+func (m storeMode) store(tb testing.TB, c redis.UniversalClient, prefix string, opts ...redisstore.Option) *redisstore.Store {
+	tb.Helper()
+	return newStore(tb, c, prefix, slices.Concat(m.opts, opts)...)
+}
+
+// with returns the options of mode m followed by opts.
+func (m storeMode) with(opts ...redisstore.Option) []redisstore.Option {
+	return slices.Concat(m.opts, opts)
 }

@@ -59,7 +59,8 @@ func benchGRPC(b *testing.B, store idempotency.Store) testpb.PaymentServiceClien
 // BenchmarkUnary is the root package's BenchmarkUnary with the Redis store:
 // one call over bufconn without the interceptor (the baseline, in the same
 // run), and with it on Redis for first executions (a fresh key per call) and
-// replays (one key), by 1 caller and by 64 at once.
+// replays (one key), by 1 caller and by 64 at once; redis-ap is the store
+// with WithAutoPipelining.
 //
 // Each sub-benchmark also reports where the CPU goes during its timed loop:
 // cpu-µs/op is this process's CPU time (user and system: the callers, the
@@ -82,17 +83,11 @@ func BenchmarkUnary(b *testing.B) {
 				var rdb *redis.Client
 				if mode != "none/baseline" {
 					rdb = benchClient(b)
-					s := newStore(b, rdb, testPrefix(b, rdb))
+					var opts []redisstore.Option
 					if strings.HasPrefix(mode, "redis-ap/") {
-						// go-redis's automatic pipelining (experimental):
-						// concurrent callers' scripts share round trips.
-						ap, err := rdb.AutoPipeline()
-						if err != nil {
-							b.Fatal(err)
-						}
-						redisstore.SetScripter(s, ap)
+						opts = append(opts, redisstore.WithAutoPipelining())
 					}
-					store = s
+					store = newStore(b, rdb, testPrefix(b, rdb), opts...)
 				} else if reachable() == nil {
 					rdb = benchClient(b) // only to read Redis's CPU time
 				}

@@ -34,15 +34,16 @@ func (c *child) resume(t *testing.T) {
 
 // pauseEnv is what the parent of child replicas reads Redis with.
 type pauseEnv struct {
+	mode   storeMode // of the children's stores
 	prefix string
 	redis  *redis.Client
 	store  *redisstore.Store // on the children's prefix, to look at keys
 }
 
-func newPauseEnv(t *testing.T) *pauseEnv {
+func newPauseEnv(t *testing.T, m storeMode) *pauseEnv {
 	c := newClient(t)
 	prefix := testPrefix(t, c)
-	return &pauseEnv{prefix: prefix, redis: c, store: newStore(t, c, prefix)}
+	return &pauseEnv{mode: m, prefix: prefix, redis: c, store: newStore(t, c, prefix)}
 }
 
 // execs returns how often the handler ran for account, in every replica.
@@ -99,20 +100,23 @@ func TestPausedServerKeepsItsKey(t *testing.T) {
 	if testing.Short() {
 		t.Skip("starts and pauses server processes")
 	}
-	for _, variant := range []string{"duplicate-to-same-server", "duplicate-to-other-replica"} {
-		t.Run(variant, func(t *testing.T) {
-			t.Parallel()
-			env := newPauseEnv(t)
-			a := startChild(t, env.prefix, "A", "abort")
-			dupTo := a
-			if variant == "duplicate-to-other-replica" {
-				dupTo = startChild(t, env.prefix, "B", "abort")
-			}
-			for round := range 3 {
-				pausedServerRound(t, env, a, dupTo, round)
-			}
-		})
-	}
+	forEachMode(t, func(t *testing.T, m storeMode) {
+		t.Parallel()
+		for _, variant := range []string{"duplicate-to-same-server", "duplicate-to-other-replica"} {
+			t.Run(variant, func(t *testing.T) {
+				t.Parallel()
+				env := newPauseEnv(t, m)
+				a := startChild(t, env.mode, env.prefix, "A", "abort")
+				dupTo := a
+				if variant == "duplicate-to-other-replica" {
+					dupTo = startChild(t, env.mode, env.prefix, "B", "abort")
+				}
+				for round := range 3 {
+					pausedServerRound(t, env, a, dupTo, round)
+				}
+			})
+		}
+	})
 }
 
 func pausedServerRound(t *testing.T, env *pauseEnv, a, dupTo *child, round int) {
@@ -169,9 +173,16 @@ func TestPausedReplicaLosesLeaseToAnother(t *testing.T) {
 		t.Skip("starts and pauses server processes")
 	}
 	t.Parallel()
-	env := newPauseEnv(t)
-	a := startChild(t, env.prefix, "A", "finish")
-	b := startChild(t, env.prefix, "B", "finish")
+	forEachMode(t, func(t *testing.T, m storeMode) {
+		t.Parallel()
+		pausedReplicaLosesLease(t, m)
+	})
+}
+
+func pausedReplicaLosesLease(t *testing.T, m storeMode) {
+	env := newPauseEnv(t, m)
+	a := startChild(t, env.mode, env.prefix, "A", "finish")
+	b := startChild(t, env.mode, env.prefix, "B", "finish")
 	ctx, cancel := context.WithTimeout(context.Background(), eventually)
 	defer cancel()
 	const key, account = "lost", "acct-lost"

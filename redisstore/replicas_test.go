@@ -188,7 +188,9 @@ func chargeVia(ctx context.Context, client testpb.PaymentServiceClient, key, acc
 
 // Duplicates of many calls, concurrent and spread over three replicas: each
 // key runs once, and every duplicate gets the first execution's answer.
-func TestReplicasExecuteEachKeyOnce(t *testing.T) {
+func TestReplicasExecuteEachKeyOnce(t *testing.T) { forEachMode(t, testReplicasExecuteEachKeyOnce) }
+
+func testReplicasExecuteEachKeyOnce(t *testing.T, m storeMode) {
 	b := newBank()
 	rs := newReplicas(t, 3, 5*time.Second, b)
 	ctx, cancel := context.WithTimeout(context.Background(), eventually)

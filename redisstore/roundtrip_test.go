@@ -17,13 +17,17 @@ import (
 
 // The targets of the Redis store: a replay is one round trip, a first
 // execution two (Reserve and Complete). Each command through the hook is one
-// round trip, as the store sends no pipelines.
-func TestRoundTrips(t *testing.T) {
-	ctx := context.Background()
+// round trip, as the plain store sends no pipelines and the auto-pipelined
+// one, with one caller, a pipeline of one command each time (which the test
+// tells from a plain command by its context).
+func TestRoundTrips(t *testing.T) { forEachMode(t, testRoundTrips) }
+
+func testRoundTrips(t *testing.T, m storeMode) {
+	ctx := callerContext()
 	counter := &commandCounter{}
 	c := newClient(t)
 	c.AddHook(counter)
-	s := newStore(t, c, testPrefix(t, c))
+	s := m.store(t, c, testPrefix(t, c))
 
 	// Load every script once, so that no NOSCRIPT fallback is counted.
 	_, err := s.Reserve(ctx, "warm", claim("t"))
@@ -69,6 +73,11 @@ func TestRoundTrips(t *testing.T) {
 		require.NoError(t, err)
 	}))
 	assert.Equal(t, 0, int(counter.count("eval")), "a script was sent in full after warm-up")
+	if len(m.opts) == 0 {
+		assert.Equal(t, counter.commands(), counter.direct.Load(), "the plain store sent a command on another context than the caller's")
+	} else {
+		assert.Zero(t, counter.direct.Load(), "the auto-pipelined store sent a command on the caller's context, so not through the pipeliner")
+	}
 }
 
 // benchClient returns a client whose pool does not throttle 64 goroutines.

@@ -45,11 +45,11 @@ const DefaultRecheckInterval = time.Second
 // one prefix): that is how replicas share their records.
 type Store struct {
 	client  redis.UniversalClient
-	scripts redis.Scripter // what runs the scripts: client (a benchmark tries others)
 	prefix  string
 	recheck time.Duration
 	hub     *hub
 	acks    *replicaAcks // nil unless WithReplicaAcks
+	pipe    *pipeliner   // nil unless WithAutoPipelining
 	closed  atomic.Bool
 }
 
@@ -64,6 +64,7 @@ type options struct {
 	healthCheck time.Duration
 	acks        int
 	acksTimeout time.Duration
+	autoPipe    bool
 }
 
 // WithPrefix sets the prefix of the Store's Redis keys and pub/sub channels
@@ -96,7 +97,9 @@ func WithHealthCheckInterval(d time.Duration) Option {
 // Store. The Store opens one more connection of its own, for pub/sub, in the
 // background, and closes it in Close. New does not wait for Redis: a Redis
 // that is down surfaces as errors from the Store's methods, and the
-// subscriber connects once it is back.
+// subscriber connects once it is back. With WithAutoPipelining the Store
+// sends its scripts through the client's AutoPipeliner, and closes that in
+// Close (see WithAutoPipelining).
 func New(client redis.UniversalClient, opts ...Option) (*Store, error) {
 	if client == nil {
 		return nil, errors.New("redisstore: New needs a Redis client, got nil")
@@ -114,8 +117,17 @@ func New(client redis.UniversalClient, opts ...Option) (*Store, error) {
 	if o.healthCheck <= 0 {
 		o.healthCheck = 30 * time.Second
 	}
-	s := &Store{client: client, scripts: client, prefix: o.prefix, recheck: o.recheck}
-	if o.acks != 0 || o.acksTimeout != 0 {
+	s := &Store{client: client, prefix: o.prefix, recheck: o.recheck}
+	if o.autoPipe {
+		if o.acks != 0 || o.acksTimeout != 0 {
+			return nil, errors.New("redisstore: WithAutoPipelining cannot be combined with WithReplicaAcks: a WAIT must follow its write on the same connection, and the writes it covers (Reserve, Renew, Complete) are the ones the pipeliner would batch")
+		}
+		p, err := newPipeliner(client)
+		if err != nil {
+			return nil, err
+		}
+		s.pipe = p
+	} else if o.acks != 0 || o.acksTimeout != 0 {
 		a, err := newReplicaAcks(client, o.acks, o.acksTimeout)
 		if err != nil {
 			return nil, err
@@ -124,6 +136,15 @@ func New(client redis.UniversalClient, opts ...Option) (*Store, error) {
 	}
 	s.hub = newHub(client, o.healthCheck)
 	return s, nil
+}
+
+// run runs script on key rk: through the auto-pipeliner with
+// WithAutoPipelining, on the client otherwise.
+func (s *Store) run(ctx context.Context, script *redis.Script, rk string, args ...any) *redis.Cmd {
+	if s.pipe != nil {
+		return s.pipe.run(ctx, script, rk, args...)
+	}
+	return script.Run(ctx, s.client, []string{rk}, args...)
 }
 
 // redisKey returns the Redis key of a store key, which is also the name of
@@ -212,7 +233,7 @@ func (s *Store) Reserve(ctx context.Context, key string, claim idempotency.Claim
 	start := time.Now()
 	var res []any
 	if s.acks == nil {
-		res, err = reserveScript.Run(ctx, s.scripts, []string{rk}, pending, lease).Slice()
+		res, err = s.run(ctx, reserveScript, rk, pending, lease).Slice()
 	} else {
 		res, err = s.acks.reserve(ctx, rk, pending, lease)
 	}
@@ -248,7 +269,7 @@ func (s *Store) Lookup(ctx context.Context, key string) (idempotency.Entry, erro
 	if s.closed.Load() {
 		return idempotency.Entry{}, idempotency.ErrClosed
 	}
-	res, err := lookupScript.Run(ctx, s.scripts, []string{s.redisKey(key)}).Slice()
+	res, err := s.run(ctx, lookupScript, s.redisKey(key)).Slice()
 	if err != nil {
 		return idempotency.Entry{}, fmt.Errorf("redisstore: lookup: %w", err)
 	}
@@ -359,7 +380,7 @@ func (s *Store) Renew(ctx context.Context, key string, claim idempotency.Claim) 
 		}
 		return err
 	}
-	n, err := renewScript.Run(ctx, s.scripts, []string{s.redisKey(key)}, ow, ms, pendingValue(ow, claim.Fingerprint)).Int()
+	n, err := s.run(ctx, renewScript, s.redisKey(key), ow, ms, pendingValue(ow, claim.Fingerprint)).Int()
 	if err != nil {
 		return fmt.Errorf("redisstore: renew: %w", err)
 	}
@@ -391,7 +412,7 @@ func (s *Store) Complete(ctx context.Context, key, token string, record []byte, 
 	value = append(value, record...)
 	var n int
 	if s.acks == nil {
-		n, err = completeScript.Run(ctx, s.scripts, []string{s.redisKey(key)}, ow, value, ms, token).Int()
+		n, err = s.run(ctx, completeScript, s.redisKey(key), ow, value, ms, token).Int()
 	} else {
 		n, err = s.acks.complete(ctx, s.redisKey(key), ow, value, ms, token)
 	}
@@ -409,7 +430,7 @@ func (s *Store) Release(ctx context.Context, key, token string) error {
 	if s.closed.Load() {
 		return idempotency.ErrClosed
 	}
-	n, err := releaseScript.Run(ctx, s.scripts, []string{s.redisKey(key)}, owner(token), token).Int()
+	n, err := s.run(ctx, releaseScript, s.redisKey(key), owner(token), token).Int()
 	if err != nil {
 		return fmt.Errorf("redisstore: release: %w", err)
 	}
@@ -463,7 +484,7 @@ func (s *Store) Wait(ctx context.Context, key string, seen idempotency.Entry) er
 			return idempotency.ErrClosed
 		}
 		ready = nil // confirmed, or no longer waited for
-		res, err := watchScript.Run(ctx, s.scripts, []string{rk}, ow).Slice()
+		res, err := s.run(ctx, watchScript, rk, ow).Slice()
 		if err != nil {
 			if ctx.Err() != nil {
 				return ctx.Err()
@@ -481,10 +502,6 @@ func (s *Store) Wait(ctx context.Context, key string, seen idempotency.Entry) er
 	}
 }
 
-// Close stops the Store's subscriber and wakes its waiters with ErrClosed.
-// It does not close the Redis client passed to New, and leaves every key in
-// Redis as it is: other replicas go on using them. Calls made after Close
-// return ErrClosed.
 // Health implements idempotency.HealthChecker: it pings Redis (every
 // master, on a Redis Cluster), and returns idempotency.ErrClosed once the
 // store is closed.
@@ -502,10 +519,18 @@ func (s *Store) Health(ctx context.Context) error {
 
 var _ idempotency.HealthChecker = (*Store)(nil)
 
+// Close stops the Store's subscriber and wakes its waiters with ErrClosed.
+// With WithAutoPipelining it also closes the client's AutoPipeliner, once
+// that has sent what it held. It does not close the Redis client passed to
+// New, and leaves every key in Redis as it is: other replicas go on using
+// them. Calls made after Close return ErrClosed.
 func (s *Store) Close() error {
 	if s.closed.Swap(true) {
 		return nil
 	}
 	s.hub.close()
+	if s.pipe != nil {
+		return s.pipe.close()
+	}
 	return nil
 }

@@ -161,10 +161,12 @@ func TestReleaseAndOwnerChecks(t *testing.T) {
 
 // A command that go-redis retries after a lost answer runs its script twice;
 // the owner must not be locked out of its own key by that.
-func TestRetriedCommandsAreHarmless(t *testing.T) {
+func TestRetriedCommandsAreHarmless(t *testing.T) { forEachMode(t, testRetriedCommandsAreHarmless) }
+
+func testRetriedCommandsAreHarmless(t *testing.T, m storeMode) {
 	ctx := context.Background()
 	c := newClient(t)
-	s := newStore(t, c, testPrefix(t, c))
+	s := m.store(t, c, testPrefix(t, c))
 
 	e, err := s.Reserve(ctx, "k", claim("t1"))
 	require.NoError(t, err)
@@ -570,10 +572,12 @@ func TestBinarySafe(t *testing.T) {
 	}
 }
 
-func TestClose(t *testing.T) {
+func TestClose(t *testing.T) { forEachMode(t, testClose) }
+
+func testClose(t *testing.T, m storeMode) {
 	ctx := context.Background()
 	c := newClient(t)
-	s := newStore(t, c, testPrefix(t, c))
+	s := m.store(t, c, testPrefix(t, c))
 
 	_, err := s.Reserve(ctx, "k", claim("t1"))
 	require.NoError(t, err)

@@ -49,15 +49,17 @@ func warmWatch(t *testing.T, s *redisstore.Store) {
 // One store reserves, a store on another client (another replica) waits, and
 // the first one's Complete wakes it through pub/sub: with periodic re-checks
 // off, the waiter sends exactly one command in all its wait.
-func TestWaitWokenAcrossStores(t *testing.T) {
+func TestWaitWokenAcrossStores(t *testing.T) { forEachMode(t, testWaitWokenAcrossStores) }
+
+func testWaitWokenAcrossStores(t *testing.T, m storeMode) {
 	ctx := context.Background()
 	ca := newClient(t)
 	counter := &commandCounter{}
 	cb := newClient(t)
 	cb.AddHook(counter)
 	prefix := testPrefix(t, ca)
-	a := newStore(t, ca, prefix)
-	b := newStore(t, cb, prefix, noRecheck)
+	a := m.store(t, ca, prefix)
+	b := m.store(t, cb, prefix, noRecheck)
 	warmWatch(t, b)
 
 	_, err := a.Reserve(ctx, "k", claim("a"))
@@ -79,12 +81,14 @@ func TestWaitWokenAcrossStores(t *testing.T) {
 	assert.Equal(t, []byte("outcome"), e.Record)
 }
 
-func TestWaitWokenByRelease(t *testing.T) {
+func TestWaitWokenByRelease(t *testing.T) { forEachMode(t, testWaitWokenByRelease) }
+
+func testWaitWokenByRelease(t *testing.T, m storeMode) {
 	ctx := context.Background()
 	c := newClient(t)
 	prefix := testPrefix(t, c)
-	a := newStore(t, c, prefix)
-	b := newStore(t, newClient(t), prefix, noRecheck)
+	a := m.store(t, c, prefix)
+	b := m.store(t, newClient(t), prefix, noRecheck)
 
 	_, err := a.Reserve(ctx, "k", claim("a"))
 	require.NoError(t, err)
@@ -102,9 +106,13 @@ func TestWaitWokenByRelease(t *testing.T) {
 // Wait must not miss what happened between the Reserve that saw the key
 // pending and the Wait: it returns at once.
 func TestWaitReturnsAtOnceWhenAlreadyChanged(t *testing.T) {
+	forEachMode(t, testWaitReturnsAtOnceWhenAlreadyChanged)
+}
+
+func testWaitReturnsAtOnceWhenAlreadyChanged(t *testing.T, m storeMode) {
 	ctx := context.Background()
 	c := newClient(t)
-	s := newStore(t, c, testPrefix(t, c), noRecheck)
+	s := m.store(t, c, testPrefix(t, c), noRecheck)
 
 	_, err := s.Reserve(ctx, "done", claim("a"))
 	require.NoError(t, err)
@@ -126,10 +134,12 @@ func TestWaitReturnsAtOnceWhenAlreadyChanged(t *testing.T) {
 	require.NoError(t, waitResult(t, goWait(ctx, s, "taken", seen)))
 }
 
-func TestWaitEndsWithContext(t *testing.T) {
+func TestWaitEndsWithContext(t *testing.T) { forEachMode(t, testWaitEndsWithContext) }
+
+func testWaitEndsWithContext(t *testing.T, m storeMode) {
 	ctx := context.Background()
 	c := newClient(t)
-	s := newStore(t, c, testPrefix(t, c))
+	s := m.store(t, c, testPrefix(t, c))
 
 	_, err := s.Reserve(ctx, "k", claim("a"))
 	require.NoError(t, err)
@@ -153,10 +163,12 @@ func TestWaitEndsWithContext(t *testing.T) {
 }
 
 // A renewed lease is waited for to its new end, not to the one seen.
-func TestWaitFollowsRenewal(t *testing.T) {
+func TestWaitFollowsRenewal(t *testing.T) { forEachMode(t, testWaitFollowsRenewal) }
+
+func testWaitFollowsRenewal(t *testing.T, m storeMode) {
 	ctx := context.Background()
 	c := newClient(t)
-	s := newStore(t, c, testPrefix(t, c), noRecheck)
+	s := m.store(t, c, testPrefix(t, c), noRecheck)
 
 	_, err := s.Reserve(ctx, "k", idempotency.Claim{Token: "a", Lease: 300 * time.Millisecond})
 	require.NoError(t, err)
@@ -178,9 +190,13 @@ func TestWaitFollowsRenewal(t *testing.T) {
 // written behind the store's back) still reaches the waiter through its
 // periodic re-check.
 func TestWaitRechecksWhenNotificationLost(t *testing.T) {
+	forEachMode(t, testWaitRechecksWhenNotificationLost)
+}
+
+func testWaitRechecksWhenNotificationLost(t *testing.T, m storeMode) {
 	ctx := context.Background()
 	c := newClient(t)
-	s := newStore(t, c, testPrefix(t, c), redisstore.WithRecheckInterval(100*time.Millisecond))
+	s := m.store(t, c, testPrefix(t, c), redisstore.WithRecheckInterval(100*time.Millisecond))
 
 	_, err := s.Reserve(ctx, "k", claim("a"))
 	require.NoError(t, err)
@@ -198,7 +214,9 @@ func TestWaitRechecksWhenNotificationLost(t *testing.T) {
 // When the subscriber connection dies, the store reconnects, subscribes its
 // waiters' channels again, and has every waiter re-check its key, since what
 // was published meanwhile is lost.
-func TestWaitSurvivesSubscriberLoss(t *testing.T) {
+func TestWaitSurvivesSubscriberLoss(t *testing.T) { forEachMode(t, testWaitSurvivesSubscriberLoss) }
+
+func testWaitSurvivesSubscriberLoss(t *testing.T, m storeMode) {
 	ctx := context.Background()
 	name := "redisstore-test-" + randomHex(4)
 	counter := &commandCounter{}
@@ -206,8 +224,8 @@ func TestWaitSurvivesSubscriberLoss(t *testing.T) {
 	c.AddHook(counter)
 	owner := newClient(t)
 	prefix := testPrefix(t, owner)
-	s := newStore(t, c, prefix, noRecheck)
-	o := newStore(t, owner, prefix)
+	s := m.store(t, c, prefix, noRecheck)
+	o := m.store(t, owner, prefix)
 	warmWatch(t, s)
 
 	// lost: changed without a notification, then the connection dies.
@@ -247,11 +265,13 @@ func TestWaitSurvivesSubscriberLoss(t *testing.T) {
 // connection; it answers, so the subscriber keeps its connection, and waiters
 // go on working through it. (The interval leaves Redis 300ms to answer a
 // ping, which even a loaded test machine does.)
-func TestWaitWithHealthChecks(t *testing.T) {
+func TestWaitWithHealthChecks(t *testing.T) { forEachMode(t, testWaitWithHealthChecks) }
+
+func testWaitWithHealthChecks(t *testing.T, m storeMode) {
 	ctx := context.Background()
 	name := "redisstore-test-" + randomHex(4)
 	c := newClient(t, func(o *redis.Options) { o.ClientName = name })
-	s := newStore(t, c, testPrefix(t, c), noRecheck, redisstore.WithHealthCheckInterval(300*time.Millisecond))
+	s := m.store(t, c, testPrefix(t, c), noRecheck, redisstore.WithHealthCheckInterval(300*time.Millisecond))
 	var ids []string
 	for i := range 5 {
 		_, err := s.Reserve(ctx, "k", claim("a"))
@@ -273,13 +293,15 @@ func TestWaitWithHealthChecks(t *testing.T) {
 
 // Clients that speak RESP2 get subscription replies and pongs in another
 // shape; waiters work the same.
-func TestWaitRESP2(t *testing.T) {
+func TestWaitRESP2(t *testing.T) { forEachMode(t, testWaitRESP2) }
+
+func testWaitRESP2(t *testing.T, m storeMode) {
 	ctx := context.Background()
 	resp2 := func(o *redis.Options) { o.Protocol = 2 }
 	ca, cb := newClient(t, resp2), newClient(t, resp2)
 	prefix := testPrefix(t, ca)
-	a := newStore(t, ca, prefix)
-	b := newStore(t, cb, prefix, noRecheck)
+	a := m.store(t, ca, prefix)
+	b := m.store(t, cb, prefix, noRecheck)
 	for range 3 {
 		_, err := a.Reserve(ctx, "k", claim("a"))
 		require.NoError(t, err)
@@ -296,10 +318,12 @@ func TestWaitRESP2(t *testing.T) {
 // subscriber on two keys' channels sees the notification of the waited key
 // and none of the other, which completed first: one connection delivers in
 // order.
-func TestPublishOnlyWhenWaitedOn(t *testing.T) {
+func TestPublishOnlyWhenWaitedOn(t *testing.T) { forEachMode(t, testPublishOnlyWhenWaitedOn) }
+
+func testPublishOnlyWhenWaitedOn(t *testing.T, m storeMode) {
 	ctx := context.Background()
 	c := newClient(t)
-	s := newStore(t, c, testPrefix(t, c), noRecheck)
+	s := m.store(t, c, testPrefix(t, c), noRecheck)
 
 	for _, k := range []string{"quiet", "waited"} {
 		_, err := s.Reserve(ctx, k, claim("a-"+k))
@@ -330,12 +354,14 @@ func TestPublishOnlyWhenWaitedOn(t *testing.T) {
 // Many waiters, on two stores, on one key and on others: one Complete wakes
 // all of its key's waiters and none of the others, and the subscriptions are
 // dropped once nobody waits.
-func TestManyWaiters(t *testing.T) {
+func TestManyWaiters(t *testing.T) { forEachMode(t, testManyWaiters) }
+
+func testManyWaiters(t *testing.T, m storeMode) {
 	ctx := context.Background()
 	ca, cb := newClient(t), newClient(t)
 	prefix := testPrefix(t, ca)
-	a := newStore(t, ca, prefix, noRecheck)
-	b := newStore(t, cb, prefix, noRecheck)
+	a := m.store(t, ca, prefix, noRecheck)
+	b := m.store(t, cb, prefix, noRecheck)
 
 	keys := []string{"k0", "k1", "k2"}
 	var seen []idempotency.Entry
@@ -392,11 +418,13 @@ func TestManyWaiters(t *testing.T) {
 
 // Replicas race for one key: exactly one Reserve wins, everyone else sees
 // that winner.
-func TestConcurrentReserveOneWinner(t *testing.T) {
+func TestConcurrentReserveOneWinner(t *testing.T) { forEachMode(t, testConcurrentReserveOneWinner) }
+
+func testConcurrentReserveOneWinner(t *testing.T, m storeMode) {
 	ctx := context.Background()
 	ca, cb := newClient(t), newClient(t)
 	prefix := testPrefix(t, ca)
-	stores := []*redisstore.Store{newStore(t, ca, prefix), newStore(t, cb, prefix)}
+	stores := []*redisstore.Store{m.store(t, ca, prefix), m.store(t, cb, prefix)}
 
 	for round := range 20 {
 		key := "race-" + string(rune('a'+round))
@@ -489,7 +517,9 @@ func (c *freezableConn) Close() error {
 // A subscriber connection that goes silent is found out by the health check:
 // the ping gets no answer, the store reconnects, and the waiter learns of the
 // Complete whose notification went into the void.
-func TestWaitSurvivesSilentSubscriber(t *testing.T) {
+func TestWaitSurvivesSilentSubscriber(t *testing.T) { forEachMode(t, testWaitSurvivesSilentSubscriber) }
+
+func testWaitSurvivesSilentSubscriber(t *testing.T, m storeMode) {
 	ctx := context.Background()
 	var mu sync.Mutex
 	var conns []*freezableConn
@@ -509,8 +539,8 @@ func TestWaitSurvivesSilentSubscriber(t *testing.T) {
 	})
 	owner := newClient(t)
 	prefix := testPrefix(t, owner)
-	s := newStore(t, c, prefix, noRecheck, redisstore.WithHealthCheckInterval(100*time.Millisecond))
-	o := newStore(t, owner, prefix)
+	s := m.store(t, c, prefix, noRecheck, redisstore.WithHealthCheckInterval(100*time.Millisecond))
+	o := m.store(t, owner, prefix)
 
 	_, err := o.Reserve(ctx, "k", claim("a"))
 	require.NoError(t, err)
