@@ -137,8 +137,9 @@ func testInspectList(t *testing.T, s *suite) {
 	}
 
 	// The exact key as the prefix lists it (and the keys it is a prefix of).
-	keys, _, err := in.ListKeys(t.Context(), prefix+"a*", "", 10)
-	wantOK(t, "ListKeys(one key)", err)
+	// A page may be short (a store that scans, such as Redis's, in a large
+	// keyspace), so the listing is paged through.
+	keys := s.listAll(t, in, prefix+"a*", 10)
 	if len(keys) != 1 || keys[0].Key != prefix+"a*" {
 		t.Fatalf("ListKeys(%s) = %d keys, want that one key", quote(prefix+"a*"), len(keys))
 	}
