@@ -385,11 +385,11 @@ func TestReplicaAcksFollowTheReplica(t *testing.T) {
 	require.NoError(t, st.Renew(ctx, k2, claim("b")))
 }
 
-// TestClusterMasterKillLatency measures how long the reserves of 8 callers
+// TestMasterKillLatencyOnCluster measures how long the reserves of 8 callers
 // take, and how many fail, while a master of a cluster is down (SIGKILL until
 // its replica is promoted), without and with WithAutoPipelining: logged, not
 // asserted. It runs with REDISSTORE_TEST_FAILOVER_AUTOPIPELINE=1 only.
-func TestClusterMasterKillLatency(t *testing.T) {
+func TestMasterKillLatencyOnCluster(t *testing.T) {
 	if os.Getenv("REDISSTORE_TEST_FAILOVER_AUTOPIPELINE") != "1" {
 		t.Skip("set REDISSTORE_TEST_FAILOVER_AUTOPIPELINE=1 to measure")
 	}
