@@ -120,6 +120,11 @@ func validate(account string, amount int64) error {
 	if account == "flaky" {
 		return status.Error(codes.Internal, "ledger hiccup")
 	}
+	if account == "latin1" {
+		// A message in ISO 8859-1, as a handler passing on a legacy
+		// system's error might send: not valid UTF-8.
+		return status.Error(codes.InvalidArgument, "no such account: caf\xe9")
+	}
 	return nil
 }
 

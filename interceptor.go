@@ -17,6 +17,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+	"unicode/utf8"
 	"unsafe"
 
 	"google.golang.org/grpc"
@@ -646,6 +647,19 @@ func (c *call) finish(ctx context.Context, f *firstRun, cacheable bool, overflow
 	return nil
 }
 
+// recordedStatus is the status a record keeps of a handler's error. A
+// message that is not valid UTF-8 cannot go into a record (protobuf strings
+// are UTF-8): the record keeps it with each invalid byte replaced by U+FFFD,
+// while the first caller gets it as the handler made it.
+func recordedStatus(err error) (*spb.Status, codes.Code) {
+	st := status.Convert(err)
+	p := st.Proto()
+	if p != nil && !utf8.ValidString(p.Message) {
+		p.Message = strings.ToValidUTF8(p.Message, "\uFFFD")
+	}
+	return p, st.Code()
+}
+
 // setTimestamp sets ts to t, as timestamppb.New would make it, and returns it.
 func setTimestamp(ts *timestamppb.Timestamp, t time.Time) *timestamppb.Timestamp {
 	ts.Seconds, ts.Nanos = t.Unix(), int32(t.Nanosecond())
@@ -777,8 +791,7 @@ func (s *Server) unary(ctx context.Context, req any, info *grpc.UnaryServerInfo,
 			rec.Responses = f.responses[:]
 		}
 	} else {
-		st := status.Convert(herr)
-		rec.Status, code = st.Proto(), st.Code()
+		rec.Status, code = recordedStatus(herr)
 	}
 	rec.Header, rec.Trailer = ts.recorded()
 	err = c.finish(hctx, f, s.o.isCacheable(code), overflow, ran)

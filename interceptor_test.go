@@ -81,6 +81,34 @@ func TestUnaryErrorWithDetailsIsReplayed(t *testing.T) {
 	})
 }
 
+// A status message that is not valid UTF-8 cannot go into a protobuf string:
+// the record keeps it with each invalid byte replaced by U+FFFD, and a
+// duplicate gets the error replayed, not run again and not an Internal error.
+func TestUnaryErrorMessageNotUTF8IsReplayed(t *testing.T) {
+	stores(t, func(t *testing.T, newStore func(testing.TB) idempotency.Store) {
+		e := newEnv(t, newStore(t), envConfig{})
+		ctx := withKey(testCtx(t), "latin1-1")
+		req := &testpb.ChargeRequest{Account: "latin1", AmountCents: 5}
+		first := charge(ctx, e, req)
+		require.Equal(t, codes.InvalidArgument, status.Code(first.err))
+		again := charge(ctx, e, req)
+		require.Equal(t, codes.InvalidArgument, status.Code(again.err), "the duplicate gets the first execution's code: %v", again.err)
+		assert.Equal(t, "no such account: caf\uFFFD", status.Convert(again.err).Message())
+		assert.True(t, idempotency.IsReplayed(again.header))
+		assert.EqualValues(t, 1, e.svc.execs.Load(), "the error is replayed, not run again")
+
+		// The same through the stream interceptor.
+		ctx = withKey(testCtx(t), "latin1-2")
+		sreq := &testpb.InstallmentsRequest{Account: "latin1", AmountCents: 5, Count: 1}
+		sfirst := installments(t, ctx, e, sreq)
+		require.Equal(t, codes.InvalidArgument, status.Code(sfirst.err))
+		sagain := installments(t, ctx, e, sreq)
+		require.Equal(t, codes.InvalidArgument, status.Code(sagain.err), "the duplicate gets the first execution's code: %v", sagain.err)
+		assert.Equal(t, "no such account: caf\uFFFD", status.Convert(sagain.err).Message())
+		assert.EqualValues(t, 2, e.svc.execs.Load(), "the stream's error is replayed, not run again")
+	})
+}
+
 func TestUnaryTransientErrorRunsAgain(t *testing.T) {
 	stores(t, func(t *testing.T, newStore func(testing.TB) idempotency.Store) {
 		e := newEnv(t, newStore(t), envConfig{})

@@ -134,16 +134,16 @@ func (s *Server) stream(srv any, ss grpc.ServerStream, info *grpc.StreamServerIn
 	var herr error
 	ran := c.run(rs.ctx, f, func() { herr = handler(srv, rs) })
 
-	st := status.Convert(herr)
+	st, code := recordedStatus(herr)
 	rec := &f.rec
-	rec.Fingerprint, rec.Status, rec.Responses = sum, st.Proto(), rs.responses
+	rec.Fingerprint, rec.Status, rec.Responses = sum, st, rs.responses
 	if rs.fp != nil {
 		rec.Fingerprint = rs.fp.sum()
 		rec.RequestsRead = rs.fp.n
 		rec.RequestsClosed = rs.closed
 	}
 	rec.Header, rec.Trailer = ts.recorded()
-	cacheable := s.o.isCacheable(st.Code())
+	cacheable := s.o.isCacheable(code)
 	// A client that went away before the handler returned is no reason to
 	// drop the outcome: the handler ran to its end, and its sends from then
 	// on were recorded, so its record is whole and the client's retry
