@@ -578,7 +578,7 @@ func (c *call) finish(ctx context.Context, f *firstRun, cacheable bool, overflow
 		rec.ExpiresAt = setTimestamp(&f.expires, now.Add(c.retention))
 		if overflow == nil {
 			var err error
-			if data, err = proto.Marshal(rec); err != nil {
+			if data, err = marshalRecord(rec); err != nil {
 				overflow = err
 			} else if len(data) > o.maxRecordSize {
 				tooLarge = len(data)

@@ -287,11 +287,11 @@ func (r *Records) Put(key string, data []byte, expires, now time.Time, limit int
 	for len(r.byExpiry) > 0 && !now.Before(r.byExpiry[0].expires) {
 		r.drop(r.popExpiry())
 	}
-	for r.head < len(r.queue) {
+	// Under the limit, the oldest is not looked up: a look-up of a key
+	// written long ago misses the caches on every first execution. Stale
+	// entries at the head go when over the limit, or in compact.
+	for r.head < len(r.queue) && len(r.M) > limit {
 		q := r.queue[r.head]
-		if r.live(q) && len(r.M) <= limit {
-			break
-		}
 		r.drop(q)
 		r.queue[r.head] = queued{}
 		r.head++
