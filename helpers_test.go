@@ -120,6 +120,10 @@ func validate(account string, amount int64) error {
 	if account == "flaky" {
 		return status.Error(codes.Internal, "ledger hiccup")
 	}
+	if account == "long-message" {
+		// 4,001 bytes, a two-byte character across every odd offset.
+		return status.Error(codes.InvalidArgument, "x"+strings.Repeat("é", 2000))
+	}
 	if account == "latin1" {
 		// A message in ISO 8859-1, as a handler passing on a legacy
 		// system's error might send: not valid UTF-8.

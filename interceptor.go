@@ -647,17 +647,18 @@ func (c *call) finish(ctx context.Context, f *firstRun, cacheable bool, overflow
 	return nil
 }
 
-// recordedStatus is the status a record keeps of a handler's error. A
-// message that is not valid UTF-8 cannot go into a record (protobuf strings
-// are UTF-8): the record keeps it with each invalid byte replaced by U+FFFD,
-// while the first caller gets it as the handler made it.
-func recordedStatus(err error) (*spb.Status, codes.Code) {
+// setStatus sets rec's status to a handler's error (nil for OK) and returns
+// its code. A message that is not valid UTF-8 cannot be a protobuf string:
+// the record keeps it with each invalid byte replaced by U+FFFD, which is
+// what the first caller got too (grpc-go and connect-go send it so).
+func setStatus(rec *Record, err error) codes.Code {
 	st := status.Convert(err)
 	p := st.Proto()
 	if p != nil && !utf8.ValidString(p.Message) {
 		p.Message = strings.ToValidUTF8(p.Message, "\uFFFD")
 	}
-	return p, st.Code()
+	rec.Status = p
+	return st.Code()
 }
 
 // setTimestamp sets ts to t, as timestamppb.New would make it, and returns it.
@@ -671,7 +672,12 @@ func setTimestamp(ts *timestamppb.Timestamp, t time.Time) *timestamppb.Timestamp
 func statusOnly(rec *Record, why error) []byte {
 	msg := rec.GetStatus().GetMessage()
 	if len(msg) > 1024 {
-		msg = msg[:1024]
+		// Cut where a character starts: a string field must stay UTF-8.
+		cut := 1024
+		for cut > 0 && !utf8.RuneStart(msg[cut]) {
+			cut--
+		}
+		msg = msg[:cut]
 	}
 	data, _ := proto.Marshal(&Record{
 		Method:         rec.Method,
@@ -681,7 +687,7 @@ func statusOnly(rec *Record, why error) []byte {
 		ExpiresAt:      rec.ExpiresAt,
 		RequestsRead:   rec.RequestsRead,
 		RequestsClosed: rec.RequestsClosed,
-		Omitted:        why.Error(),
+		Omitted:        strings.ToValidUTF8(why.Error(), "\uFFFD"),
 	})
 	return data
 }
@@ -791,7 +797,7 @@ func (s *Server) unary(ctx context.Context, req any, info *grpc.UnaryServerInfo,
 			rec.Responses = f.responses[:]
 		}
 	} else {
-		rec.Status, code = recordedStatus(herr)
+		code = setStatus(rec, herr)
 	}
 	rec.Header, rec.Trailer = ts.recorded()
 	err = c.finish(hctx, f, s.o.isCacheable(code), overflow, ran)

@@ -81,9 +81,9 @@ func TestUnaryErrorWithDetailsIsReplayed(t *testing.T) {
 	})
 }
 
-// A status message that is not valid UTF-8 cannot go into a protobuf string:
-// the record keeps it with each invalid byte replaced by U+FFFD, and a
-// duplicate gets the error replayed, not run again and not an Internal error.
+// A status message that is not valid UTF-8 cannot go into a protobuf string,
+// yet a duplicate gets the error replayed as the first caller got it (grpc-go
+// sends each invalid byte as U+FFFD), not run again and not an Internal error.
 func TestUnaryErrorMessageNotUTF8IsReplayed(t *testing.T) {
 	stores(t, func(t *testing.T, newStore func(testing.TB) idempotency.Store) {
 		e := newEnv(t, newStore(t), envConfig{})
@@ -93,7 +93,8 @@ func TestUnaryErrorMessageNotUTF8IsReplayed(t *testing.T) {
 		require.Equal(t, codes.InvalidArgument, status.Code(first.err))
 		again := charge(ctx, e, req)
 		require.Equal(t, codes.InvalidArgument, status.Code(again.err), "the duplicate gets the first execution's code: %v", again.err)
-		assert.Equal(t, "no such account: caf\uFFFD", status.Convert(again.err).Message())
+		require.Equal(t, "no such account: caf\uFFFD", status.Convert(first.err).Message(), "what grpc-go sends")
+		assert.Equal(t, statusBytes(t, first.err), statusBytes(t, again.err))
 		assert.True(t, idempotency.IsReplayed(again.header))
 		assert.EqualValues(t, 1, e.svc.execs.Load(), "the error is replayed, not run again")
 
@@ -104,7 +105,7 @@ func TestUnaryErrorMessageNotUTF8IsReplayed(t *testing.T) {
 		require.Equal(t, codes.InvalidArgument, status.Code(sfirst.err))
 		sagain := installments(t, ctx, e, sreq)
 		require.Equal(t, codes.InvalidArgument, status.Code(sagain.err), "the duplicate gets the first execution's code: %v", sagain.err)
-		assert.Equal(t, "no such account: caf\uFFFD", status.Convert(sagain.err).Message())
+		assert.Equal(t, statusBytes(t, sfirst.err), statusBytes(t, sagain.err))
 		assert.EqualValues(t, 2, e.svc.execs.Load(), "the stream's error is replayed, not run again")
 	})
 }
@@ -491,6 +492,22 @@ func TestObserverSeesEveryOutcome(t *testing.T) {
 	assert.Equal(t, 1, kinds[idempotency.EventRecordTooLarge])
 	assert.Equal(t, 1, kinds[idempotency.EventReplayed])
 	assert.EqualValues(t, 1, e.svc.execs.Load())
+}
+
+// The status-only record of an outcome too large to store keeps the start of
+// a long status message, cut where a character starts.
+func TestOversizedErrorWithLongMessageKeepsStatusOnlyRecord(t *testing.T) {
+	stores(t, func(t *testing.T, newStore func(testing.TB) idempotency.Store) {
+		e := newEnv(t, newStore(t), envConfig{server: []idempotency.Option{idempotency.WithMaxRecordSize(1500)}})
+		ctx := withKey(testCtx(t), "long-1")
+		req := &testpb.ChargeRequest{Account: "long-message", AmountCents: 5}
+		first := charge(ctx, e, req)
+		require.Equal(t, codes.InvalidArgument, status.Code(first.err))
+		again := charge(ctx, e, req)
+		require.Equal(t, codes.FailedPrecondition, status.Code(again.err), "%v", again.err)
+		assert.Contains(t, status.Convert(again.err).Message(), "too large to store")
+		assert.EqualValues(t, 1, e.svc.execs.Load())
+	})
 }
 
 func TestExecutionInHandlerContext(t *testing.T) {

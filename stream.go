@@ -134,9 +134,9 @@ func (s *Server) stream(srv any, ss grpc.ServerStream, info *grpc.StreamServerIn
 	var herr error
 	ran := c.run(rs.ctx, f, func() { herr = handler(srv, rs) })
 
-	st, code := recordedStatus(herr)
 	rec := &f.rec
-	rec.Fingerprint, rec.Status, rec.Responses = sum, st, rs.responses
+	code := setStatus(rec, herr)
+	rec.Fingerprint, rec.Responses = sum, rs.responses
 	if rs.fp != nil {
 		rec.Fingerprint = rs.fp.sum()
 		rec.RequestsRead = rs.fp.n

@@ -41,7 +41,7 @@ type run struct {
 
 var suites = []suite{
 	{name: "root", pkg: ".", runs: []run{
-		{`BenchmarkUnary/(none|memory|bolt)/(baseline|keyed|first|replay)/(p1|p64)$`, "1s"},
+		{`BenchmarkUnary/(none|memory|bolt)/(baseline|keyed|first|replay)/(p1|p64)$|BenchmarkHandRolled/(first|replay)/(p1|p64)$`, "1s"},
 		{`BenchmarkBoltCommit/(same-record|in-handler)$|BenchmarkUnary/(none|bolt)/(baseline|first)/p1$`, "400x"},
 		{`BenchmarkBlockingHandler|BenchmarkUnary/none/baseline/p1$`, "1000x"},
 		{`BenchmarkServerStream`, "1s"},
@@ -239,6 +239,8 @@ func report(r results) {
 			cell(replay1, base1, true), cell(replay64, base64, false))
 	}
 	row("memory", u+"none/baseline/p1", u+"none/baseline/p64", u+"memory/first/p1", u+"memory/first/p64", u+"memory/replay/p1", u+"memory/replay/p64")
+	const h = "root/0/BenchmarkHandRolled/"
+	row("hand-rolled memory table (floor)", u+"none/baseline/p1", u+"none/baseline/p64", h+"first/p1", h+"first/p64", h+"replay/p1", h+"replay/p64")
 	row("bbolt", u+"none/baseline/p1", u+"none/baseline/p64", u+"bolt/first/p1", u+"bolt/first/p64", u+"bolt/replay/p1", u+"bolt/replay/p64")
 	const ru = "redis/0/BenchmarkUnary/"
 	row("Redis", ru+"none/baseline/p1", ru+"none/baseline/p64", ru+"redis/first/p1", ru+"redis/first/p64", ru+"redis/replay/p1", ru+"redis/replay/p64")
@@ -288,6 +290,10 @@ func report(r results) {
 	}
 	target("memory first execution p1, share of a bare call (≥ 0.85)",
 		per(r.us(u+"none/baseline/p1"), r.us(u+"memory/first/p1"), ratio), "%.2f")
+	target("hand-rolled memory table first execution p1, share of a bare call (the floor)",
+		per(r.us(u+"none/baseline/p1"), r.us(h+"first/p1"), ratio), "%.2f")
+	target("memory first execution p1 ÷ hand-rolled table's",
+		per(r.us(u+"memory/first/p1"), r.us(h+"first/p1"), ratio), "%.2f")
 	target("memory first execution p1, allocations over a bare call (≤ 20)",
 		per(r.metric(u+"memory/first/p1", "allocs/op"), r.metric(u+"none/baseline/p1", "allocs/op"), diff), "%.0f")
 	target("memory replay p1, allocations over a bare call (≤ 15)",
