@@ -892,6 +892,7 @@ type transportRecorder struct {
 }
 
 func (r *transportRecorder) SetHeader(md metadata.MD) error {
+	md = withoutReplayed(md)
 	if err := unlessGone(r.client, func() error { return r.ServerTransportStream.SetHeader(md) }); err != nil {
 		return err
 	}
@@ -900,6 +901,7 @@ func (r *transportRecorder) SetHeader(md metadata.MD) error {
 }
 
 func (r *transportRecorder) SendHeader(md metadata.MD) error {
+	md = withoutReplayed(md)
 	if err := unlessGone(r.client, func() error { return r.ServerTransportStream.SendHeader(md) }); err != nil {
 		return err
 	}

@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"encoding/base64"
 	"encoding/hex"
+	"strings"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
@@ -15,7 +16,8 @@ const (
 	// KeyHeader is the request metadata key that carries the idempotency key.
 	KeyHeader = "idempotency-key"
 	// ReplayedHeader is the response header that marks a replayed answer. Its
-	// value is "true"; the first execution never carries it.
+	// value is "true"; the first execution never carries it, so a value a
+	// handler sets under this name is dropped from its header.
 	ReplayedHeader = "idempotency-replayed"
 	// MaxKeyLength is the longest idempotency key accepted, in bytes.
 	MaxKeyLength = 255
@@ -116,4 +118,22 @@ func keyFromOutgoing(ctx context.Context) (string, bool, error) {
 	default:
 		return "", true, status.Errorf(codes.InvalidArgument, "%s metadata has %d values; send exactly one", KeyHeader, len(v))
 	}
+}
+
+// withoutReplayed returns md without ReplayedHeader (in any case), which a
+// first execution's handler may not send: it would make the answer look
+// like a replay. md itself is returned, not copied, when it has none.
+func withoutReplayed(md metadata.MD) metadata.MD {
+	for k := range md {
+		if strings.EqualFold(k, ReplayedHeader) {
+			out := make(metadata.MD, len(md))
+			for k, v := range md {
+				if !strings.EqualFold(k, ReplayedHeader) {
+					out[k] = v
+				}
+			}
+			return out
+		}
+	}
+	return md
 }

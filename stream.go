@@ -283,6 +283,7 @@ func (r *recordingStream) SetHeader(md metadata.MD) error {
 	if r.ts == nil {
 		return r.ServerStream.SetHeader(md)
 	}
+	md = withoutReplayed(md)
 	if err := unlessGone(r.ServerStream.Context(), func() error { return r.ServerStream.SetHeader(md) }); err != nil {
 		return err
 	}
@@ -294,6 +295,7 @@ func (r *recordingStream) SendHeader(md metadata.MD) error {
 	if r.ts == nil {
 		return r.ServerStream.SendHeader(md)
 	}
+	md = withoutReplayed(md)
 	if err := unlessGone(r.ServerStream.Context(), func() error { return r.ServerStream.SendHeader(md) }); err != nil {
 		return err
 	}

@@ -1,0 +1,217 @@
+package idempotency_test
+
+import (
+	"context"
+	"errors"
+	"net"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+	"google.golang.org/grpc/test/bufconn"
+
+	"github.com/grpcidem/idempotency"
+	testpb "github.com/grpcidem/idempotency/internal/testpb"
+)
+
+// oddPayments is a PaymentService whose methods a test supplies, to play a
+// handler that does unusual things with its metadata, status or response.
+type oddPayments struct {
+	testpb.UnimplementedPaymentServiceServer
+	execs        atomic.Int64
+	charge       func(ctx context.Context, req *testpb.ChargeRequest) (*testpb.ChargeResponse, error)
+	installments func(req *testpb.InstallmentsRequest, ss grpc.ServerStreamingServer[testpb.ChargeResponse]) error
+}
+
+func (p *oddPayments) Charge(ctx context.Context, req *testpb.ChargeRequest) (*testpb.ChargeResponse, error) {
+	p.execs.Add(1)
+	return p.charge(ctx, req)
+}
+
+func (p *oddPayments) ChargeInstallments(req *testpb.InstallmentsRequest, ss grpc.ServerStreamingServer[testpb.ChargeResponse]) error {
+	p.execs.Add(1)
+	return p.installments(req, ss)
+}
+
+// newOddEnv serves svc behind the idempotency interceptors on bufconn.
+func newOddEnv(t testing.TB, store idempotency.Store, svc testpb.PaymentServiceServer, opts ...idempotency.Option) *env {
+	t.Helper()
+	idem := mustServer(store, opts...)
+	srv := grpc.NewServer(idem.ServerOptions()...)
+	testpb.RegisterPaymentServiceServer(srv, svc)
+	lis := bufconn.Listen(1 << 20)
+	go func() { _ = srv.Serve(lis) }()
+	conn, err := grpc.NewClient("passthrough:///bufnet",
+		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) { return lis.DialContext(ctx) }),
+		grpc.WithTransportCredentials(insecure.NewCredentials()))
+	require.NoError(t, err)
+	t.Cleanup(func() {
+		conn.Close()
+		srv.Stop()
+	})
+	return &env{store: store, conn: conn, client: testpb.NewPaymentServiceClient(conn)}
+}
+
+func readInstallments(t testing.TB, ctx context.Context, e *env, req *testpb.InstallmentsRequest) streamAnswer {
+	var a streamAnswer
+	stream, err := e.client.ChargeInstallments(ctx, req)
+	if err != nil {
+		return streamAnswer{err: err}
+	}
+	for {
+		m, err := stream.Recv()
+		if err != nil {
+			return a.finish(stream, err)
+		}
+		a.add(t, m)
+	}
+}
+
+// A handler that sets the idempotency-replayed header itself (passing on
+// an upstream's answer, say) must not make a first execution look like a
+// replay: the first execution never carries it, and a replay carries
+// exactly one value, "true".
+func TestFirstExecutionDropsHandlersReplayedHeader(t *testing.T) {
+	stores(t, func(t *testing.T, newStore func(testing.TB) idempotency.Store) {
+		svc := &oddPayments{
+			charge: func(ctx context.Context, req *testpb.ChargeRequest) (*testpb.ChargeResponse, error) {
+				_ = grpc.SetHeader(ctx, metadata.Pairs(idempotency.ReplayedHeader, "true", "x-a", "1"))
+				_ = grpc.SetHeader(ctx, metadata.Pairs(idempotency.ReplayedHeader, "false"))
+				return &testpb.ChargeResponse{ChargeId: chargeID()}, nil
+			},
+			installments: func(req *testpb.InstallmentsRequest, ss grpc.ServerStreamingServer[testpb.ChargeResponse]) error {
+				_ = ss.SetHeader(metadata.Pairs(idempotency.ReplayedHeader, "true", "x-a", "1"))
+				_ = ss.SendHeader(metadata.Pairs(idempotency.ReplayedHeader, "false"))
+				return ss.Send(&testpb.ChargeResponse{ChargeId: chargeID()})
+			},
+		}
+		e := newOddEnv(t, newStore(t), svc)
+		ctx := withKey(testCtx(t), "replayed-by-handler")
+		first := charge(ctx, e, chargeReq)
+		require.NoError(t, first.err)
+		assert.Empty(t, first.header.Get(idempotency.ReplayedHeader), "a unary first execution carries no replay header")
+		assert.Equal(t, []string{"1"}, first.header.Get("x-a"))
+		again := charge(ctx, e, chargeReq)
+		require.NoError(t, again.err)
+		assert.Equal(t, []string{"true"}, again.header.Get(idempotency.ReplayedHeader))
+		assert.Equal(t, stripped(first.header), stripped(again.header))
+		assert.Equal(t, first.resp.ChargeId, again.resp.ChargeId)
+
+		sctx := withKey(testCtx(t), "replayed-by-stream-handler")
+		sfirst := readInstallments(t, sctx, e, installmentsReq)
+		require.NoError(t, sfirst.err)
+		assert.Empty(t, sfirst.header.Get(idempotency.ReplayedHeader), "a stream's first execution carries no replay header")
+		sagain := readInstallments(t, sctx, e, installmentsReq)
+		require.NoError(t, sagain.err)
+		assert.Equal(t, []string{"true"}, sagain.header.Get(idempotency.ReplayedHeader))
+		assert.Equal(t, stripped(sfirst.header), stripped(sagain.header))
+		assert.Equal(t, sfirst.msgs, sagain.msgs)
+		assert.EqualValues(t, 2, svc.execs.Load())
+	})
+}
+
+// Header set in pieces (SendHeader, then a SetHeader that fails), trailer
+// set several times, binary values, repeated keys: a replay returns the
+// same, for unary and server-streaming calls.
+func TestMetadataSetInPiecesReplays(t *testing.T) {
+	stores(t, func(t *testing.T, newStore func(testing.TB) idempotency.Store) {
+		svc := &oddPayments{
+			charge: func(ctx context.Context, req *testpb.ChargeRequest) (*testpb.ChargeResponse, error) {
+				_ = grpc.SetHeader(ctx, metadata.Pairs("x-a", "1", "x-a", "2", "x-b-bin", "\x00\xff"))
+				_ = grpc.SendHeader(ctx, metadata.Pairs("x-c", "3"))
+				if err := grpc.SetHeader(ctx, metadata.Pairs("x-late", "no")); err == nil {
+					return nil, errors.New("SetHeader after SendHeader succeeded")
+				}
+				_ = grpc.SetTrailer(ctx, metadata.Pairs("x-t", "1"))
+				_ = grpc.SetTrailer(ctx, metadata.Pairs("x-t", "2", "x-u-bin", "\x01"))
+				return nil, status.Error(codes.NotFound, "no such card")
+			},
+			installments: func(req *testpb.InstallmentsRequest, ss grpc.ServerStreamingServer[testpb.ChargeResponse]) error {
+				_ = ss.SetHeader(metadata.Pairs("x-a", "1"))
+				_ = ss.Send(&testpb.ChargeResponse{ChargeId: chargeID()})
+				if err := ss.SetHeader(metadata.Pairs("x-late", "no")); err == nil {
+					return errors.New("SetHeader after Send succeeded")
+				}
+				ss.SetTrailer(metadata.Pairs("x-t", "1"))
+				ss.SetTrailer(metadata.Pairs("x-t", "2"))
+				return status.Error(codes.OutOfRange, "plan ended")
+			},
+		}
+		e := newOddEnv(t, newStore(t), svc)
+		ctx := withKey(testCtx(t), "pieces")
+		first := charge(ctx, e, chargeReq)
+		require.Equal(t, codes.NotFound, status.Code(first.err), "%v", first.err)
+		again := charge(ctx, e, chargeReq)
+		assert.Equal(t, statusBytes(t, first.err), statusBytes(t, again.err))
+		assert.Equal(t, stripped(first.header), stripped(again.header))
+		assert.Equal(t, first.trailer, again.trailer)
+		assert.Empty(t, first.header.Get("x-late"))
+
+		sctx := withKey(testCtx(t), "pieces-stream")
+		sfirst := readInstallments(t, sctx, e, installmentsReq)
+		require.Equal(t, codes.OutOfRange, status.Code(sfirst.err), "%v", sfirst.err)
+		sagain := readInstallments(t, sctx, e, installmentsReq)
+		assert.Equal(t, statusBytes(t, sfirst.err), statusBytes(t, sagain.err))
+		assert.Equal(t, stripped(sfirst.header), stripped(sagain.header))
+		assert.Equal(t, sfirst.trailer, sagain.trailer)
+		assert.Equal(t, sfirst.msgs, sagain.msgs)
+		assert.EqualValues(t, 2, svc.execs.Load())
+	})
+}
+
+// A handler that returns a typed nil response (what generated code makes
+// of "return nil, nil") sends an empty message; its replay is the same.
+func TestTypedNilResponseReplays(t *testing.T) {
+	stores(t, func(t *testing.T, newStore func(testing.TB) idempotency.Store) {
+		svc := &oddPayments{charge: func(ctx context.Context, req *testpb.ChargeRequest) (*testpb.ChargeResponse, error) {
+			return nil, nil
+		}}
+		e := newOddEnv(t, newStore(t), svc)
+		ctx := withKey(testCtx(t), "typed-nil")
+		first := charge(ctx, e, chargeReq)
+		require.NoError(t, first.err)
+		again := charge(ctx, e, chargeReq)
+		require.NoError(t, again.err)
+		assert.True(t, idempotency.IsReplayed(again.header))
+		assert.Equal(t, mustMarshal(t, first.resp), mustMarshal(t, again.resp))
+		assert.EqualValues(t, 1, svc.execs.Load())
+	})
+}
+
+// A duplicate whose deadline is shorter than the running first execution
+// gets Aborted or DeadlineExceeded in time, not a hang.
+func TestDuplicateWithShortDeadlineWhileFirstRuns(t *testing.T) {
+	stores(t, func(t *testing.T, newStore func(testing.TB) idempotency.Store) {
+		hold := make(chan struct{})
+		started := make(chan struct{}, 1)
+		svc := &oddPayments{charge: func(ctx context.Context, req *testpb.ChargeRequest) (*testpb.ChargeResponse, error) {
+			started <- struct{}{}
+			<-hold
+			return &testpb.ChargeResponse{ChargeId: chargeID()}, nil
+		}}
+		e := newOddEnv(t, newStore(t), svc)
+		ctx := withKey(testCtx(t), "slow")
+		done := make(chan answer, 1)
+		go func() { done <- charge(ctx, e, chargeReq) }()
+		<-started
+		dctx, cancel := context.WithTimeout(ctx, 200*time.Millisecond)
+		defer cancel()
+		t0 := time.Now()
+		dup := charge(dctx, e, chargeReq)
+		took := time.Since(t0)
+		close(hold)
+		assert.Contains(t, []codes.Code{codes.Aborted, codes.DeadlineExceeded}, status.Code(dup.err), "%v", dup.err)
+		assert.Less(t, took, 2*time.Second)
+		require.NoError(t, (<-done).err)
+		again := charge(ctx, e, chargeReq)
+		require.NoError(t, again.err)
+		assert.True(t, idempotency.IsReplayed(again.header))
+	})
+}
