@@ -648,11 +648,17 @@ func (c *call) finish(ctx context.Context, f *firstRun, cacheable bool, overflow
 }
 
 // setStatus sets rec's status to a handler's error (nil for OK) and returns
-// its code. A message that is not valid UTF-8 cannot be a protobuf string:
-// the record keeps it with each invalid byte replaced by U+FFFD, which is
-// what the first caller got too (grpc-go and connect-go send it so).
+// its code. An error that is not a status is converted as grpc-go converts
+// it for the caller: a context error (or one wrapping it) is Canceled or
+// DeadlineExceeded, anything else Unknown. A message that is not valid
+// UTF-8 cannot be a protobuf string: the record keeps it with each invalid
+// byte replaced by U+FFFD, which is what the first caller got too (grpc-go
+// and connect-go send it so).
 func setStatus(rec *Record, err error) codes.Code {
-	st := status.Convert(err)
+	st, ok := status.FromError(err)
+	if !ok {
+		st = status.FromContextError(err)
+	}
 	p := st.Proto()
 	if p != nil && !utf8.ValidString(p.Message) {
 		p.Message = strings.ToValidUTF8(p.Message, "\uFFFD")

@@ -185,6 +185,33 @@ func TestTypedNilResponseReplays(t *testing.T) {
 	})
 }
 
+// A handler that returns its context's error (or one wrapping it): grpc-go
+// sends Canceled or DeadlineExceeded, and that is the code recorded,
+// reported and replayed, not Unknown. With the default cacheable set both
+// release the key, but a server that caches DeadlineExceeded must replay
+// what the first caller got.
+func TestHandlerContextErrorKeepsItsWireCode(t *testing.T) {
+	svc := &oddPayments{charge: func(ctx context.Context, req *testpb.ChargeRequest) (*testpb.ChargeResponse, error) {
+		return nil, context.DeadlineExceeded
+	}}
+	var got atomic.Value
+	e := newOddEnv(t, newMemstore(t), svc,
+		idempotency.WithCacheableCodes(codes.OK, codes.DeadlineExceeded),
+		idempotency.WithObserver(func(_ context.Context, ev idempotency.Event) {
+			if ev.Kind == idempotency.EventExecuted {
+				got.Store(ev.Code)
+			}
+		}))
+	ctx := withKey(testCtx(t), "ctx-err")
+	first := charge(ctx, e, chargeReq)
+	require.Equal(t, codes.DeadlineExceeded, status.Code(first.err), "grpc-go sends a context error's own code")
+	assert.Equal(t, codes.DeadlineExceeded, got.Load(), "the executed event reports the code the caller got")
+	again := charge(ctx, e, chargeReq)
+	assert.True(t, idempotency.IsReplayed(again.header), "DeadlineExceeded is cacheable here, so it is replayed")
+	assert.Equal(t, statusBytes(t, first.err), statusBytes(t, again.err))
+	assert.EqualValues(t, 1, svc.execs.Load())
+}
+
 // A duplicate whose deadline is shorter than the running first execution
 // gets Aborted or DeadlineExceeded in time, not a hang.
 func TestDuplicateWithShortDeadlineWhileFirstRuns(t *testing.T) {
