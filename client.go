@@ -244,6 +244,9 @@ func (o *clientOptions) withKey(ctx context.Context, p *methodPolicy, req proto.
 	if o.noKey {
 		return ctx, false, nil
 	}
+	if req != nil && !req.ProtoReflect().IsValid() {
+		req = nil // a typed nil: its key field cannot be filled
+	}
 	fieldKey := p.requestKey(req)
 	if fieldKey != "" {
 		if err := validateKey(fieldKey, "request field "+p.keyFieldName()); err != nil {

@@ -3,6 +3,7 @@ package idempotency_test
 import (
 	"context"
 	"errors"
+	"io"
 	"net"
 	"sync/atomic"
 	"testing"
@@ -241,4 +242,34 @@ func TestDuplicateWithShortDeadlineWhileFirstRuns(t *testing.T) {
 		require.NoError(t, again.err)
 		assert.True(t, idempotency.IsReplayed(again.header))
 	})
+}
+
+// A nil request of a method with a key field (a typed nil, as a caller
+// passes when every field is zero) cannot have its key field filled: the
+// client interceptor sends the key as metadata instead, and never panics.
+func TestClientNilRequestOfKeyFieldMethod(t *testing.T) {
+	e := newPolicyEnv(t, newMemstore(t), nil,
+		grpc.WithChainUnaryInterceptor(idempotency.UnaryClientInterceptor()),
+		grpc.WithChainStreamInterceptor(idempotency.StreamClientInterceptor()))
+	ctx := testCtx(t)
+
+	var req *testpb.TransferRequest
+	var err error
+	require.NotPanics(t, func() { _, err = e.client.Transfer(ctx, req) })
+	require.NoError(t, err, "the key required by Transfer came as metadata")
+	keys := e.keys.of(testpb.PolicyService_Transfer_FullMethodName)
+	require.Len(t, keys, 1)
+	assert.NoError(t, idempotency.ValidateKey(keys[0]))
+
+	require.NotPanics(t, func() {
+		var stream grpc.ServerStreamingClient[testpb.TransferResponse]
+		stream, err = e.client.TransferSteps(ctx, req)
+		if err == nil {
+			_, err = stream.Recv()
+		}
+	})
+	require.ErrorIs(t, err, io.EOF, "no steps for a zero count")
+	keys = e.keys.of(testpb.PolicyService_TransferSteps_FullMethodName)
+	require.Len(t, keys, 1)
+	assert.NoError(t, idempotency.ValidateKey(keys[0]))
 }
