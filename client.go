@@ -98,7 +98,8 @@ func defaultClientOptions() clientOptions {
 // WithKey sets the idempotency key of one logical call, instead of a fresh
 // random one. Use it per call, with a key your application keeps (an order
 // id, a payment intent), so that a retry after a crash of the client reuses it.
-// A key the server would refuse (empty, over 255 bytes, not visible ASCII)
+// A key the server would refuse (empty, over 255 bytes, not visible ASCII),
+// or one that differs from a key already in the call's outgoing metadata,
 // fails the call with InvalidArgument before anything is sent.
 func WithKey(key string) CallOption {
 	return CallOption{apply: func(o *clientOptions) { o.key, o.keySet, o.noKey = key, true, false }}
@@ -237,8 +238,8 @@ func (c *clientPolicies) of(method string, o *clientOptions) *methodPolicy {
 // (unary and server-streaming calls), else nil.
 //
 // A key the caller gave (in the outgoing metadata, or with WithKey) is sent
-// as metadata, to any method; a key field the caller filled must hold the
-// same key. Otherwise only methods that take part get a key: in their key
+// as metadata, to any method; a key field the caller filled, and a key in
+// both the metadata and WithKey, must hold the same key. Otherwise only methods that take part get a key: in their key
 // field, filled with a fresh UUID4 if empty, or else as metadata.
 func (o *clientOptions) withKey(ctx context.Context, p *methodPolicy, req proto.Message) (context.Context, bool, error) {
 	if o.noKey {
@@ -259,7 +260,10 @@ func (o *clientOptions) withKey(ctx context.Context, p *methodPolicy, req proto.
 		// anything is sent.
 		return ctx, false, err
 	}
-	if !ok && o.keySet {
+	if o.keySet {
+		if ok && given != o.key {
+			return ctx, false, status.Errorf(codes.InvalidArgument, "idempotency: the call's %s metadata and WithKey hold different keys; give one key, or the same in both", KeyHeader)
+		}
 		given = o.key
 	}
 	switch {

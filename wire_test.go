@@ -273,3 +273,24 @@ func TestClientNilRequestOfKeyFieldMethod(t *testing.T) {
 	require.Len(t, keys, 1)
 	assert.NoError(t, idempotency.ValidateKey(keys[0]))
 }
+
+// A call given a key both in its outgoing metadata and with WithKey must
+// not lose one of them silently: two different keys are refused before
+// anything is sent, as a key field that differs from the key is.
+func TestClientRefusesWithKeyThatDiffersFromMetadata(t *testing.T) {
+	e := newPolicyEnv(t, newMemstore(t), nil,
+		grpc.WithChainUnaryInterceptor(idempotency.UnaryClientInterceptor()),
+		grpc.WithChainStreamInterceptor(idempotency.StreamClientInterceptor()))
+	ctx := metadata.AppendToOutgoingContext(testCtx(t), idempotency.KeyHeader, "meta-key")
+
+	_, err := e.pay.Charge(ctx, chargeReq, idempotency.WithKey("option-key"))
+	require.Equal(t, codes.InvalidArgument, status.Code(err), "%v", err)
+	_, err = e.pay.ChargeBatch(ctx, idempotency.WithKey("option-key"))
+	require.Equal(t, codes.InvalidArgument, status.Code(err), "%v", err)
+	assert.Empty(t, e.keys.of(testpb.PaymentService_Charge_FullMethodName), "nothing was sent")
+	assert.Empty(t, e.keys.of(testpb.PaymentService_ChargeBatch_FullMethodName), "nothing was sent")
+
+	_, err = e.pay.Charge(ctx, chargeReq, idempotency.WithKey("meta-key"))
+	require.NoError(t, err, "the same key in both is one key")
+	assert.Equal(t, []string{"meta-key"}, e.keys.of(testpb.PaymentService_Charge_FullMethodName))
+}
