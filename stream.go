@@ -318,22 +318,24 @@ func (r *transportRecorder) addTrailer(md metadata.MD) {
 
 // replayStream answers a duplicate stream from rec. For client and bidi
 // streams it reads the duplicate's requests (while sending the stored
-// responses, for bidi) and refuses it if they differ from the first's.
+// responses, for bidi) and refuses it if they differ from the first's. A
+// client stream's requests are all read before anything of rec is sent, so
+// that a refused one gets no replay header and none of rec's header.
 func (c *call) replayStream(ss grpc.ServerStream, r reservation, types methodTypes, info *grpc.StreamServerInfo) error {
 	rec := r.rec
+	if info.IsClientStream && !info.IsServerStream {
+		if err := c.readDuplicate(ss, rec, types); err != nil {
+			return err
+		}
+	}
 	if err := ss.SetHeader(replayHeader(rec)); err != nil {
 		return err
 	}
 	var readErr chan error
-	switch {
-	case info.IsClientStream && info.IsServerStream:
+	if info.IsClientStream && info.IsServerStream {
 		// The client may wait for answers before it sends more.
 		readErr = make(chan error, 1)
 		go func() { readErr <- c.readDuplicate(ss, rec, types) }()
-	case info.IsClientStream:
-		if err := c.readDuplicate(ss, rec, types); err != nil {
-			return err
-		}
 	}
 	for _, b := range rec.Responses {
 		m := types.out.New().Interface()

@@ -294,3 +294,42 @@ func TestClientRefusesWithKeyThatDiffersFromMetadata(t *testing.T) {
 	require.NoError(t, err, "the same key in both is one key")
 	assert.Equal(t, []string{"meta-key"}, e.keys.of(testpb.PaymentService_Charge_FullMethodName))
 }
+
+// A client stream whose requests differ from the first execution's (here
+// only in the last one) gets FailedPrecondition, and nothing of the stored
+// outcome: not the replay header, not the first execution's header. Unary
+// and server-streaming mismatches are the same.
+func TestMismatchCarriesNoStoredHeader(t *testing.T) {
+	stores(t, func(t *testing.T, newStore func(testing.TB) idempotency.Store) {
+		e := newEnv(t, newStore(t), envConfig{})
+		ctx := withKey(testCtx(t), "batch-mismatch")
+		first := batch(t, ctx, e, batchReqs)
+		require.NoError(t, first.err)
+		require.Equal(t, []string{"1"}, first.header.Get("x-batch"))
+		last := &testpb.ChargeRequest{Account: "acct_3", AmountCents: 301, Currency: "USD"}
+		dup := batch(t, ctx, e, []*testpb.ChargeRequest{batchReqs[0], batchReqs[1], last})
+		require.Equal(t, codes.FailedPrecondition, status.Code(dup.err), "%v", dup.err)
+		assert.Empty(t, dup.header.Get(idempotency.ReplayedHeader), "a mismatch is not a replay")
+		assert.Empty(t, dup.header.Get("x-batch"), "a mismatch gets nothing of the first execution's outcome")
+		assert.Empty(t, stripped(dup.trailer))
+		again := batch(t, ctx, e, batchReqs)
+		require.NoError(t, again.err)
+		assert.True(t, idempotency.IsReplayed(again.header))
+		assert.Equal(t, first.msgs, again.msgs)
+
+		uctx := withKey(testCtx(t), "charge-mismatch")
+		require.NoError(t, charge(uctx, e, chargeReq).err)
+		u := charge(uctx, e, &testpb.ChargeRequest{Account: "acct_1", AmountCents: 1251, Currency: "EUR"})
+		require.Equal(t, codes.FailedPrecondition, status.Code(u.err), "%v", u.err)
+		assert.Empty(t, stripped(u.header))
+		assert.Empty(t, u.header.Get(idempotency.ReplayedHeader))
+
+		sctx := withKey(testCtx(t), "installments-mismatch")
+		require.NoError(t, installments(t, sctx, e, installmentsReq).err)
+		s := installments(t, sctx, e, &testpb.InstallmentsRequest{Account: "acct_1", AmountCents: 10_000, Currency: "EUR", Count: 5})
+		require.Equal(t, codes.FailedPrecondition, status.Code(s.err), "%v", s.err)
+		assert.Empty(t, stripped(s.header))
+		assert.Empty(t, s.header.Get(idempotency.ReplayedHeader))
+		assert.EqualValues(t, 3, e.svc.execs.Load())
+	})
+}
