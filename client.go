@@ -363,8 +363,8 @@ func UnaryClientInterceptor(opts ...CallOption) grpc.UnaryClientInterceptor {
 			rest = append(rest, grpc.Header(&header))
 		}
 		maxAttempts := o.maxAttempts
-		if !keyed && (!p.safe || o.noKey) {
-			maxAttempts = 1 // without a key, a retry is not safe
+		if !keyed && !p.safe {
+			maxAttempts = 1 // without a key, a retry is safe only if the proto says so
 		}
 		attempt := 0
 		for {
@@ -461,7 +461,7 @@ func (s *clientStream) start(req proto.Message) error {
 		return err
 	}
 	s.ctx = ctx
-	s.retry = (keyed || s.p.safe && !s.o.noKey) && s.o.maxAttempts > 1 && s.desc.ServerStreams && !s.desc.ClientStreams
+	s.retry = (keyed || s.p.safe) && s.o.maxAttempts > 1 && s.desc.ServerStreams && !s.desc.ClientStreams
 	if err := s.open(); err != nil {
 		s.report()
 		return err

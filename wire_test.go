@@ -333,3 +333,25 @@ func TestMismatchCarriesNoStoredHeader(t *testing.T) {
 		assert.EqualValues(t, 3, e.svc.execs.Load())
 	})
 }
+
+// WithoutKey leaves a method declared NO_SIDE_EFFECTS or IDEMPOTENT
+// retried, as its documentation says: the proto, not the key, makes those
+// retries safe. A method that takes part is not retried without its key.
+func TestClientWithoutKeyStillRetriesDeclaredSafeMethods(t *testing.T) {
+	retry := []idempotency.CallOption{idempotency.WithMaxAttempts(3), idempotency.WithBackoff(time.Millisecond, time.Millisecond)}
+	e := newPolicyEnv(t, newMemstore(t), nil,
+		grpc.WithChainUnaryInterceptor(idempotency.UnaryClientInterceptor(retry...)),
+		grpc.WithChainStreamInterceptor(idempotency.StreamClientInterceptor(retry...)))
+	ctx := testCtx(t)
+
+	e.svc.failFirst.Store(1)
+	var attempts int
+	require.NoError(t, call(ctx, e.client.Inspect, &testpb.TransferRequest{}, idempotency.WithoutKey(), idempotency.Attempts(&attempts)).err)
+	assert.Equal(t, 2, attempts)
+	assert.Equal(t, []string{"", ""}, e.keys.of(testpb.PolicyService_Inspect_FullMethodName))
+
+	e.svc.failFirst.Store(1)
+	a := call(ctx, e.client.Refund, &testpb.TransferRequest{}, idempotency.WithoutKey(), idempotency.Attempts(&attempts))
+	require.Equal(t, codes.Unavailable, status.Code(a.err), "a method that takes part is not retried without a key")
+	assert.Equal(t, 1, attempts)
+}
