@@ -77,11 +77,16 @@ func newUUID4() string {
 
 // KeyFromIncoming returns the idempotency key of an incoming call. ok is false
 // when the call has no key. A key that is present but not valid (more than one
-// value, or not 1 to 255 visible ASCII characters) is an InvalidArgument error.
+// value, or not 1 to 255 visible ASCII characters) is an InvalidArgument error,
+// and so is binary idempotency-key-bin metadata without idempotency-key: a
+// key sent so must not be ignored, which would run every retry again.
 func KeyFromIncoming(ctx context.Context) (key string, ok bool, err error) {
 	vals := metadata.ValueFromIncomingContext(ctx, KeyHeader)
 	switch len(vals) {
 	case 0:
+		if len(metadata.ValueFromIncomingContext(ctx, binKeyHeader)) > 0 {
+			return "", true, binKeyError()
+		}
 		return "", false, nil
 	case 1:
 		if err := ValidateKey(vals[0]); err != nil {
@@ -109,6 +114,9 @@ func keyFromOutgoing(ctx context.Context) (string, bool, error) {
 	v := md.Get(KeyHeader)
 	switch len(v) {
 	case 0:
+		if len(md.Get(binKeyHeader)) > 0 {
+			return "", true, binKeyError()
+		}
 		return "", false, nil
 	case 1:
 		if err := ValidateKey(v[0]); err != nil {
@@ -136,4 +144,13 @@ func withoutReplayed(md metadata.MD) metadata.MD {
 		}
 	}
 	return md
+}
+
+// binKeyHeader is the binary metadata name a client could mistake for the
+// key's: refused, not ignored.
+const binKeyHeader = KeyHeader + "-bin"
+
+func binKeyError() error {
+	return status.Errorf(codes.InvalidArgument, "%s metadata is not an idempotency key: send the key as %s metadata, 1 to %d visible ASCII characters (encode a binary key, in base64url say)",
+		binKeyHeader, KeyHeader, MaxKeyLength)
 }

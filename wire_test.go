@@ -355,3 +355,31 @@ func TestClientWithoutKeyStillRetriesDeclaredSafeMethods(t *testing.T) {
 	require.Equal(t, codes.Unavailable, status.Code(a.err), "a method that takes part is not retried without a key")
 	assert.Equal(t, 1, attempts)
 }
+
+// A key sent as binary metadata (idempotency-key-bin, as a client with a
+// raw 16-byte key might) is not the key: it must be refused with
+// InvalidArgument naming the header, not ignored, which would run every
+// retry of a payment again. The client interceptor refuses it before
+// sending.
+func TestBinaryKeyHeaderIsRefused(t *testing.T) {
+	e := newEnv(t, newMemstore(t), envConfig{})
+	binKey := idempotency.KeyHeader + "-bin"
+	ctx := metadata.NewOutgoingContext(testCtx(t), metadata.Pairs(binKey, "\x01\x02\x03"))
+	for range 2 {
+		a := charge(ctx, e, chargeReq)
+		require.Equal(t, codes.InvalidArgument, status.Code(a.err), "%v", a.err)
+		assert.Contains(t, status.Convert(a.err).Message(), binKey)
+	}
+	assert.Zero(t, e.svc.execs.Load(), "the handler did not run")
+	// Beside the text key it changes nothing: the text key is the key.
+	ctx = metadata.NewOutgoingContext(testCtx(t), metadata.Pairs(binKey, "\x01", idempotency.KeyHeader, "order-1"))
+	require.NoError(t, charge(ctx, e, chargeReq).err)
+	assert.True(t, idempotency.IsReplayed(charge(ctx, e, chargeReq).header))
+	assert.EqualValues(t, 1, e.svc.execs.Load())
+
+	c := newEnv(t, newMemstore(t), envConfig{client: []grpc.DialOption{grpc.WithChainUnaryInterceptor(idempotency.UnaryClientInterceptor())}})
+	_, err := c.client.Charge(metadata.AppendToOutgoingContext(testCtx(t), binKey, "\x01"), chargeReq)
+	require.Equal(t, codes.InvalidArgument, status.Code(err), "%v", err)
+	assert.Contains(t, status.Convert(err).Message(), binKey)
+	assert.Zero(t, c.svc.execs.Load(), "nothing was sent")
+}
