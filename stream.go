@@ -243,7 +243,30 @@ func (r *recordingStream) SendMsg(m any) error {
 	if !r.recording {
 		return r.ServerStream.SendMsg(m)
 	}
-	if err := unlessGone(r.ServerStream.Context(), func() error { return r.ServerStream.SendMsg(m) }); err != nil {
+	r.mu.Lock()
+	record := r.overflow == nil
+	r.mu.Unlock()
+	// The message is encoded before it is sent: one that cannot be
+	// encoded makes grpc-go's send fail and end the stream, which then
+	// looks like a client that went away; that failure is the handler's.
+	var b []byte
+	var encErr error
+	if record {
+		if pm, ok := m.(proto.Message); ok {
+			b, encErr = proto.Marshal(pm)
+		} else {
+			encErr = fmt.Errorf("response type %T is not a protobuf message", m)
+		}
+	}
+	client := r.ServerStream.Context()
+	send := func() error { return r.ServerStream.SendMsg(m) }
+	var err error
+	if encErr != nil && client.Err() == nil {
+		err = send()
+	} else {
+		err = unlessGone(client, send)
+	}
+	if err != nil {
 		r.mu.Lock()
 		r.broken = fmt.Errorf("a send failed: %w", err)
 		r.mu.Unlock()
@@ -251,17 +274,11 @@ func (r *recordingStream) SendMsg(m any) error {
 	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if r.overflow != nil {
+	if !record || r.overflow != nil {
 		return nil
 	}
-	pm, ok := m.(proto.Message)
-	if !ok {
-		r.overflow = fmt.Errorf("response type %T is not a protobuf message", m)
-		return nil
-	}
-	b, merr := proto.Marshal(pm)
-	if merr != nil {
-		r.overflow = merr
+	if encErr != nil {
+		r.overflow = encErr // a codec of the server's own sent it
 		return nil
 	}
 	o := r.c.s.o

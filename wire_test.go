@@ -3,6 +3,7 @@ package idempotency_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"sync/atomic"
@@ -382,4 +383,41 @@ func TestBinaryKeyHeaderIsRefused(t *testing.T) {
 	require.Equal(t, codes.InvalidArgument, status.Code(err), "%v", err)
 	assert.Contains(t, status.Convert(err).Message(), binKey)
 	assert.Zero(t, c.svc.execs.Load(), "nothing was sent")
+}
+
+// A stream message that grpc-go cannot encode (a string field that is not
+// valid UTF-8, passed on from a legacy system) fails the send and ends the
+// stream while its client is still there. The handler must get that error,
+// as it would without the interceptor, and the outcome is not stored: the
+// send failed, the client did not go away.
+func TestStreamSendThatCannotBeEncodedFailsTheHandler(t *testing.T) {
+	stores(t, func(t *testing.T, newStore func(testing.TB) idempotency.Store) {
+		var sendErr atomic.Value
+		svc := &oddPayments{installments: func(req *testpb.InstallmentsRequest, ss grpc.ServerStreamingServer[testpb.ChargeResponse]) error {
+			if err := ss.Send(&testpb.ChargeResponse{ChargeId: chargeID()}); err != nil {
+				return err
+			}
+			err := ss.Send(&testpb.ChargeResponse{ChargeId: chargeID(), Account: "caf\xe9"})
+			sendErr.Store(fmt.Sprint(err))
+			return err
+		}}
+		store := newStore(t)
+		executed := make(chan idempotency.Event, 1)
+		e := newOddEnv(t, store, svc, idempotency.WithObserver(func(_ context.Context, ev idempotency.Event) {
+			if ev.Kind == idempotency.EventExecuted {
+				executed <- ev
+			}
+		}))
+		ctx := withKey(testCtx(t), "unencodable")
+		first := readInstallments(t, ctx, e, installmentsReq)
+		require.Equal(t, codes.Internal, status.Code(first.err), "%v", first.err)
+		// grpc-go ended the stream when the send failed: the handler may
+		// still be returning.
+		ev := <-executed
+		assert.False(t, ev.Stored)
+		assert.Contains(t, sendErr.Load(), "marshal", "the handler got the failed send's error")
+		entry, err := store.Lookup(testCtx(t), idempotency.StoreKey("", "unencodable"))
+		require.NoError(t, err)
+		assert.Equal(t, idempotency.Absent, entry.State, "a stream whose send failed stores nothing and releases its key")
+	})
 }
