@@ -25,6 +25,7 @@ import (
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/emptypb"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	spb "google.golang.org/genproto/googleapis/rpc/status"
@@ -850,13 +851,25 @@ func (c *call) replayUnary(ctx context.Context, rec *Record, again *decodedRecor
 	}
 	t, err := typesOf(c.method)
 	if err != nil {
-		return nil, status.Errorf(codes.Internal, "idempotency: cannot replay %s: %v", c.method, err)
+		// The method is not in the protobuf registry (a hand-written
+		// ServiceDesc, a proxy), so its response type is unknown here.
+		return rawResponse(rec.Responses[0]), nil
 	}
 	resp, err := replayResponse(t.out, rec.Responses[0], decoded)
 	if err != nil {
 		return nil, status.Errorf(codes.Internal, "idempotency: the response stored for this %s could not be read: %v", KeyHeader, err)
 	}
 	return resp, nil
+}
+
+// rawResponse returns a message whose encoding is b, byte for byte: an
+// empty message holding b as its unknown fields, which protobuf encodes as
+// they are. It answers a replay of a method whose response type is not in
+// the protobuf registry; the client decodes it into its own type.
+func rawResponse(b []byte) proto.Message {
+	m := new(emptypb.Empty)
+	m.ProtoReflect().SetUnknown(protoreflect.RawFields(bytes.Clone(b)))
+	return m
 }
 
 func replayHeader(rec *Record) metadata.MD {

@@ -421,3 +421,50 @@ func TestStreamSendThatCannotBeEncodedFailsTheHandler(t *testing.T) {
 		assert.Equal(t, idempotency.Absent, entry.State, "a stream whose send failed stores nothing and releases its key")
 	})
 }
+
+// A unary method that is not in the protobuf registry (a hand-written
+// ServiceDesc, as proxies and some code generators make) takes part like
+// any other: its first execution is stored, so its replay must return the
+// stored response, not Internal for the whole retention.
+func TestUnregisteredUnaryMethodReplays(t *testing.T) {
+	stores(t, func(t *testing.T, newStore func(testing.TB) idempotency.Store) {
+		const method = "/probe.v1.Custom/Pay"
+		var execs atomic.Int64
+		desc := grpc.ServiceDesc{
+			ServiceName: "probe.v1.Custom",
+			HandlerType: (*any)(nil),
+			Methods: []grpc.MethodDesc{{MethodName: "Pay", Handler: func(_ any, ctx context.Context, dec func(any) error, ic grpc.UnaryServerInterceptor) (any, error) {
+				in := new(testpb.ChargeRequest)
+				if err := dec(in); err != nil {
+					return nil, err
+				}
+				return ic(ctx, in, &grpc.UnaryServerInfo{FullMethod: method}, func(ctx context.Context, req any) (any, error) {
+					execs.Add(1)
+					_ = grpc.SetHeader(ctx, metadata.Pairs("x-charge", "1"))
+					r := req.(*testpb.ChargeRequest)
+					return &testpb.ChargeResponse{ChargeId: chargeID(), Account: r.Account, AmountCents: r.AmountCents}, nil
+				})
+			}}},
+		}
+		srv := grpc.NewServer(mustServer(newStore(t)).ServerOptions()...)
+		srv.RegisterService(&desc, struct{}{})
+		lis := bufconn.Listen(1 << 20)
+		go func() { _ = srv.Serve(lis) }()
+		t.Cleanup(srv.Stop)
+		conn, err := grpc.NewClient("passthrough:///bufnet",
+			grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) { return lis.DialContext(ctx) }),
+			grpc.WithTransportCredentials(insecure.NewCredentials()))
+		require.NoError(t, err)
+		t.Cleanup(func() { conn.Close() })
+
+		ctx := withKey(testCtx(t), "custom-1")
+		var firstHeader, againHeader metadata.MD
+		first, again := new(testpb.ChargeResponse), new(testpb.ChargeResponse)
+		require.NoError(t, conn.Invoke(ctx, method, chargeReq, first, grpc.Header(&firstHeader)))
+		require.NoError(t, conn.Invoke(ctx, method, chargeReq, again, grpc.Header(&againHeader)))
+		assert.True(t, idempotency.IsReplayed(againHeader))
+		assert.Equal(t, mustMarshal(t, first), mustMarshal(t, again))
+		assert.Equal(t, stripped(firstHeader), stripped(againHeader))
+		assert.EqualValues(t, 1, execs.Load())
+	})
+}
