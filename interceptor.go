@@ -803,8 +803,10 @@ func (s *Server) unary(ctx context.Context, req any, info *grpc.UnaryServerInfo,
 			f.responses[0] = b
 			rec.Responses = f.responses[:]
 		}
-	} else {
-		code = setStatus(rec, herr)
+	} else if code = setStatus(rec, herr); code == codes.OK {
+		// An error whose status is OK: grpc-go sends that status with no
+		// response, and the caller gets Internal.
+		code = setStatus(rec, status.Errorf(codes.Internal, "idempotency: the handler returned an error whose status is OK, and no response: %v", herr))
 	}
 	rec.Header, rec.Trailer = ts.recorded()
 	err = c.finish(hctx, f, s.o.isCacheable(code), overflow, ran)

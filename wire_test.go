@@ -468,3 +468,43 @@ func TestUnregisteredUnaryMethodReplays(t *testing.T) {
 		assert.EqualValues(t, 1, execs.Load())
 	})
 }
+
+// okStatusError is an error whose gRPC status says OK: grpc-go sends the OK
+// status without a response, and the unary caller gets Internal.
+type okStatusError struct{}
+
+func (okStatusError) Error() string              { return "done, sort of" }
+func (okStatusError) GRPCStatus() *status.Status { return status.New(codes.OK, "done, sort of") }
+
+// A unary handler that returns an error whose status is OK gives its caller
+// no response. That outcome is not stored as an OK one with no response,
+// which every duplicate would get as Internal for the whole retention: the
+// key is released, so a retry runs again.
+func TestUnaryErrorWithStatusOKIsNotStored(t *testing.T) {
+	stores(t, func(t *testing.T, newStore func(testing.TB) idempotency.Store) {
+		var fail atomic.Bool
+		fail.Store(true)
+		svc := &oddPayments{charge: func(ctx context.Context, req *testpb.ChargeRequest) (*testpb.ChargeResponse, error) {
+			if fail.CompareAndSwap(true, false) {
+				return nil, okStatusError{}
+			}
+			return &testpb.ChargeResponse{ChargeId: chargeID()}, nil
+		}}
+		executed := make(chan idempotency.Event, 2)
+		e := newOddEnv(t, newStore(t), svc, idempotency.WithObserver(func(_ context.Context, ev idempotency.Event) {
+			if ev.Kind == idempotency.EventExecuted {
+				executed <- ev
+			}
+		}))
+		ctx := withKey(testCtx(t), "ok-error")
+		first := charge(ctx, e, chargeReq)
+		require.Equal(t, codes.Internal, status.Code(first.err), "%v", first.err)
+		ev := <-executed
+		assert.False(t, ev.Stored)
+		assert.Equal(t, codes.Internal, ev.Code)
+		again := charge(ctx, e, chargeReq)
+		require.NoError(t, again.err)
+		assert.False(t, idempotency.IsReplayed(again.header))
+		assert.EqualValues(t, 2, svc.execs.Load())
+	})
+}
