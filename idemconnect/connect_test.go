@@ -94,6 +94,13 @@ func (p connectPayments) Charge(ctx context.Context, req *connect.Request[testpb
 		}
 	}
 	resp := connect.NewResponse(&testpb.ChargeResponse{ChargeId: id, Account: req.Msg.Account, AmountCents: req.Msg.AmountCents, Currency: req.Msg.Currency})
+	if req.Msg.Account == "sets-replayed" {
+		// A handler that sets the replay header itself, both ways.
+		resp.Header().Set("Idempotency-Replayed", "true")
+		if info, ok := connect.CallInfoForHandlerContext(ctx); ok {
+			info.ResponseHeader().Set("Idempotency-Replayed", "yes")
+		}
+	}
 	resp.Header().Set("X-Charge-Id", id)
 	resp.Header().Set("X-Receipt-Bin", connect.EncodeBinaryHeader([]byte{0, 1, 2, 0xff}))
 	resp.Trailer().Set("X-Settled", "yes")
@@ -103,6 +110,9 @@ func (p connectPayments) Charge(ctx context.Context, req *connect.Request[testpb
 func (p connectPayments) ChargeInstallments(ctx context.Context, req *connect.Request[testpb.InstallmentsRequest], ss *connect.ServerStream[testpb.ChargeResponse]) error {
 	id := p.l.run(ctx)
 	ss.ResponseHeader().Set("X-Charge-Id", id)
+	if req.Msg.Account == "sets-replayed" {
+		ss.ResponseHeader().Set("Idempotency-Replayed", "true")
+	}
 	for i := int32(0); i < req.Msg.Count; i++ {
 		if err := ss.Send(&testpb.ChargeResponse{ChargeId: fmt.Sprintf("%s/%d", id, i), Account: req.Msg.Account, AmountCents: req.Msg.AmountCents / int64(req.Msg.Count)}); err != nil {
 			return err
@@ -232,6 +242,51 @@ func TestUnaryOverEveryProtocol(t *testing.T) {
 				assert.Equal(t, 1, l.count(key))
 			})
 		}
+	}
+}
+
+// TestFirstExecutionNeverLooksReplayed: the replay header a handler sets
+// itself is not sent, on the first execution or in a replay (which carries
+// exactly "true").
+func TestFirstExecutionNeverLooksReplayed(t *testing.T) {
+	l := newLedger()
+	hs := serveConnect(t, newServer(t, memstore.New()), l, nil)
+	for _, p := range protocols {
+		t.Run(p.name, func(t *testing.T) {
+			client := testpbconnect.NewPaymentServiceClient(hs.Client(), hs.URL, p.opt)
+			for i := range 2 {
+				req := connect.NewRequest(&testpb.ChargeRequest{Account: "sets-replayed", AmountCents: 1})
+				req.Header().Set("Idempotency-Key", "sets-replayed-"+p.name)
+				resp, err := client.Charge(context.Background(), req)
+				require.NoError(t, err)
+				want := []string(nil)
+				if i == 1 {
+					want = []string{"true"}
+				}
+				assert.Equal(t, want, resp.Header().Values("Idempotency-Replayed"), "attempt %d", i)
+			}
+			assert.Equal(t, 1, l.count("sets-replayed-"+p.name))
+
+			for i := range 2 {
+				req := connect.NewRequest(&testpb.InstallmentsRequest{Account: "sets-replayed", AmountCents: 2, Count: 2})
+				req.Header().Set("Idempotency-Key", "sets-replayed-stream-"+p.name)
+				st, err := client.ChargeInstallments(context.Background(), req)
+				require.NoError(t, err)
+				n := 0
+				for st.Receive() {
+					n++
+				}
+				require.NoError(t, st.Err())
+				assert.Equal(t, 2, n)
+				want := []string(nil)
+				if i == 1 {
+					want = []string{"true"}
+				}
+				assert.Equal(t, want, st.ResponseHeader().Values("Idempotency-Replayed"), "stream attempt %d", i)
+				require.NoError(t, st.Close())
+			}
+			assert.Equal(t, 1, l.count("sets-replayed-stream-"+p.name))
+		})
 	}
 }
 

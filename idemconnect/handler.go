@@ -69,6 +69,15 @@ func (h *handlerInterceptor) WrapUnary(next connect.UnaryFunc) connect.UnaryFunc
 			}
 			t.ran = true
 			first, herr = next(hctx, req)
+			// A first execution never carries the replay header, even
+			// one its handler set: it goes out with the handler's own
+			// headers, which the engine's recorder does not see.
+			if info != nil {
+				info.ResponseHeader().Del(ReplayedHeader)
+			}
+			if first != nil {
+				first.Header().Del(ReplayedHeader)
+			}
 			// Tell the engine what the handler set, for the record: its
 			// response's headers and trailers, what it set through its
 			// call info, and an error's metadata. They already travel with
