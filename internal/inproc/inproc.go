@@ -190,12 +190,14 @@ func (t *Table[T]) Renew(src Source[T], key string, c idempotency.Claim) error {
 	return nil
 }
 
-// release ends the Lease on key held by token.
+// release ends the Lease on key held by token. A lease that ran out holds
+// nothing: the key is absent, as in every store, and Release of it is
+// refused.
 func (t *Table[T]) Release(key, token string) error {
 	s := t.Shard(key)
 	s.Mu.Lock()
 	defer s.Mu.Unlock()
-	l := s.Leases[key]
+	l := s.Live(key, time.Now())
 	if l == nil || l.Token != token || l.Completing {
 		return idempotency.ErrNotOwner
 	}
