@@ -192,3 +192,42 @@ func testInspectListBinaryPrefix(t *testing.T, s *suite) {
 		}
 	}
 }
+
+// testInspectPageTokenOtherPrefix: whatever page token ListKeys is given,
+// even one of another prefix's listing, it lists only keys that start with
+// the prefix it is given (or refuses the token with ErrBadPageToken). A
+// token is the caller's to hand back, and an admin's listing of one scope
+// must not show another scope's keys.
+func testInspectPageTokenOtherPrefix(t *testing.T, s *suite) {
+	st := s.open(t)
+	in := inspector(t, st)
+	base := newKey("token-other-prefix")
+	a, b := base+"/a/", base+"/b/"
+	for i := range 20 {
+		for _, p := range []string{a, b} {
+			key, tok := p+string(rune('a'+i)), newToken()
+			reserve(t, st, key, tok, nil, longLease)
+			wantOK(t, "Complete of "+quote(key), complete(t, st, key, tok, []byte(key), longRetention))
+		}
+	}
+	token := ""
+	for pages := 0; pages < 100; pages++ {
+		_, next, err := in.ListKeys(t.Context(), a, token, 1)
+		wantOK(t, "ListKeys of "+quote(a), err)
+		if next == "" {
+			return
+		}
+		token = next
+		keys, _, err := in.ListKeys(t.Context(), b, token, 100)
+		if errors.Is(err, idempotency.ErrBadPageToken) {
+			continue
+		}
+		wantOK(t, "ListKeys of "+quote(b)+" with a page token of "+quote(a), err)
+		for _, k := range keys {
+			if !strings.HasPrefix(k.Key, b) {
+				t.Fatalf("ListKeys(%s) with a page token of the listing of %s listed %s, which does not start with the prefix", quote(b), quote(a), quote(k.Key))
+			}
+		}
+	}
+	t.Fatalf("ListKeys(%s, limit 1): still a next page after 100 pages, for 20 keys", quote(a))
+}

@@ -148,6 +148,7 @@ var cases = []struct {
 	{name: "Inspector/Summary", inspect: true, run: testInspectSummary},
 	{name: "Inspector/ExpiredIsAbsent", inspect: true, run: testInspectExpiredIsAbsent},
 	{name: "Inspector/ListBinaryPrefix", inspect: true, run: testInspectListBinaryPrefix},
+	{name: "Inspector/PageTokenOtherPrefix", inspect: true, run: testInspectPageTokenOtherPrefix},
 	{name: "Shared/SeeEachOther", shared: true, run: testSharedSeeEachOther},
 	{name: "Shared/WaitComplete", shared: true, run: testSharedWaitComplete},
 	{name: "Shared/WaitRelease", shared: true, run: testSharedWaitRelease},
