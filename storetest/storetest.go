@@ -138,6 +138,7 @@ var cases = []struct {
 	{name: "Bounds/KeyTooLong", run: testBoundsKeyTooLong},
 	{name: "Data/LargeRecords", run: testDataLargeRecords},
 	{name: "Data/EmptyRecord", run: testDataEmptyRecord},
+	{name: "Data/EmptyKey", run: testDataEmptyKey},
 	{name: "Data/BinaryKeys", run: testDataBinaryKeys},
 	{name: "Data/BinaryValues", run: testDataBinaryValues},
 	{name: "Data/ReturnedSlicesAreCallers", run: testDataReturnedSlices},
