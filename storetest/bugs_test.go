@@ -48,6 +48,7 @@ func TestSuiteCatchesBugs(t *testing.T) {
 		{"release-ignores-expiry", "TestReference", "Release/AfterLeaseRanOut", `after its lease ran out, nobody having taken over: <nil>, want ErrNotOwner`},
 		{"no-bounds", "TestReference", "Bounds/Durations", `Reserve with a lease of 0s: <nil>, want an error`},
 		{"no-bounds", "TestReference", "Bounds/KeyTooLong", `want ErrKeyTooLong`},
+		{"no-bounds", "TestReference", "Data/EmptyToken", `Reserve with an empty token: acquired`},
 		{"complete-no-wake", "TestReference", "Wait/Complete", `after Complete: Wait has not returned`},
 		{"complete-no-wake", "TestReference", "Wait/ManyWaiters", `after Complete: Wait has not returned`},
 		{"complete-no-wake", "TestReferenceShared", "Shared/WaitComplete", `Wait has not returned`},

@@ -326,3 +326,20 @@ func testDataEmptyKey(t *testing.T, s *suite) {
 		wantOK(t, "ForgetKey of the empty key", err)
 	}
 }
+
+// testDataEmptyToken: a claim without a token names no owner (Release and
+// Complete could not tell it from any other caller without one), so Reserve
+// and Renew refuse it, as every store of this module does, and hold nothing.
+func testDataEmptyToken(t *testing.T, s *suite) {
+	st := s.open(t)
+	key := newKey("empty-token")
+	e, err := st.Reserve(t.Context(), key, idempotency.Claim{Lease: longLease})
+	if err == nil {
+		t.Fatalf("Reserve with an empty token: %s, want an error", describe(e))
+	}
+	wantState(t, "Lookup after Reserve with an empty token", lookup(t, st, key), idempotency.Absent)
+	if err := st.Renew(t.Context(), key, idempotency.Claim{Lease: longLease}); err == nil {
+		t.Fatal("Renew of an absent key with an empty token: nil, want an error")
+	}
+	wantState(t, "Lookup after Renew with an empty token", lookup(t, st, key), idempotency.Absent)
+}

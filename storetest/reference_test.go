@@ -3,6 +3,7 @@ package storetest_test
 import (
 	"bytes"
 	"context"
+	"errors"
 	"os"
 	"strings"
 	"sync"
@@ -125,6 +126,9 @@ func (s *refStore) Reserve(ctx context.Context, key string, claim idempotency.Cl
 	if s.isClosed() {
 		return idempotency.Entry{}, idempotency.ErrClosed
 	}
+	if claim.Token == "" && !s.b.bugs["no-bounds"] {
+		return idempotency.Entry{}, errors.New("reference store: a claim needs a token")
+	}
 	if err := s.b.check(key, "Claim.Lease", claim.Lease); err != nil {
 		return idempotency.Entry{}, err
 	}
@@ -150,6 +154,9 @@ func (s *refStore) Reserve(ctx context.Context, key string, claim idempotency.Cl
 func (s *refStore) Renew(ctx context.Context, key string, claim idempotency.Claim) error {
 	if s.isClosed() {
 		return idempotency.ErrClosed
+	}
+	if claim.Token == "" && !s.b.bugs["no-bounds"] {
+		return errors.New("reference store: a claim needs a token")
 	}
 	if err := s.b.check(key, "Claim.Lease", claim.Lease); err != nil {
 		return err

@@ -139,6 +139,7 @@ var cases = []struct {
 	{name: "Data/LargeRecords", run: testDataLargeRecords},
 	{name: "Data/EmptyRecord", run: testDataEmptyRecord},
 	{name: "Data/EmptyKey", run: testDataEmptyKey},
+	{name: "Data/EmptyToken", run: testDataEmptyToken},
 	{name: "Data/BinaryKeys", run: testDataBinaryKeys},
 	{name: "Data/BinaryValues", run: testDataBinaryValues},
 	{name: "Data/ReturnedSlicesAreCallers", run: testDataReturnedSlices},

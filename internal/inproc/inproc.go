@@ -6,6 +6,7 @@ package inproc
 import (
 	"bytes"
 	"context"
+	"errors"
 	"hash/maphash"
 	"slices"
 	"sync"
@@ -389,10 +390,14 @@ func (r *Records) Reset() {
 
 // CheckClaim and CheckRecord are idempotency.CheckStoreKey and
 // idempotency.CheckDuration on what a Reserve or Renew, and a Complete, are
-// given.
+// given. CheckClaim also refuses a claim without a token, which names no
+// owner, as the Redis and PostgreSQL stores do.
 func CheckClaim(key string, c idempotency.Claim) error {
 	if err := idempotency.CheckStoreKey(key); err != nil {
 		return err
+	}
+	if c.Token == "" {
+		return errors.New("idempotency: a claim needs a non-empty Token")
 	}
 	return idempotency.CheckDuration("Claim.Lease", c.Lease)
 }
