@@ -382,6 +382,12 @@ var _ idempotency.HealthChecker = (*Store)(nil)
 // source finds the store's records for its lease table.
 type source struct{ s *Store }
 
+// errEmptyKey refuses the empty store key, which bbolt cannot hold (the
+// interceptors never make it: a store key holds a "/"). It is refused
+// before anything is held, so that no Reserve acquires a key whose
+// Complete must fail.
+var errEmptyKey = errors.New("idempotency: bbolt cannot hold the empty store key")
+
 // Reserve implements idempotency.Store.
 func (s *Store) Reserve(ctx context.Context, key string, c idempotency.Claim) (idempotency.Entry, error) {
 	if s.closed.Load() {
@@ -389,6 +395,9 @@ func (s *Store) Reserve(ctx context.Context, key string, c idempotency.Claim) (i
 	}
 	if err := inproc.CheckClaim(key, c); err != nil {
 		return idempotency.Entry{}, err
+	}
+	if key == "" {
+		return idempotency.Entry{}, errEmptyKey
 	}
 	return s.table.State(source{s}, key, &c)
 }
@@ -400,6 +409,9 @@ func (s *Store) Renew(ctx context.Context, key string, c idempotency.Claim) erro
 	}
 	if err := inproc.CheckClaim(key, c); err != nil {
 		return err
+	}
+	if key == "" {
+		return errEmptyKey
 	}
 	return s.table.Renew(source{s}, key, c)
 }
@@ -419,6 +431,9 @@ func (s *Store) Complete(ctx context.Context, key, token string, record []byte, 
 	}
 	if err := inproc.CheckRecord(key, retention); err != nil {
 		return err
+	}
+	if key == "" {
+		return errEmptyKey
 	}
 	sh := s.table.Shard(key)
 	now := time.Now()

@@ -289,7 +289,10 @@ ON CONFLICT (key) DO UPDATE
     WHERE r.token = excluded.token OR r.expires_at <= now()
 RETURNING waiters`, t),
 
-		release: fmt.Sprintf(`DELETE FROM %[1]s WHERE key = $1 AND token = $2 AND NOT completed RETURNING waiters`, t),
+		// A lease that ran out holds nothing (the key is absent, as in
+		// every store), so its row is left to the sweeper and the Release
+		// is refused.
+		release: fmt.Sprintf(`DELETE FROM %[1]s WHERE key = $1 AND token = $2 AND NOT completed AND expires_at > now() RETURNING waiters`, t),
 
 		// A waiter marks the lease it waits for, so that its end is
 		// notified, and learns in the same step whether that lease still

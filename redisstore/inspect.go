@@ -265,7 +265,7 @@ func (s *Store) ListKeys(ctx context.Context, prefix, pageToken string, limit in
 		found = found[:limit]
 		pos.finished, done = done, false
 	}
-	listed, err := s.fetch(ctx, found)
+	listed, err := s.fetch(ctx, found, prefix)
 	if err != nil {
 		return nil, "", err
 	}
@@ -276,8 +276,15 @@ func (s *Store) ListKeys(ctx context.Context, prefix, pageToken string, limit in
 }
 
 // fetch reads the values of Redis keys in one pipeline, and returns those
-// that are still there, this store's, as listed keys.
-func (s *Store) fetch(ctx context.Context, rks []string) ([]idempotency.ListedKey, error) {
+// that are still there, this store's and under prefix, as listed keys. The
+// keys a page token carries over are the caller's to send back, altered or
+// with another prefix: only the check here keeps them in the listing's
+// prefix.
+func (s *Store) fetch(ctx context.Context, rks []string, prefix string) ([]idempotency.ListedKey, error) {
+	rks = slices.DeleteFunc(rks, func(rk string) bool {
+		key, ok := s.storeKey(rk)
+		return !ok || !strings.HasPrefix(key, prefix)
+	})
 	if len(rks) == 0 {
 		return nil, nil
 	}
@@ -294,10 +301,7 @@ func (s *Store) fetch(ctx context.Context, rks []string) ([]idempotency.ListedKe
 	now := time.Now()
 	listed := make([]idempotency.ListedKey, 0, len(rks))
 	for i, rk := range rks {
-		key, ok := s.storeKey(rk)
-		if !ok {
-			continue
-		}
+		key, _ := s.storeKey(rk)
 		v, err := gets[i].Result()
 		if err != nil {
 			continue // gone since the scan

@@ -289,3 +289,57 @@ func testCloseErrClosed(t *testing.T, s *suite) {
 		t.Errorf("second Close: %v, want nil or ErrClosed", err)
 	}
 }
+
+// testDataEmptyKey: the empty store key (the interceptors never make it,
+// but a Store takes any string) is either refused by Reserve, holding
+// nothing, or held like any other: a Reserve that acquires it must be
+// followed by a Complete that stores, never by a key stuck pending.
+func testDataEmptyKey(t *testing.T, s *suite) {
+	st := s.open(t)
+	tok := newToken()
+	e, err := st.Reserve(ownerCtx(t.Context(), "", tok), "", idempotency.Claim{Token: tok, Lease: longLease})
+	if err != nil {
+		if e, lerr := st.Lookup(t.Context(), ""); lerr == nil && e.State == idempotency.Pending && e.Token == tok {
+			t.Fatalf("Reserve of the empty key failed (%v), yet it is left pending under the claim", err)
+		}
+		return
+	}
+	switch e.State {
+	case idempotency.Acquired:
+	case idempotency.Completed:
+		// Left by an earlier run on a shared backend: take it over.
+		in, ok := st.(idempotency.Inspector)
+		if !ok {
+			t.Skip("the empty key holds a record of an earlier run, and the store cannot forget it")
+		}
+		_, err := in.ForgetKey(t.Context(), "", false)
+		wantOK(t, "ForgetKey of the empty key", err)
+		wantAcquired(t, "Reserve of the empty key", reserve(t, st, "", tok, nil, longLease), tok)
+	default:
+		t.Skipf("the empty key is %s, held by another run on a shared backend", describe(e))
+	}
+	rec := randomBytes(20)
+	wantOK(t, "Complete of the empty key", complete(t, st, "", tok, rec, longRetention))
+	wantCompleted(t, "Lookup of the empty key", lookup(t, st, ""), rec)
+	if in, ok := st.(idempotency.Inspector); ok {
+		_, err := in.ForgetKey(t.Context(), "", false)
+		wantOK(t, "ForgetKey of the empty key", err)
+	}
+}
+
+// testDataEmptyToken: a claim without a token names no owner (Release and
+// Complete could not tell it from any other caller without one), so Reserve
+// and Renew refuse it, as every store of this module does, and hold nothing.
+func testDataEmptyToken(t *testing.T, s *suite) {
+	st := s.open(t)
+	key := newKey("empty-token")
+	e, err := st.Reserve(t.Context(), key, idempotency.Claim{Lease: longLease})
+	if err == nil {
+		t.Fatalf("Reserve with an empty token: %s, want an error", describe(e))
+	}
+	wantState(t, "Lookup after Reserve with an empty token", lookup(t, st, key), idempotency.Absent)
+	if err := st.Renew(t.Context(), key, idempotency.Claim{Lease: longLease}); err == nil {
+		t.Fatal("Renew of an absent key with an empty token: nil, want an error")
+	}
+	wantState(t, "Lookup after Renew with an empty token", lookup(t, st, key), idempotency.Absent)
+}

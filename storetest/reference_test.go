@@ -3,6 +3,7 @@ package storetest_test
 import (
 	"bytes"
 	"context"
+	"errors"
 	"os"
 	"strings"
 	"sync"
@@ -109,9 +110,27 @@ func (s *refStore) isClosed() bool {
 	}
 }
 
+// check refuses a store key or a duration (named what) that a Store must
+// refuse.
+func (b *refBackend) check(key, what string, d time.Duration) error {
+	if b.bugs["no-bounds"] {
+		return nil
+	}
+	if err := idempotency.CheckStoreKey(key); err != nil {
+		return err
+	}
+	return idempotency.CheckDuration(what, d)
+}
+
 func (s *refStore) Reserve(ctx context.Context, key string, claim idempotency.Claim) (idempotency.Entry, error) {
 	if s.isClosed() {
 		return idempotency.Entry{}, idempotency.ErrClosed
+	}
+	if claim.Token == "" && !s.b.bugs["no-bounds"] {
+		return idempotency.Entry{}, errors.New("reference store: a claim needs a token")
+	}
+	if err := s.b.check(key, "Claim.Lease", claim.Lease); err != nil {
+		return idempotency.Entry{}, err
 	}
 	b, key := s.b, s.b.mapKey(key)
 	b.mu.Lock()
@@ -135,6 +154,12 @@ func (s *refStore) Reserve(ctx context.Context, key string, claim idempotency.Cl
 func (s *refStore) Renew(ctx context.Context, key string, claim idempotency.Claim) error {
 	if s.isClosed() {
 		return idempotency.ErrClosed
+	}
+	if claim.Token == "" && !s.b.bugs["no-bounds"] {
+		return errors.New("reference store: a claim needs a token")
+	}
+	if err := s.b.check(key, "Claim.Lease", claim.Lease); err != nil {
+		return err
 	}
 	b, key := s.b, s.b.mapKey(key)
 	b.mu.Lock()
@@ -160,6 +185,9 @@ func (s *refStore) Renew(ctx context.Context, key string, claim idempotency.Clai
 func (s *refStore) Complete(ctx context.Context, key, token string, record []byte, retention time.Duration) error {
 	if s.isClosed() {
 		return idempotency.ErrClosed
+	}
+	if err := s.b.check(key, "retention", retention); err != nil {
+		return err
 	}
 	b, key := s.b, s.b.mapKey(key)
 	b.mu.Lock()
@@ -192,7 +220,14 @@ func (s *refStore) Release(ctx context.Context, key, token string) error {
 	b, key := s.b, s.b.mapKey(key)
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	k := b.live(key, time.Now())
+	var k *refKey
+	if b.bugs["release-ignores-expiry"] {
+		// What a store does that finds the key without asking whether
+		// its lease has run out.
+		k = b.keys[key]
+	} else {
+		k = b.live(key, time.Now())
+	}
 	if k == nil || (k.completed && !b.bugs["release-ignores-token"]) {
 		return idempotency.ErrNotOwner
 	}

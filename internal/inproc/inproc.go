@@ -6,6 +6,7 @@ package inproc
 import (
 	"bytes"
 	"context"
+	"errors"
 	"hash/maphash"
 	"slices"
 	"sync"
@@ -190,12 +191,14 @@ func (t *Table[T]) Renew(src Source[T], key string, c idempotency.Claim) error {
 	return nil
 }
 
-// release ends the Lease on key held by token.
+// release ends the Lease on key held by token. A lease that ran out holds
+// nothing: the key is absent, as in every store, and Release of it is
+// refused.
 func (t *Table[T]) Release(key, token string) error {
 	s := t.Shard(key)
 	s.Mu.Lock()
 	defer s.Mu.Unlock()
-	l := s.Leases[key]
+	l := s.Live(key, time.Now())
 	if l == nil || l.Token != token || l.Completing {
 		return idempotency.ErrNotOwner
 	}
@@ -387,10 +390,14 @@ func (r *Records) Reset() {
 
 // CheckClaim and CheckRecord are idempotency.CheckStoreKey and
 // idempotency.CheckDuration on what a Reserve or Renew, and a Complete, are
-// given.
+// given. CheckClaim also refuses a claim without a token, which names no
+// owner, as the Redis and PostgreSQL stores do.
 func CheckClaim(key string, c idempotency.Claim) error {
 	if err := idempotency.CheckStoreKey(key); err != nil {
 		return err
+	}
+	if c.Token == "" {
+		return errors.New("idempotency: a claim needs a non-empty Token")
 	}
 	return idempotency.CheckDuration("Claim.Lease", c.Lease)
 }
