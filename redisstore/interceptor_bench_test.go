@@ -33,7 +33,36 @@ func (benchPayments) Charge(_ context.Context, req *testpb.ChargeRequest) (*test
 	return &testpb.ChargeResponse{ChargeId: "ch_0123456789abcdef", Account: req.Account, AmountCents: req.AmountCents, Currency: req.Currency}, nil
 }
 
+// twoRoundTrips is benchPayments whose Charge first makes the two round
+// trips a first execution needs at least, as plain commands on its own
+// fresh key: a SET NX PX to take the key, then a SET PX of a record of the
+// size the store writes. A call without the interceptor to it is the floor
+// of a first execution on Redis: a bare call plus two round trips, made by
+// grpc-go's goroutine for the call as the store's are.
+type twoRoundTrips struct {
+	benchPayments
+	rdb    *redis.Client
+	prefix string
+	seq    atomic.Int64
+	record []byte
+}
+
+func (p *twoRoundTrips) Charge(ctx context.Context, req *testpb.ChargeRequest) (*testpb.ChargeResponse, error) {
+	key := p.prefix + strconv.FormatInt(p.seq.Add(1), 36)
+	if err := p.rdb.SetArgs(ctx, key, "P", redis.SetArgs{Mode: "NX", TTL: idempotency.DefaultLease}).Err(); err != nil {
+		return nil, err
+	}
+	if err := p.rdb.Set(ctx, key, p.record, time.Minute).Err(); err != nil {
+		return nil, err
+	}
+	return p.benchPayments.Charge(ctx, req)
+}
+
 func benchGRPC(b *testing.B, store idempotency.Store) testpb.PaymentServiceClient {
+	return benchGRPCOf(b, store, benchPayments{})
+}
+
+func benchGRPCOf(b *testing.B, store idempotency.Store, svc testpb.PaymentServiceServer) testpb.PaymentServiceClient {
 	b.Helper()
 	lis := bufconn.Listen(1 << 20)
 	var opts []grpc.ServerOption
@@ -41,7 +70,7 @@ func benchGRPC(b *testing.B, store idempotency.Store) testpb.PaymentServiceClien
 		opts = mustServer(store).ServerOptions()
 	}
 	srv := grpc.NewServer(opts...)
-	testpb.RegisterPaymentServiceServer(srv, benchPayments{})
+	testpb.RegisterPaymentServiceServer(srv, svc)
 	go func() { _ = srv.Serve(lis) }()
 	conn, err := grpc.NewClient("passthrough:///bufnet",
 		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) { return lis.DialContext(ctx) }),
@@ -60,7 +89,9 @@ func benchGRPC(b *testing.B, store idempotency.Store) testpb.PaymentServiceClien
 // one call over bufconn without the interceptor (the baseline, in the same
 // run), and with it on Redis for first executions (a fresh key per call) and
 // replays (one key), by 1 caller and by 64 at once; redis-ap is the store
-// with WithAutoPipelining.
+// with WithAutoPipelining. none/two-round-trips is the floor of a first
+// execution: a call without the interceptor whose handler makes two round
+// trips of its own (twoRoundTrips).
 //
 // Each sub-benchmark also reports where the CPU goes during its timed loop:
 // cpu-µs/op is this process's CPU time (user and system: the callers, the
@@ -76,22 +107,27 @@ func benchGRPC(b *testing.B, store idempotency.Store) testpb.PaymentServiceClien
 //	go test -run '^$' -bench BenchmarkUnary -benchmem -count 5 .
 func BenchmarkUnary(b *testing.B) {
 	req := &testpb.ChargeRequest{Account: "acct_1", AmountCents: 1250, Currency: "EUR"}
-	for _, mode := range []string{"none/baseline", "redis/first", "redis/replay", "redis-ap/first", "redis-ap/replay"} {
+	for _, mode := range []string{"none/baseline", "none/two-round-trips", "redis/first", "redis/replay", "redis-ap/first", "redis-ap/replay"} {
 		for _, par := range []int{1, 64} {
 			b.Run(mode+"/p"+strconv.Itoa(par), func(b *testing.B) {
 				var store idempotency.Store
 				var rdb *redis.Client
-				if mode != "none/baseline" {
+				var svc testpb.PaymentServiceServer = benchPayments{}
+				switch {
+				case mode == "none/two-round-trips":
+					rdb = benchClient(b)
+					svc = &twoRoundTrips{rdb: rdb, prefix: testPrefix(b, rdb) + "rt:", record: make([]byte, 1+20+180)}
+				case mode != "none/baseline":
 					rdb = benchClient(b)
 					var opts []redisstore.Option
 					if strings.HasPrefix(mode, "redis-ap/") {
 						opts = append(opts, redisstore.WithAutoPipelining())
 					}
 					store = newStore(b, rdb, testPrefix(b, rdb), opts...)
-				} else if reachable() == nil {
+				case reachable() == nil:
 					rdb = benchClient(b) // only to read Redis's CPU time
 				}
-				client := benchGRPC(b, store)
+				client := benchGRPCOf(b, store, svc)
 				var seq atomic.Int64
 				key := func() string {
 					if strings.HasSuffix(mode, "/replay") {

@@ -244,6 +244,7 @@ func report(r results) {
 	row("bbolt", u+"none/baseline/p1", u+"none/baseline/p64", u+"bolt/first/p1", u+"bolt/first/p64", u+"bolt/replay/p1", u+"bolt/replay/p64")
 	const ru = "redis/0/BenchmarkUnary/"
 	row("Redis", ru+"none/baseline/p1", ru+"none/baseline/p64", ru+"redis/first/p1", ru+"redis/first/p64", ru+"redis/replay/p1", ru+"redis/replay/p64")
+	row("Redis floor: two round trips in a bare call's handler", ru+"none/baseline/p1", ru+"none/baseline/p64", ru+"none/two-round-trips/p1", ru+"none/two-round-trips/p64", "", "")
 	row("Redis, auto-pipelining", ru+"none/baseline/p1", ru+"none/baseline/p64", ru+"redis-ap/first/p1", ru+"redis-ap/first/p64", ru+"redis-ap/replay/p1", ru+"redis-ap/replay/p64")
 	const pg = "pg/0/BenchmarkInterceptor/"
 	row("PostgreSQL", pg+"baseline/p1", pg+"baseline/p64", pg+"first/p1", pg+"first/p64", pg+"replay/p1", pg+"replay/p64")
@@ -316,6 +317,10 @@ func report(r results) {
 		per(r.us(ss+"bolt/replay"), r.us(ss+"bolt/baseline"), ratio), "%.2f")
 	target("PostgreSQL first execution p1, share of a bare call (≥ 0.084)",
 		per(r.us(pg+"baseline/p1"), r.us(pg+"first/p1"), ratio), "%.3f")
+	target("Redis first execution p1 ÷ two round trips made in a bare call's handler (the floor)",
+		per(r.us(ru+"redis/first/p1"), r.us(ru+"none/two-round-trips/p1"), ratio), "%.2f")
+	target("Redis first execution p64 ÷ two round trips made in a bare call's handler",
+		per(r.us(ru+"redis/first/p64"), r.us(ru+"none/two-round-trips/p64"), ratio), "%.2f")
 	target("Redis auto-pipelining p64, first execution speed-up",
 		per(r.us(ru+"redis/first/p64"), r.us(ru+"redis-ap/first/p64"), ratio), "%.2f")
 	target("Redis auto-pipelining p64, replay speed-up",
