@@ -58,11 +58,9 @@ func (p *twoRoundTrips) Charge(ctx context.Context, req *testpb.ChargeRequest) (
 	return p.benchPayments.Charge(ctx, req)
 }
 
-func benchGRPC(b *testing.B, store idempotency.Store) testpb.PaymentServiceClient {
-	return benchGRPCOf(b, store, benchPayments{})
-}
-
-func benchGRPCOf(b *testing.B, store idempotency.Store, svc testpb.PaymentServiceServer) testpb.PaymentServiceClient {
+// benchGRPC starts a bufconn server of svc with the interceptors on store
+// (none when store is nil) and returns a client for it.
+func benchGRPC(b *testing.B, store idempotency.Store, svc testpb.PaymentServiceServer) testpb.PaymentServiceClient {
 	b.Helper()
 	lis := bufconn.Listen(1 << 20)
 	var opts []grpc.ServerOption
@@ -127,7 +125,7 @@ func BenchmarkUnary(b *testing.B) {
 				case reachable() == nil:
 					rdb = benchClient(b) // only to read Redis's CPU time
 				}
-				client := benchGRPCOf(b, store, svc)
+				client := benchGRPC(b, store, svc)
 				var seq atomic.Int64
 				key := func() string {
 					if strings.HasSuffix(mode, "/replay") {
