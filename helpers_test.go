@@ -225,19 +225,23 @@ type envConfig struct {
 	server    []idempotency.Option
 	client    []grpc.DialOption
 	serverOpt []grpc.ServerOption
+	// service replaces the payments service (env.svc is then nil).
+	service testpb.PaymentServiceServer
 }
 
 func newEnv(t testing.TB, store idempotency.Store, cfg envConfig) *env {
 	t.Helper()
-	e := &env{svc: &payments{}, store: store}
+	e := &env{store: store}
+	svc := cfg.service
+	if svc == nil {
+		e.svc = &payments{}
+		svc = e.svc
+	}
 	lis := bufconn.Listen(1 << 20)
 	// cfg.serverOpt comes first, so that its interceptors run outside ours.
-	sopts := append(cfg.serverOpt[:len(cfg.serverOpt):len(cfg.serverOpt)],
-		grpc.ChainUnaryInterceptor(mustServer(store, cfg.server...).UnaryServerInterceptor()),
-		grpc.ChainStreamInterceptor(mustServer(store, cfg.server...).StreamServerInterceptor()),
-	)
+	sopts := append(cfg.serverOpt[:len(cfg.serverOpt):len(cfg.serverOpt)], mustServer(store, cfg.server...).ServerOptions()...)
 	srv := grpc.NewServer(sopts...)
-	testpb.RegisterPaymentServiceServer(srv, e.svc)
+	testpb.RegisterPaymentServiceServer(srv, svc)
 	go func() { _ = srv.Serve(lis) }()
 	dopts := append([]grpc.DialOption{
 		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) { return lis.DialContext(ctx) }),

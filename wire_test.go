@@ -42,25 +42,6 @@ func (p *oddPayments) ChargeInstallments(req *testpb.InstallmentsRequest, ss grp
 	return p.installments(req, ss)
 }
 
-// newOddEnv serves svc behind the idempotency interceptors on bufconn.
-func newOddEnv(t testing.TB, store idempotency.Store, svc testpb.PaymentServiceServer, opts ...idempotency.Option) *env {
-	t.Helper()
-	idem := mustServer(store, opts...)
-	srv := grpc.NewServer(idem.ServerOptions()...)
-	testpb.RegisterPaymentServiceServer(srv, svc)
-	lis := bufconn.Listen(1 << 20)
-	go func() { _ = srv.Serve(lis) }()
-	conn, err := grpc.NewClient("passthrough:///bufnet",
-		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) { return lis.DialContext(ctx) }),
-		grpc.WithTransportCredentials(insecure.NewCredentials()))
-	require.NoError(t, err)
-	t.Cleanup(func() {
-		conn.Close()
-		srv.Stop()
-	})
-	return &env{store: store, conn: conn, client: testpb.NewPaymentServiceClient(conn)}
-}
-
 func readInstallments(t testing.TB, ctx context.Context, e *env, req *testpb.InstallmentsRequest) streamAnswer {
 	var a streamAnswer
 	stream, err := e.client.ChargeInstallments(ctx, req)
@@ -94,7 +75,7 @@ func TestFirstExecutionDropsHandlersReplayedHeader(t *testing.T) {
 				return ss.Send(&testpb.ChargeResponse{ChargeId: chargeID()})
 			},
 		}
-		e := newOddEnv(t, newStore(t), svc)
+		e := newEnv(t, newStore(t), envConfig{service: svc})
 		ctx := withKey(testCtx(t), "replayed-by-handler")
 		first := charge(ctx, e, chargeReq)
 		require.NoError(t, first.err)
@@ -146,7 +127,7 @@ func TestMetadataSetInPiecesReplays(t *testing.T) {
 				return status.Error(codes.OutOfRange, "plan ended")
 			},
 		}
-		e := newOddEnv(t, newStore(t), svc)
+		e := newEnv(t, newStore(t), envConfig{service: svc})
 		ctx := withKey(testCtx(t), "pieces")
 		first := charge(ctx, e, chargeReq)
 		require.Equal(t, codes.NotFound, status.Code(first.err), "%v", first.err)
@@ -175,7 +156,7 @@ func TestTypedNilResponseReplays(t *testing.T) {
 		svc := &oddPayments{charge: func(ctx context.Context, req *testpb.ChargeRequest) (*testpb.ChargeResponse, error) {
 			return nil, nil
 		}}
-		e := newOddEnv(t, newStore(t), svc)
+		e := newEnv(t, newStore(t), envConfig{service: svc})
 		ctx := withKey(testCtx(t), "typed-nil")
 		first := charge(ctx, e, chargeReq)
 		require.NoError(t, first.err)
@@ -197,13 +178,13 @@ func TestHandlerContextErrorKeepsItsWireCode(t *testing.T) {
 		return nil, context.DeadlineExceeded
 	}}
 	var got atomic.Value
-	e := newOddEnv(t, newMemstore(t), svc,
+	e := newEnv(t, newMemstore(t), envConfig{service: svc, server: []idempotency.Option{
 		idempotency.WithCacheableCodes(codes.OK, codes.DeadlineExceeded),
 		idempotency.WithObserver(func(_ context.Context, ev idempotency.Event) {
 			if ev.Kind == idempotency.EventExecuted {
 				got.Store(ev.Code)
 			}
-		}))
+		})}})
 	ctx := withKey(testCtx(t), "ctx-err")
 	first := charge(ctx, e, chargeReq)
 	require.Equal(t, codes.DeadlineExceeded, status.Code(first.err), "grpc-go sends a context error's own code")
@@ -225,7 +206,7 @@ func TestDuplicateWithShortDeadlineWhileFirstRuns(t *testing.T) {
 			<-hold
 			return &testpb.ChargeResponse{ChargeId: chargeID()}, nil
 		}}
-		e := newOddEnv(t, newStore(t), svc)
+		e := newEnv(t, newStore(t), envConfig{service: svc})
 		ctx := withKey(testCtx(t), "slow")
 		done := make(chan answer, 1)
 		go func() { done <- charge(ctx, e, chargeReq) }()
@@ -403,11 +384,11 @@ func TestStreamSendThatCannotBeEncodedFailsTheHandler(t *testing.T) {
 		}}
 		store := newStore(t)
 		executed := make(chan idempotency.Event, 1)
-		e := newOddEnv(t, store, svc, idempotency.WithObserver(func(_ context.Context, ev idempotency.Event) {
+		e := newEnv(t, store, envConfig{service: svc, server: []idempotency.Option{idempotency.WithObserver(func(_ context.Context, ev idempotency.Event) {
 			if ev.Kind == idempotency.EventExecuted {
 				executed <- ev
 			}
-		}))
+		})}})
 		ctx := withKey(testCtx(t), "unencodable")
 		first := readInstallments(t, ctx, e, installmentsReq)
 		require.Equal(t, codes.Internal, status.Code(first.err), "%v", first.err)
@@ -491,11 +472,11 @@ func TestUnaryErrorWithStatusOKIsNotStored(t *testing.T) {
 			return &testpb.ChargeResponse{ChargeId: chargeID()}, nil
 		}}
 		executed := make(chan idempotency.Event, 2)
-		e := newOddEnv(t, newStore(t), svc, idempotency.WithObserver(func(_ context.Context, ev idempotency.Event) {
+		e := newEnv(t, newStore(t), envConfig{service: svc, server: []idempotency.Option{idempotency.WithObserver(func(_ context.Context, ev idempotency.Event) {
 			if ev.Kind == idempotency.EventExecuted {
 				executed <- ev
 			}
-		}))
+		})}})
 		ctx := withKey(testCtx(t), "ok-error")
 		first := charge(ctx, e, chargeReq)
 		require.Equal(t, codes.Internal, status.Code(first.err), "%v", first.err)
